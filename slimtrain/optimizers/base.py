@@ -1,0 +1,359 @@
+"""Machinery shared by the low-rank AdamW family: groups, state, refresh schedule, safety.
+
+A subclass chooses a default projector and moment policy and, if the method has one, a rule for
+the part of the gradient outside the subspace (:meth:`LowRankAdamW._residual`). The math lives in
+``functional.py``; this file only gathers state and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from . import _validation as V
+from .functional import adam_direction_, adam_step_size, rotate_moments_
+from .projectors import PROJECTORS, Projector, make_projector
+
+logger = logging.getLogger("slimtrain.optimizers")
+
+# Integer bookkeeping scalars stay on the CPU so reading them never synchronizes a GPU.
+_CPU_COUNTERS = ("step", "iters", "proj_refreshes", "proj_seed", "proj_rank", "refresh_offset")
+
+
+def matrix_shape(p: Tensor) -> torch.Size | None:
+    """The 2-D shape a parameter is projected as: matrices as they are, higher-rank tensors
+    (convolutions) as ``(shape[0], prod(rest))``, vectors and scalars not at all."""
+    if p.dim() < 2:
+        return None
+    return torch.Size((p.shape[0], p[0].numel()))
+
+
+def projects_left(shape: torch.Size, proj_type: str) -> bool:
+    """Whether the projection compresses the rows (left, ``P.T @ G``) rather than the columns.
+
+    ``std`` compresses the smaller dimension (galore-torch's rule, ties go right), ``reverse_std`` the
+    larger, ``left``/``right`` force a side.
+    """
+    m, n = shape
+    if proj_type == "std":
+        return m < n
+    if proj_type == "reverse_std":
+        return m >= n
+    return proj_type == "left"
+
+
+class LowRankAdamW(torch.optim.Optimizer):
+    """AdamW whose matrix parameters in groups with a ``rank`` key run Adam in a projected subspace.
+
+    Parameter groups follow galore-torch's convention: a group with ``rank`` (and optionally
+    ``update_proj_gap``, ``scale``, ``proj_type``) is projected; other groups, and vectors inside a
+    projected group, get plain AdamW in the same optimizer. See :func:`low_rank_param_groups`.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (default 1e-3).
+        betas: Adam's coefficients (default (0.9, 0.999)).
+        eps: added to ``sqrt(v)`` (default 1e-8, the papers' value; galore-torch and fira default to 1e-6).
+        weight_decay: decoupled weight decay (default 0).
+        rank, update_proj_gap, scale, proj_type: defaults for projected groups (a group without
+            ``rank`` is never projected).
+        projector: ``"svd"``, ``"randomized"``, ``"dct"``, ``"random"``, ``"columns"`` or a
+            :class:`~slimtrain.optimizers.projectors.Projector` instance.
+        moments: what happens to Adam's moments when the subspace is refreshed: ``"keep"`` (GaLore,
+            Fira: the coordinates stay, now meaning other directions), ``"reset"`` (FRUGAL: zeroed and
+            bias correction restarted), ``"rotate"`` (carried into the new basis, see
+            :func:`~slimtrain.optimizers.functional.rotate_moments_`).
+        stagger: spread the refreshes of a group's matrices evenly over the ``update_proj_gap`` window
+            instead of refreshing all of them at the same step (lower peak latency and memory).
+        decay_after_update: apply weight decay after the update using the updated weights, as the
+            original GaLore and Fira code do, instead of before it as ``torch.optim.AdamW`` does.
+        nonfinite: ``"skip"`` (default): a step whose gradients hold NaN or inf changes no weight and
+            no state, and is counted in :attr:`skipped_steps`; ``"raise"``: raise ``FloatingPointError``.
+        seed: base seed for projectors that draw random numbers (each matrix derives its own).
+    """
+
+    #: Subclasses set their method's defaults for these.
+    default_projector: str = "svd"
+    default_moments: str = "keep"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        projector: str | Projector | None = None,
+        moments: str | None = None,
+        stagger: bool = False,
+        decay_after_update: bool = False,
+        nonfinite: str = "skip",
+        seed: int = 0,
+        **extra_defaults,
+    ):
+        V.check_choice("nonfinite", nonfinite, V.NONFINITE_POLICIES)
+        V.check_int("seed", seed, minimum=0)
+        projector = self.default_projector if projector is None else projector
+        self._projectors: dict[str, Projector] = {}
+        projector_name = self._register_projector(projector)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            projector=projector_name,
+            moments=self.default_moments if moments is None else moments,
+            stagger=stagger,
+            decay_after_update=decay_after_update,
+            **extra_defaults,
+        )
+        if rank is not None:
+            defaults["rank"] = rank
+        self.nonfinite = nonfinite
+        self.seed = seed
+        self.skipped_steps = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------------------
+    # Validation
+    def _register_projector(self, spec: str | Projector) -> str:
+        proj = make_projector(spec)
+        if not proj.name:
+            raise ValueError(f"Invalid projector: {proj!r} has no name (set the class attribute `name`)")
+        self._projectors[proj.name] = proj
+        return proj.name
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+
+    def _validate_group(self, group: dict) -> None:
+        V.check_lr(group["lr"])
+        V.check_betas(group["betas"])
+        V.check_nonneg("eps", group["eps"])
+        V.check_nonneg("weight_decay", group["weight_decay"])
+        V.check_choice("moments", group["moments"], V.MOMENT_POLICIES)
+        if group["projector"] not in self._projectors:
+            if group["projector"] not in PROJECTORS:
+                V.check_choice("projector", group["projector"], PROJECTORS)
+            self._register_projector(group["projector"])
+        for p in group["params"]:
+            V.check_param(p)
+        if "rank" not in group:
+            return
+        V.check_int("rank", group["rank"], minimum=1)
+        V.check_int("update_proj_gap", group["update_proj_gap"], minimum=1)
+        V.check_nonneg("scale", group["scale"])
+        V.check_choice("proj_type", group["proj_type"], V.PROJ_TYPES)
+        self._validate_projected_params(group)
+
+    def _validate_projected_params(self, group: dict) -> None:
+        for p in group["params"]:
+            shape = matrix_shape(p)
+            if shape is not None:
+                V.check_rank_for_shape(group["rank"], shape)
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Checkpoints from older versions lack newer options: fill them from the defaults.
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+
+    def _extra_state(self) -> dict:
+        """Optimizer-level counters saved beside torch's ``state`` and ``param_groups`` (plain ints)."""
+        return {"skipped_steps": self.skipped_steps}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["slimtrain"] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("slimtrain", {})
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor but `step` to its parameter's dtype; ours hold int64 indices,
+        # seeds and fp32 moments of bf16 parameters, so restore each tensor's saved dtype.
+        params = {
+            pid: p for sg, g in zip(saved_groups, self.param_groups) for pid, p in zip(sg["params"], g["params"])
+        }
+        for pid, saved in state_dict["state"].items():
+            p = params[pid]
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    device = "cpu" if key in _CPU_COUNTERS else p.device
+                    self.state[p][key] = value.to(device=device, dtype=value.dtype, copy=True)
+        self._load_extra_state(extra)
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor held in optimizer state (what a memory table should count)."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor):
+                    total += v.numel() * v.element_size()
+        return total
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for _, p in work:
+            V.check_grad(p)
+        if not self._grads_finite([p.grad for _, p in work]):
+            if self.nonfinite == "raise":
+                raise FloatingPointError("Non-finite gradient (NaN or inf); no parameter or state was changed")
+            self.skipped_steps += 1
+            logger.warning("Skipped an optimizer step with a non-finite gradient (%d so far)", self.skipped_steps)
+            return loss
+        self._prepare_step(work)
+        for index, (group, p) in enumerate(work):
+            if "rank" in group and matrix_shape(p) is not None:
+                self._step_projected(p, group, self.state[p], index)
+            else:
+                self._step_dense(p, group, self.state[p])
+        return loss
+
+    @staticmethod
+    def _grads_finite(grads: list[Tensor]) -> bool:
+        if not grads:
+            return True
+        # One reduction per tensor and a single host sync. A sum of finite values that overflows fp32
+        # reads as non-finite too; a gradient that large is broken anyway, and skipping is safe.
+        sums = torch.stack([g.float().sum().to(grads[0].device) for g in grads])
+        return bool(torch.isfinite(sums).all())
+
+    def _prepare_step(self, work: list[tuple[dict, Tensor]]) -> None:
+        """Hook run once per step before any parameter is updated (block selection in FRUGAL)."""
+
+    def _step_dense(self, p: Tensor, group: dict, state: dict) -> None:
+        grad = p.grad.float()
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        direction = adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
+        step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        self._apply(p, group, direction, step_size)
+
+    def _init_projected(self, p: Tensor, group: dict, state: dict, index: int, low_shape: tuple[int, int]) -> None:
+        projector = self._projectors[group["projector"]]
+        state["step"] = torch.zeros((), dtype=torch.int64)
+        state["iters"] = torch.zeros((), dtype=torch.int64)
+        gap = group["update_proj_gap"]
+        offset = 0
+        if group["stagger"]:
+            members = [q for q in group["params"] if matrix_shape(q) is not None]
+            position = next(i for i, q in enumerate(members) if q is p)
+            offset = (position * gap) // max(len(members), 1)
+        state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
+        projector.init_state(state, seed=self.seed * 1_000_003 + index)
+        state["exp_avg"] = torch.zeros(low_shape, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(low_shape, device=p.device)
+
+    def _refresh_due(self, group: dict, state: dict) -> bool:
+        if int(state["proj_refreshes"]) == 0:
+            return True
+        it = int(state["iters"]) - int(state["refresh_offset"])
+        return it >= 0 and it % group["update_proj_gap"] == 0
+
+    def _oriented_grad(self, p: Tensor, group: dict) -> tuple[Tensor, bool]:
+        shape = matrix_shape(p)
+        transposed = projects_left(shape, group["proj_type"])
+        grad = p.grad.reshape(shape).float()
+        return (grad.T if transposed else grad), transposed
+
+    def _refresh(self, group: dict, state: dict, grad_t: Tensor, transposed: bool) -> None:
+        projector = self._projectors[group["projector"]]
+        policy = group["moments"]
+        first = int(state["proj_refreshes"]) == 0
+        n = grad_t.shape[1]
+        old_basis = None
+        if policy == "rotate" and not first:
+            old_basis = projector.basis(state, n, grad_t.device)
+        projector.refresh(grad_t, state, self._rank_for(group, grad_t.shape), transposed=transposed)
+        if first:
+            return
+        if policy == "reset":
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["step"].zero_()
+        elif policy == "rotate":
+            rotate_moments_(state["exp_avg"], state["exp_avg_sq"], old_basis, projector.basis(state, n, grad_t.device))
+
+    def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
+        projector = self._projectors[group["projector"]]
+        grad_t, transposed = self._oriented_grad(p, group)
+        if not state:
+            self._init_projected(p, group, state, index, (grad_t.shape[0], self._rank_for(group, grad_t.shape)))
+        if self._refresh_due(group, state):
+            self._refresh(group, state, grad_t, transposed)
+        low = projector.project(grad_t, state)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["iters"] += 1
+        direction = adam_direction_(low, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
+        step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        n = grad_t.shape[1]
+        update = projector.project_back(direction, state, n).mul_(group["scale"] * step_size)
+        residual = self._residual(group, state, projector, grad_t, low, direction, step_size)
+        if residual is not None:
+            update.add_(residual)
+        update = update.T if transposed else update
+        self._apply(p, group, update.reshape(p.shape), 1.0)
+
+    def _rank_for(self, group: dict, shape_t: torch.Size) -> int:
+        """The subspace dimension for a matrix whose oriented shape is ``shape_t``."""
+        return group["rank"]
+
+    def _residual(
+        self,
+        group: dict,
+        state: dict,
+        projector: Projector,
+        grad_t: Tensor,
+        low: Tensor,
+        direction: Tensor,
+        step_size: float,
+    ) -> Tensor | None:
+        """The method's update for the gradient outside the subspace, in weight units (already
+        multiplied by its step size), or ``None`` (GaLore: discarded)."""
+        return None
+
+    @staticmethod
+    def _apply(p: Tensor, group: dict, update: Tensor, step_size: float) -> None:
+        """``p <- p - step_size * update`` with decoupled weight decay, computed in fp32."""
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        target = p if p.dtype == torch.float32 else p.float()
+        if group["weight_decay"] and not group["decay_after_update"]:
+            target.mul_(decay)
+        target.add_(update, alpha=-step_size)
+        if group["weight_decay"] and group["decay_after_update"]:
+            target.mul_(decay)
+        if target is not p:
+            p.copy_(target)

@@ -1,0 +1,72 @@
+"""The projector interface shared by every low-rank optimizer.
+
+Every optimizer works in one *oriented* frame: the gradient ``G`` (m x n) is transposed when the
+projection is on the left, so that the projected side is always the last dimension. In that frame a
+projector owns an ``r x n'`` basis ``B`` with (near-)orthonormal rows and
+
+    low  = G' @ B.T        (m' x r)      project
+    full = low @ B         (m' x n')     project back
+
+Adam moments are ``m' x r`` = ``max(m, n) x r`` for ``proj_type='std'``. Transposing does not change an
+element-wise optimizer's arithmetic, so GaLore's left projection ``P.T @ G`` gives the same numbers,
+transposed.
+
+A projector is a stateless strategy object. Whatever it needs between steps (a basis, indices, a
+seed) lives as tensors under ``proj_*`` keys in the optimizer's per-parameter state, so
+``torch.load(..., weights_only=True)`` restores it and a resumed run refreshes exactly as the
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Projector:
+    """Base class. Subclasses implement :meth:`refresh` and :meth:`basis`."""
+
+    name: str = ""
+
+    def init_state(self, state: dict, *, seed: int) -> None:
+        """Create the projector's entries in ``state`` before the first refresh."""
+        state["proj_refreshes"] = torch.zeros((), dtype=torch.int64)
+        state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+
+    def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
+        """Choose a new rank-``rank`` subspace from the oriented fp32 gradient ``grad_t`` (m' x n').
+
+        ``transposed`` says whether ``grad_t`` is the user's gradient transposed; only projectors that
+        must reproduce another library bit for bit (SVD vs galore-torch) need it.
+        """
+        raise NotImplementedError
+
+    def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
+        """The current ``r x n`` fp32 basis (materialized from compact state if need be)."""
+        raise NotImplementedError
+
+    def project(self, grad_t: Tensor, state: dict) -> Tensor:
+        return grad_t @ self.basis(state, grad_t.shape[1], grad_t.device).T
+
+    def project_back(self, low: Tensor, state: dict, n: int) -> Tensor:
+        return low @ self.basis(state, n, low.device)
+
+    # Helpers for subclasses -------------------------------------------------------------------
+    @staticmethod
+    def _bump(state: dict) -> int:
+        """Count a refresh; return the refresh index (0 for the first) used to derive seeds."""
+        k = int(state["proj_refreshes"])
+        state["proj_refreshes"].fill_(k + 1)
+        return k
+
+    @staticmethod
+    def _generator(state: dict, k: int, device: torch.device) -> torch.Generator:
+        # One independent stream per (parameter seed, refresh index): resume needs nothing but the
+        # two integers, and the draw never touches the global RNG.
+        g = torch.Generator(device=device)
+        g.manual_seed((int(state["proj_seed"]) * 1_000_003 + k) % (2**63 - 1))
+        return g
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"

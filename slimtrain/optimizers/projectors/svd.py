@@ -1,0 +1,30 @@
+"""Exact truncated SVD: GaLore's projector. Reproduces galore-torch's choice of singular vectors."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Projector
+
+
+class SVDProjector(Projector):
+    """Top-``r`` singular vectors of the gradient, recomputed at each refresh.
+
+    Cost per refresh is a full SVD, O(m n min(m, n)): 56 s for a 4096 x 11008 fp32 matrix on a 2-core
+    CPU (see ``docs/optimizers.md``). Prefer ``"randomized"`` or ``"dct"`` for large matrices.
+    """
+
+    name = "svd"
+
+    def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
+        self._bump(state)
+        # SVD in the user's orientation so the singular vectors (signs included) are the ones
+        # galore-torch picks: U[:, :r] for a left projection, Vh[:r] for a right one.
+        g = grad_t.T if transposed else grad_t
+        U, _, Vh = torch.linalg.svd(g, full_matrices=False)
+        basis = U[:, :rank].T if transposed else Vh[:rank]
+        state["proj_basis"] = basis.contiguous()
+
+    def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
+        return state["proj_basis"]
