@@ -18,13 +18,16 @@ from .fira import FiraAdamW
 from .frugal import FrugalAdamW
 from .galore import GaLoreAdamW
 from .groups import low_rank_param_groups
+from .layerwise import LayerwiseStepper
 from .projectors import PROJECTORS, make_projector
+from .sst import SSTAdamW
 
 OPTIMIZERS = {
     "galore": GaLoreAdamW,
     "fira": FiraAdamW,
     "frugal": FrugalAdamW,
     "dct": DCTAdamW,
+    "sst": SSTAdamW,
 }
 
 __all__ = [
@@ -34,7 +37,9 @@ __all__ = [
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdamW",
+    "LayerwiseStepper",
     "LowRankAdamW",
+    "SSTAdamW",
     "low_rank_param_groups",
     "make_projector",
 ]

@@ -20,7 +20,10 @@ from .projectors import PROJECTORS, Projector, make_projector
 logger = logging.getLogger("slimtrain.optimizers")
 
 # Integer bookkeeping scalars stay on the CPU so reading them never synchronizes a GPU.
-_CPU_COUNTERS = ("step", "iters", "proj_refreshes", "proj_seed", "proj_rank", "refresh_offset")
+_CPU_COUNTERS = (
+    "step", "iters", "proj_refreshes", "proj_seed", "proj_rank", "refresh_offset",
+    "vec_step", "sst_draws", "sst_seed",
+)
 
 
 def matrix_shape(p: Tensor) -> torch.Size | None:
@@ -230,12 +233,49 @@ class LowRankAdamW(torch.optim.Optimizer):
             logger.warning("Skipped an optimizer step with a non-finite gradient (%d so far)", self.skipped_steps)
             return loss
         self._prepare_step(work)
-        for index, (group, p) in enumerate(work):
-            if "rank" in group and matrix_shape(p) is not None:
-                self._step_projected(p, group, self.state[p], index)
-            else:
-                self._step_dense(p, group, self.state[p])
+        for group, p in work:
+            self._step_one(p, group)
         return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor) -> bool:
+        """Step one parameter from its current gradient; return whether it was updated.
+
+        This is what layer-wise training (:class:`~slimtrain.optimizers.layerwise.LayerwiseStepper`)
+        calls from a gradient hook. The non-finite policy then applies per parameter: a NaN gradient
+        skips (or raises for) this parameter only, since others were already stepped in this backward.
+        """
+        group = self._group_of(p)
+        if p.grad is None:
+            return False
+        V.check_grad(p)
+        if not self._grads_finite([p.grad]):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"Non-finite gradient for a parameter of shape {tuple(p.shape)}")
+            self.skipped_steps += 1
+            logger.warning("Skipped a parameter update with a non-finite gradient (%d so far)", self.skipped_steps)
+            return False
+        self._step_one(p, group)
+        return True
+
+    def _group_of(self, p: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(f"Invalid parameter: a tensor of shape {tuple(p.shape)} is not in this optimizer")
+
+    def _param_index(self, p: Tensor) -> int:
+        """The parameter's position over all groups: stable, so per-matrix seeds don't depend on which
+        parameters happened to have gradients at their first step."""
+        flat = [q for g in self.param_groups for q in g["params"]]
+        return next(i for i, q in enumerate(flat) if q is p)
+
+    def _step_one(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "rank" in group and matrix_shape(p) is not None:
+            self._step_projected(p, group, state, self._param_index(p) if not state else -1)
+        else:
+            self._step_dense(p, group, state)
 
     @staticmethod
     def _grads_finite(grads: list[Tensor]) -> bool:

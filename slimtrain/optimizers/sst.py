@@ -1,0 +1,130 @@
+"""Sparse Spectral Training (Zhao et al., ICML 2025, arXiv:2405.15481), in drop-in optimizer form."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _validation as V
+from .base import LowRankAdamW, matrix_shape
+from .functional import adam_direction_, adam_step_size
+
+
+class SSTAdamW(LowRankAdamW):
+    r"""Sparse Spectral Training as an optimizer: works from the weight gradient alone.
+
+    SST trains a matrix through its singular factors :math:`W = U \operatorname{diag}(\Sigma) V^\top`.
+    Every step updates *all* singular values and a sampled set of ``r`` singular vector pairs; the set
+    is resampled every ``update_proj_gap`` steps (one "iteration") from a multinomial with
+    probabilities proportional to :math:`\Sigma`, and every ``iterations_per_round`` iterations the
+    factors are recomputed by an SVD of the current weight (default ``ceil(min(m, n) / r)``, the
+    paper's choice, so each vector is sampled about once per round).
+
+    From :math:`G = \partial L / \partial W`, by the chain rule:
+
+    .. math::
+        \nabla \Sigma_i = U_i^\top G V_i, \qquad
+        \nabla U_S = G V_S, \qquad \nabla V_S = G^\top U_S
+
+    (the "enhanced" vector gradients of the paper, without the :math:`\Sigma_i` factor), each fed to
+    its own Adam; :math:`\Sigma` is clipped at 0 and sampled vectors are renormalized; then the weight
+    is rewritten as :math:`U \operatorname{diag}(\Sigma) V^\top`.
+
+    **Memory, honestly.** This form keeps the factors as optimizer state: ``U`` (m x d), ``V`` (n x d),
+    ``Σ`` (d), with d = min(m, n), plus Adam moments for Σ (2d) and for the sampled vectors
+    (2r(m + n)). For a square matrix that is about ``2 d^2`` floats, the same as AdamW's two moments,
+    and each step costs two extra m x n x d matmuls. It gives SST's *training dynamics*; SST's memory
+    saving needs the weight itself replaced by its factors (a model re-parametrization), which this
+    optimizer does not do. Use GaLore, Fira, FRUGAL or DCT for optimizer-state savings.
+
+    Args:
+        iterations_per_round: iterations between re-SVDs (default ``None``: ``ceil(d / r)``).
+        uniform_mix: fraction of uniform probability mixed into the sampling distribution
+            (default 0, the paper's :math:`p \propto \Sigma`); > 0 guarantees every vector can be drawn.
+        Other arguments: see :class:`~slimtrain.optimizers.base.LowRankAdamW`. The group's ``rank`` is
+        the number of sampled vector pairs; ``projector``, ``moments``, ``scale`` and ``proj_type``
+        do not apply (SST's subspace is the weight's own singular basis).
+    """
+
+    default_projector = "svd"
+    default_moments = "reset"
+
+    def __init__(self, params, lr: float = 1e-3, *args, iterations_per_round: int | None = None, uniform_mix: float = 0.0, **kwargs):
+        if kwargs.get("projector") not in (None, "svd"):
+            raise ValueError(
+                f"Invalid projector: {kwargs['projector']!r} (SSTAdamW samples the weight's own singular "
+                "vectors; it takes no projector)"
+            )
+        if iterations_per_round is not None:
+            V.check_int("iterations_per_round", iterations_per_round, minimum=1)
+        V.check_unit_interval("uniform_mix", uniform_mix)
+        super().__init__(params, lr, *args, iterations_per_round=iterations_per_round, uniform_mix=uniform_mix, **kwargs)
+
+    def _decompose(self, p: Tensor, state: dict) -> None:
+        w = p.detach().reshape(matrix_shape(p)).float()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        state["sst_u"], state["sst_s"], state["sst_v"] = u.contiguous(), s, vh.T.contiguous()
+        d = s.numel()
+        state["exp_avg_s"] = torch.zeros(d, device=p.device)
+        state["exp_avg_sq_s"] = torch.zeros(d, device=p.device)
+        state["step"] = torch.zeros((), dtype=torch.int64)
+
+    def _resample(self, group: dict, state: dict) -> None:
+        s = state["sst_s"]
+        rank = group["rank"]
+        probs = s.clamp(min=0).double()
+        total = probs.sum()
+        probs = probs / total if total > 0 else torch.full_like(probs, 1.0 / probs.numel())
+        probs = (1 - group["uniform_mix"]) * probs + group["uniform_mix"] / probs.numel()
+        k = int(state["sst_draws"])
+        gen = torch.Generator().manual_seed((int(state["sst_seed"]) * 7_919 + k) % (2**63 - 1))
+        # Without replacement: r distinct vectors. multinomial needs r nonzero probabilities.
+        probs = probs.cpu() + (probs.cpu() == 0) * 1e-30
+        state["sst_idx"] = torch.multinomial(probs, rank, replacement=False, generator=gen).sort().values.to(s.device)
+        state["sst_draws"].fill_(k + 1)
+        m, n = state["sst_u"].shape[0], state["sst_v"].shape[0]
+        for key, rows in (("u", m), ("v", n)):
+            state[f"exp_avg_{key}"] = torch.zeros(rows, rank, device=s.device)
+            state[f"exp_avg_sq_{key}"] = torch.zeros(rows, rank, device=s.device)
+        state["vec_step"] = torch.zeros((), dtype=torch.int64)
+
+    def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
+        gap = group["update_proj_gap"]
+        if not state:
+            state["iters"] = torch.zeros((), dtype=torch.int64)
+            state["sst_draws"] = torch.zeros((), dtype=torch.int64)
+            state["sst_seed"] = torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64)
+            self._decompose(p, state)
+        iters = int(state["iters"])
+        if iters % gap == 0:
+            d = state["sst_s"].numel()
+            per_round = group["iterations_per_round"] or math.ceil(d / group["rank"])
+            if iters > 0 and (iters // gap) % per_round == 0:
+                self._decompose(p, state)  # end of round: re-SVD restores orthogonal factors
+            self._resample(group, state)
+        u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
+        grad = p.grad.reshape(matrix_shape(p)).float()
+        gv = grad @ v
+        grad_s = (gv * u).sum(0)
+        grad_u = gv.index_select(1, idx)
+        grad_v = grad.T @ u.index_select(1, idx)
+
+        beta1, beta2 = group["betas"]
+        eps, lr = group["eps"], group["lr"]
+        state["step"] += 1
+        state["vec_step"] += 1
+        state["iters"] += 1
+        dir_s = adam_direction_(grad_s, state["exp_avg_s"], state["exp_avg_sq_s"], beta1, beta2, eps)
+        if group["weight_decay"]:
+            s.mul_(1.0 - lr * group["weight_decay"])
+        s.add_(dir_s, alpha=-adam_step_size(lr, beta1, beta2, int(state["step"]))).clamp_(min=0)
+
+        vec_size = adam_step_size(lr, beta1, beta2, int(state["vec_step"]))
+        for key, factor, g in (("u", u, grad_u), ("v", v, grad_v)):
+            direction = adam_direction_(g, state[f"exp_avg_{key}"], state[f"exp_avg_sq_{key}"], beta1, beta2, eps)
+            cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
+            cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            factor.index_copy_(1, idx, cols)
+        p.copy_(((u * s) @ v.T).reshape(p.shape))
