@@ -80,3 +80,14 @@ def state_free_residual(grad_t: Tensor, back_low: Tensor, rule: str) -> Tensor |
         return None
     residual = grad_t - back_low
     return residual.sign_() if rule == "sign_sgd" else residual
+
+
+def sst_factor_grads(grad: Tensor, u: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Gradients of SST's factors from the weight gradient ``G`` of :math:`W = U\,\mathrm{diag}(\Sigma)V^\top`.
+
+    :math:`\nabla\Sigma_i = U_i^\top G V_i` for every i, and the paper's "enhanced" gradients of the
+    sampled vectors, :math:`G V_S` and :math:`G^\top U_S` (the chain rule's factor :math:`\Sigma_i`
+    dropped, so small singular values still move their vectors). One ``G @ V`` serves both.
+    """
+    gv = grad @ v
+    return (gv * u).sum(0), gv.index_select(1, idx), grad.T @ u.index_select(1, idx)

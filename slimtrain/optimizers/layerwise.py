@@ -61,6 +61,9 @@ class LayerwiseStepper:
             return
         self.optimizer.step_param(p)
         p.grad = None
+        # torch's LR schedulers warn unless the optimizer's step() ran before theirs; here the
+        # optimizer did step, parameter by parameter, so set the flag their step() wrapper would.
+        self.optimizer._opt_called = True
 
     def remove(self) -> None:
         """Detach the hooks (the optimizer goes back to ordinary ``step()`` use)."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _validation as V
 from .base import LowRankAdamW, matrix_shape
-from .functional import adam_direction_, adam_step_size
+from .functional import adam_direction_, adam_step_size, sst_factor_grads
 
 
 class SSTAdamW(LowRankAdamW):
@@ -106,10 +106,7 @@ class SSTAdamW(LowRankAdamW):
             self._resample(group, state)
         u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
         grad = p.grad.reshape(matrix_shape(p)).float()
-        gv = grad @ v
-        grad_s = (gv * u).sum(0)
-        grad_u = gv.index_select(1, idx)
-        grad_v = grad.T @ u.index_select(1, idx)
+        grad_s, grad_u, grad_v = sst_factor_grads(grad, u, v, idx)
 
         beta1, beta2 = group["betas"]
         eps, lr = group["eps"], group["lr"]

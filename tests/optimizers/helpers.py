@@ -1,0 +1,64 @@
+"""Tiny models and a deterministic training loop shared by the optimizer tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimtrain.optimizers import (
+    DCTAdamW,
+    FiraAdamW,
+    FrugalAdamW,
+    GaLoreAdamW,
+    SSTAdamW,
+    low_rank_param_groups,
+)
+
+
+def mlp(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
+    """Matrices of every orientation: 40x24 (tall), 16x40 (wide), 8x16, plus biases."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 16), nn.Tanh(), nn.Linear(16, 8)
+    ).to(dtype)
+
+
+def groups(model: nn.Module, rank: int = 4, gap: int = 5, **extra) -> list[dict]:
+    return low_rank_param_groups(model, ["0", "2", "4"], rank=rank, update_proj_gap=gap, scale=0.25, **extra)
+
+
+def batches(steps: int, seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 24, generator=g)
+        yield x.to(dtype), torch.sin(3 * x[:, :8]).to(dtype)
+
+
+def train(model: nn.Module, opt, steps: int, seed: int = 1, start: int = 0) -> float:
+    loss = torch.tensor(float("nan"))
+    for i, (x, y) in enumerate(batches(start + steps, seed)):
+        if i < start:
+            continue
+        opt.zero_grad()
+        dtype = next(model.parameters()).dtype
+        loss = ((model(x.to(dtype)).float() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+# One row per optimizer configuration every generic test runs over: (id, factory(groups) -> optimizer).
+CONFIGS = [
+    ("galore-svd", lambda g: GaLoreAdamW(g, lr=1e-2)),
+    ("galore-randomized", lambda g: GaLoreAdamW(g, lr=1e-2, projector="randomized", moments="rotate")),
+    ("galore-random", lambda g: GaLoreAdamW(g, lr=1e-2, projector="random", stagger=True)),
+    ("galore-columns", lambda g: GaLoreAdamW(g, lr=1e-2, projector="columns", moments="reset")),
+    ("fira-svd", lambda g: FiraAdamW(g, lr=1e-2, weight_decay=0.01)),
+    ("fira-dct", lambda g: FiraAdamW(g, lr=1e-2, projector="dct")),
+    ("frugal-svd", lambda g: FrugalAdamW(g, lr=1e-2)),
+    ("frugal-columns", lambda g: FrugalAdamW(g, lr=1e-2, projector="columns", inactive_update_rule="sgd")),
+    ("frugal-block", lambda g: FrugalAdamW(g, lr=1e-2, mode="block", density=0.5, block_order="random")),
+    ("dct", lambda g: DCTAdamW(g, lr=1e-2, weight_decay=0.1)),
+    ("dct-matmul-l2", lambda g: DCTAdamW(g, lr=1e-2, projector="dct", stagger=True)),
+    ("sst", lambda g: SSTAdamW(g, lr=1e-2)),
+]

@@ -1,0 +1,85 @@
+"""Every bad input gets a clear error naming the parameter, the value and what is allowed.
+
+Errors are test data: add a row to ERROR_CASES, and the one generic test runs it.
+"""
+
+import pytest
+import torch
+
+from slimtrain.optimizers import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdamW, SSTAdamW, low_rank_param_groups
+
+from .helpers import mlp
+
+
+def _groups(**over):
+    m = mlp()
+    g = {"params": [m[0].weight, m[2].weight], "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": "std"}
+    g.update(over)
+    return [g]
+
+
+# (id, optimizer class, group overrides, constructor kwargs, error type, message regex)
+ERROR_CASES = [
+    ("lr<0", GaLoreAdamW, {}, {"lr": -1.0}, ValueError, r"Invalid lr: -1\.0 \(expected a finite number >= 0\)"),
+    ("lr-nan", GaLoreAdamW, {}, {"lr": float("nan")}, ValueError, r"Invalid lr: nan"),
+    ("beta1=1", GaLoreAdamW, {}, {"betas": (1.0, 0.999)}, ValueError, r"Invalid beta1: 1\.0 \(expected 0 <= beta1 < 1\)"),
+    ("beta2<0", FiraAdamW, {}, {"betas": (0.9, -0.1)}, ValueError, r"Invalid beta2: -0\.1"),
+    ("betas-shape", GaLoreAdamW, {}, {"betas": (0.9,)}, ValueError, r"Invalid betas"),
+    ("eps<0", DCTAdamW, {}, {"eps": -1e-8}, ValueError, r"Invalid eps: -1e-08 \(expected a finite number >= 0\)"),
+    ("wd<0", GaLoreAdamW, {}, {"weight_decay": -0.1}, ValueError, r"Invalid weight_decay: -0\.1"),
+    ("rank0", GaLoreAdamW, {"rank": 0}, {}, ValueError, r"Invalid rank: 0 \(expected an integer >= 1\)"),
+    ("rank-too-big", GaLoreAdamW, {"rank": 17}, {}, ValueError, r"Invalid rank: 17 \(expected 1 <= rank <= 16 for parameter of shape \(16, 40\)\)"),
+    ("rank-float", FiraAdamW, {"rank": 2.5}, {}, ValueError, r"Invalid rank: 2\.5"),
+    ("sst-rank-too-big", SSTAdamW, {"rank": 30}, {}, ValueError, r"Invalid rank: 30 \(expected 1 <= rank <= 24"),
+    ("gap0", GaLoreAdamW, {"update_proj_gap": 0}, {}, ValueError, r"Invalid update_proj_gap: 0 \(expected an integer >= 1\)"),
+    ("scale<0", GaLoreAdamW, {"scale": -1.0}, {}, ValueError, r"Invalid scale: -1\.0"),
+    ("proj_type", GaLoreAdamW, {"proj_type": "full"}, {}, ValueError, r"Invalid proj_type: 'full' \(expected one of 'std', 'reverse_std', 'left', 'right'\)"),
+    ("projector", GaLoreAdamW, {}, {"projector": "qr"}, ValueError, r"Invalid projector: 'qr' \(expected one of 'svd', 'randomized', 'dct', 'random', 'columns'\)"),
+    ("group-projector", DCTAdamW, {"projector": "nope"}, {}, ValueError, r"Invalid projector: 'nope'"),
+    ("moments", GaLoreAdamW, {}, {"moments": "forget"}, ValueError, r"Invalid moments: 'forget' \(expected one of 'keep', 'reset', 'rotate'\)"),
+    ("nonfinite", GaLoreAdamW, {}, {"nonfinite": "ignore"}, ValueError, r"Invalid nonfinite: 'ignore'"),
+    ("density>1", FrugalAdamW, {}, {"density": 1.5}, ValueError, r"Invalid density: 1\.5 \(expected 0 <= density <= 1\)"),
+    ("density<0", FrugalAdamW, {}, {"density": -0.1}, ValueError, r"Invalid density: -0\.1"),
+    ("frugal-mode", FrugalAdamW, {}, {"mode": "layer"}, ValueError, r"Invalid mode: 'layer' \(expected one of 'subspace', 'block'\)"),
+    ("frugal-rule", FrugalAdamW, {}, {"inactive_update_rule": "adam"}, ValueError, r"Invalid inactive_update_rule: 'adam'"),
+    ("frugal-block-none", FrugalAdamW, {}, {"mode": "block", "density": None}, ValueError, r"Invalid density: None"),
+    ("fira-gamma", FiraAdamW, {}, {"gamma": 0.5}, ValueError, r"Invalid gamma: 0\.5 \(expected a number >= 1\)"),
+    ("fira-residual", FiraAdamW, {}, {"residual": "paper"}, ValueError, r"Invalid residual: 'paper'"),
+    ("sst-projector", SSTAdamW, {}, {"projector": "dct"}, ValueError, r"Invalid projector: 'dct' \(SSTAdamW samples"),
+    ("sst-round", SSTAdamW, {}, {"iterations_per_round": 0}, ValueError, r"Invalid iterations_per_round: 0"),
+    ("seed", GaLoreAdamW, {}, {"seed": -1}, ValueError, r"Invalid seed: -1"),
+]
+
+
+@pytest.mark.parametrize("cls,group_over,kwargs,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+def test_bad_input_is_refused(cls, group_over, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        cls(_groups(**group_over), **kwargs)
+
+
+def test_complex_parameter_refused():
+    p = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"Invalid parameter: complex dtype torch\.complex64"):
+        GaLoreAdamW([p])
+
+
+def test_sparse_gradient_refused_and_nothing_changes():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = GaLoreAdamW(emb.parameters(), lr=0.1)
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="Sparse gradients are not supported"):
+        opt.step()
+    assert torch.equal(emb.weight, before)
+
+
+def test_target_modules_matching_nothing():
+    with pytest.raises(ValueError, match=r"Invalid target_modules: \['attn'\] matches no linear layer"):
+        low_rank_param_groups(mlp(), ["attn"])
+
+
+def test_late_param_group_is_validated():
+    opt = GaLoreAdamW(_groups())
+    m = mlp()
+    with pytest.raises(ValueError, match=r"Invalid rank: 99"):
+        opt.add_param_group({"params": [m[4].weight], "rank": 99})

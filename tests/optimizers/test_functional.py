@@ -1,0 +1,78 @@
+"""Update rules against float64 recomputation from their definitions."""
+
+import math
+
+import torch
+
+from slimtrain.optimizers.functional import (
+    adam_direction_,
+    adam_step_size,
+    fira_residual,
+    rotate_moments_,
+    state_free_residual,
+)
+from slimtrain.optimizers.projectors.dct import dct_rows
+
+
+def test_adam_direction_and_step_size():
+    torch.manual_seed(0)
+    m, v = torch.rand(5, 3), torch.rand(5, 3)
+    g = torch.randn(5, 3)
+    m64, v64, g64 = m.double(), v.double(), g.double()
+    d = adam_direction_(g, m, v, 0.9, 0.99, 1e-6)
+    m_ref = 0.9 * m64 + 0.1 * g64
+    v_ref = 0.99 * v64 + 0.01 * g64**2
+    torch.testing.assert_close(m.double(), m_ref)
+    torch.testing.assert_close(v.double(), v_ref)
+    torch.testing.assert_close(d.double(), m_ref / (v_ref.sqrt() + 1e-6))
+    assert math.isclose(adam_step_size(0.1, 0.9, 0.99, 3), 0.1 * math.sqrt(1 - 0.99**3) / (1 - 0.9**3))
+
+
+def test_fira_residual_definition_and_limiter():
+    torch.manual_seed(0)
+    g, low, direction, back = torch.randn(6, 5), torch.randn(6, 2), torch.randn(6, 2), torch.randn(6, 5)
+    s, norm = fira_residual(g, low, direction, back, None, 1.01)
+    phi = direction.double().norm(dim=1) / (low.double().norm(dim=1) + 1e-8)
+    ref = (g.double() - back.double()) * phi[:, None]
+    torch.testing.assert_close(s.double(), ref)
+    torch.testing.assert_close(norm.double(), ref.norm())
+    # Growth above gamma is cut back to exactly gamma times the previous norm.
+    prev = norm / 2
+    s2, norm2 = fira_residual(g, low, direction, back, prev, 1.01)
+    torch.testing.assert_close(s2.norm(), 1.01 * prev, rtol=1e-5, atol=0)
+    torch.testing.assert_close(norm2, 1.01 * prev, rtol=1e-5, atol=0)
+    # Shrinking is never amplified.
+    s3, _ = fira_residual(g, low, direction, back, norm * 10, 1.01)
+    torch.testing.assert_close(s3, s)
+
+
+def test_rotation_is_exact_for_shared_dct_rows():
+    n = 32
+    old, new = torch.tensor([1, 4, 9, 20]), torch.tensor([4, 7, 20, 30])
+    b_old, b_new = dct_rows(old, n, torch.device("cpu")), dct_rows(new, n, torch.device("cpu"))
+    m, v = torch.randn(5, 4), torch.rand(5, 4)
+    m0, v0 = m.clone(), v.clone()
+    rotate_moments_(m, v, b_old, b_new)
+    # frequency 4: old col 1 -> new col 0; 20: old col 3 -> new col 2; 7 and 30 are new: zero.
+    torch.testing.assert_close(m[:, [0, 2]], m0[:, [1, 3]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(v[:, [0, 2]], v0[:, [1, 3]], rtol=0, atol=1e-6)
+    assert m[:, [1, 3]].abs().max() < 1e-6 and v[:, [1, 3]].abs().max() < 1e-6
+
+
+def test_rotation_preserves_first_moment_inside_common_subspace():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    b_old = q[:3].float()
+    rot, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
+    b_new = (rot @ q[:3]).float()  # same subspace, another basis
+    m = torch.randn(4, 3)
+    full_before = m.double() @ b_old.double()
+    rotate_moments_(m, torch.rand(4, 3), b_old, b_new)
+    torch.testing.assert_close(m.double() @ b_new.double(), full_before, rtol=0, atol=1e-5)
+
+
+def test_state_free_rules():
+    g, back = torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[0.5, -2.5, 1.0]])
+    assert state_free_residual(g, back, "sign_sgd").tolist() == [[1.0, 1.0, -1.0]]
+    assert state_free_residual(g, back, "sgd").tolist() == [[0.5, 0.5, -0.5]]
+    assert state_free_residual(g, back, "none") is None
