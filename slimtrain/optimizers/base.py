@@ -290,7 +290,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         """Hook run once per step before any parameter is updated (block selection in FRUGAL)."""
 
     def _step_dense(self, p: Tensor, group: dict, state: dict) -> None:
-        grad = p.grad.float()
+        direction, step_size = self._dense_update(p.grad.float(), group, state)
+        self._apply(p, group, direction, step_size)
+
+    def _dense_update(self, grad: Tensor, group: dict, state: dict) -> tuple[Tensor, float]:
+        """Plain AdamW on any fp32 gradient (a whole parameter or a shard of one): returns the
+        direction and its step size. Creates the state on first use."""
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
@@ -298,35 +303,29 @@ class LowRankAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         direction = adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
-        step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
-        self._apply(p, group, direction, step_size)
+        return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
 
-    def _init_projected(self, p: Tensor, group: dict, state: dict, index: int, low_shape: tuple[int, int]) -> None:
+    def _init_projected(self, grad: Tensor, group: dict, state: dict, index: int, low_shape: tuple[int, int]) -> None:
         projector = self._projectors[group["projector"]]
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["iters"] = torch.zeros((), dtype=torch.int64)
-        gap = group["update_proj_gap"]
         offset = 0
         if group["stagger"]:
-            members = [q for q in group["params"] if matrix_shape(q) is not None]
-            position = next(i for i, q in enumerate(members) if q is p)
-            offset = (position * gap) // max(len(members), 1)
+            # Spread the group's matrices over the refresh window by their position in the optimizer.
+            offset = (index * group["update_proj_gap"]) // max(self._num_params(), 1)
         state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
         projector.init_state(state, seed=self.seed * 1_000_003 + index)
-        state["exp_avg"] = torch.zeros(low_shape, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(low_shape, device=p.device)
+        state["exp_avg"] = torch.zeros(low_shape, device=grad.device)
+        state["exp_avg_sq"] = torch.zeros(low_shape, device=grad.device)
+
+    def _num_params(self) -> int:
+        return sum(len(g["params"]) for g in self.param_groups)
 
     def _refresh_due(self, group: dict, state: dict) -> bool:
         if int(state["proj_refreshes"]) == 0:
             return True
         it = int(state["iters"]) - int(state["refresh_offset"])
         return it >= 0 and it % group["update_proj_gap"] == 0
-
-    def _oriented_grad(self, p: Tensor, group: dict) -> tuple[Tensor, bool]:
-        shape = matrix_shape(p)
-        transposed = projects_left(shape, group["proj_type"])
-        grad = p.grad.reshape(shape).float()
-        return (grad.T if transposed else grad), transposed
 
     def _refresh(self, group: dict, state: dict, grad_t: Tensor, transposed: bool) -> None:
         projector = self._projectors[group["projector"]]
@@ -347,10 +346,19 @@ class LowRankAdamW(torch.optim.Optimizer):
             rotate_moments_(state["exp_avg"], state["exp_avg_sq"], old_basis, projector.basis(state, n, grad_t.device))
 
     def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
+        update = self._projected_update(p.grad.reshape(matrix_shape(p)), group, state, index)
+        self._apply(p, group, update.reshape(p.shape), 1.0)
+
+    def _projected_update(self, grad: Tensor, group: dict, state: dict, index: int) -> Tensor:
+        """The low-rank step for one matrix gradient ``grad`` (m x n, any float dtype), in weight units:
+        the caller subtracts it, with weight decay, through :meth:`_apply`. Creates the state on first
+        use (``index`` seeds the projector). Works on a gathered matrix under ZeRO as on a parameter."""
         projector = self._projectors[group["projector"]]
-        grad_t, transposed = self._oriented_grad(p, group)
+        transposed = projects_left(grad.shape, group["proj_type"])
+        grad = grad.float()
+        grad_t = grad.T if transposed else grad
         if not state:
-            self._init_projected(p, group, state, index, (grad_t.shape[0], self._rank_for(group, grad_t.shape)))
+            self._init_projected(grad, group, state, index, (grad_t.shape[0], self._rank_for(group, grad_t.shape)))
         if self._refresh_due(group, state):
             self._refresh(group, state, grad_t, transposed)
         low = projector.project(grad_t, state)
@@ -364,8 +372,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         residual = self._residual(group, state, projector, grad_t, low, direction, step_size)
         if residual is not None:
             update.add_(residual)
-        update = update.T if transposed else update
-        self._apply(p, group, update.reshape(p.shape), 1.0)
+        return update.T if transposed else update
 
     def _rank_for(self, group: dict, shape_t: torch.Size) -> int:
         """The subspace dimension for a matrix whose oriented shape is ``shape_t``."""

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
-from .base import LowRankAdamW, matrix_shape
+from .base import LowRankAdamW, matrix_shape, projects_left
 from .functional import adam_direction_, adam_step_size, state_free_residual
 from .projectors import Projector
 
@@ -100,7 +100,10 @@ class FrugalAdamW(LowRankAdamW):
         if self.mode == "block":
             self._step_block(p, group, state)
             return
-        grad_t, transposed = self._oriented_grad(p, group)
+        shape = matrix_shape(p)
+        transposed = projects_left(shape, group["proj_type"])
+        grad = p.grad.reshape(shape).float()
+        grad_t = grad.T if transposed else grad
         if self._rank_for(group, grad_t.shape) == 0:
             # density 0: nothing is state-full; the whole gradient takes the state-free rule.
             update = state_free_residual(grad_t, torch.zeros_like(grad_t), group["inactive_update_rule"])
