@@ -140,6 +140,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
+        self.__dict__.setdefault("_known_params", set()).update(id(p) for p in self.param_groups[-1]["params"])
 
     def _validate_group(self, group: dict) -> None:
         V.check_lr(group["lr"])
@@ -175,6 +176,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+        # A copied or unpickled optimizer holds new parameter objects.
+        self._known_params = {id(p) for g in self.param_groups for p in g["params"]}
 
     def _extra_state(self) -> dict:
         """Optimizer-level counters saved beside torch's ``state`` and ``param_groups`` (plain ints)."""
@@ -225,6 +228,12 @@ class LowRankAdamW(torch.optim.Optimizer):
                 loss = closure()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for _, p in work:
+            if id(p) not in self._known_params:
+                raise RuntimeError(
+                    "This optimizer is stepping tensors it was not built with: DeepSpeed ZeRO (stage >= 1) replaces "
+                    "an optimizer's parameters by flat partitions, where matrices cannot be projected. Build the "
+                    "engine with slimtrain.sharding.initialize(model=..., optimizer=..., config=...) instead."
+                )
             V.check_grad(p)
         if not self._grads_finite([p.grad for _, p in work]):
             if self.nonfinite == "raise":

@@ -83,3 +83,22 @@ def test_late_param_group_is_validated():
     m = mlp()
     with pytest.raises(ValueError, match=r"Invalid rank: 99"):
         opt.add_param_group({"params": [m[4].weight], "rank": 99})
+
+
+def test_flat_partitions_swapped_in_are_refused():
+    """What DeepSpeed ZeRO does to a client optimizer: its params replaced by one flat partition."""
+    import copy
+
+    model = mlp()
+    opt = GaLoreAdamW(_groups())
+    flat = torch.nn.Parameter(torch.zeros(100))
+    flat.grad = torch.ones(100)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match=r"slimtrain\.sharding\.initialize"):
+        opt.step()
+    assert torch.equal(flat, torch.zeros(100))
+    # A deep copy knows its own (copied) parameters.
+    clone = copy.deepcopy(GaLoreAdamW(model.parameters()))
+    for p in clone.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    clone.step()

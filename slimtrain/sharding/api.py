@@ -1,0 +1,97 @@
+"""``initialize``: ``deepspeed.initialize`` for a slimtrain optimizer, with its settings checked first."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from ..optimizers.base import LowRankAdamW
+from ..optimizers.sst import SSTAdamW
+from .zero import ZeroLowRankOptimizer
+
+
+def _load_config(config) -> dict:
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            return json.load(f)
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise ValueError(f"Invalid config: {type(config).__name__} (expected a dict or a path to a DeepSpeed JSON file)")
+
+
+def check_config(config: dict, optimizer: LowRankAdamW) -> int:
+    """Refuse what the sharded step cannot do, naming the setting and what to use instead.
+
+    Returns the ZeRO stage.
+    """
+    if not isinstance(optimizer, LowRankAdamW):
+        raise ValueError(
+            f"Invalid optimizer: {type(optimizer).__name__} (expected a slimtrain optimizer; "
+            "call deepspeed.initialize directly for others)"
+        )
+    zero = config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"Invalid zero_optimization.stage: {stage} (expected 0, 1, 2 or 3)")
+    if "optimizer" in config:
+        raise ValueError(
+            "Invalid config: it has an 'optimizer' section, which would make DeepSpeed build its own optimizer "
+            "and ignore the slimtrain one. Remove the section and pass the optimizer here."
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(
+                f"Unsupported zero_optimization.{key}.device: {device!r}: slimtrain optimizers step on the "
+                "accelerator and need no offload; set it to 'none' (their low-rank state is already small)."
+            )
+    if zero.get("elastic_checkpoint"):
+        raise ValueError(
+            "Unsupported zero_optimization.elastic_checkpoint: true (low-rank state is split by matrix owner, "
+            "not by ZeRO's element offsets); set it to false."
+        )
+    if config.get("fp16", {}).get("enabled"):
+        raise ValueError("Unsupported fp16.enabled: true (dynamic loss scaling is not wired in); use bf16 or fp32")
+    if stage >= 1:
+        if isinstance(optimizer, SSTAdamW):
+            raise ValueError(
+                f"Unsupported optimizer under zero_optimization.stage {stage}: SSTAdamW rewrites whole weights from "
+                "their singular factors; use stage 0, or GaLoreAdamW, FiraAdamW, FrugalAdamW or DCTAdamW."
+            )
+        if getattr(optimizer, "mode", None) == "block":
+            raise ValueError(
+                f"Unsupported FrugalAdamW(mode='block') under zero_optimization.stage {stage}; use mode='subspace'."
+            )
+    return stage
+
+
+def initialize(*, model, optimizer: LowRankAdamW, config, **kwargs):
+    """``deepspeed.initialize`` with a slimtrain optimizer under any ZeRO stage.
+
+    Args:
+        model: the ``torch.nn.Module``.
+        optimizer: a slimtrain optimizer built on ``model``'s parameters (before this call).
+        config: the DeepSpeed config, a dict or a JSON path, without an ``optimizer`` section.
+        kwargs: passed to ``deepspeed.initialize`` (``lr_scheduler``, ``training_data``, ...).
+
+    Returns:
+        What ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader, lr_scheduler)``.
+
+    Raises:
+        ValueError: for a setting the sharded step does not support, before anything is built.
+    """
+    try:
+        import deepspeed
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("slimtrain.sharding needs DeepSpeed: pip install 'slimtrain[deepspeed]'") from e
+    config = _load_config(config)
+    stage = check_config(config, optimizer)
+    # DeepSpeed only trusts its own whitelist of optimizers; ours are tested under every stage here.
+    config["zero_allow_untested_optimizer"] = True
+    if stage == 0:
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config, **kwargs)
+    wrapped = ZeroLowRankOptimizer(optimizer)
+    engine, opt, loader, sched = deepspeed.initialize(model=model, optimizer=wrapped, config=config, **kwargs)
+    wrapped.attach(engine.optimizer, stage)
+    return engine, opt, loader, sched
