@@ -80,7 +80,8 @@ def worker(rank: int, world: int, port: int, cases: list[dict], queue) -> None:
         for case in cases:
             net = model()
             opt = optimizer(case["optimizer"], net)
-            engine, zopt, _, _ = sharding.initialize(model=net, optimizer=opt, config=ds_config(case["stage"], case.get("accum", 1), case.get("clip", 0.0)))
+            config = ds_config(case["stage"], case.get("accum", 1), case.get("clip", 0.0), case.get("bf16", False))
+            engine, zopt, _, _ = sharding.initialize(model=net, optimizer=opt, config=config)
             train_distributed(engine, rank, STEPS, case.get("accum", 1))
             inner = engine.optimizer.optimizer if case["stage"] else None
             queue.put((rank, case["id"], full_params(engine), inner.state_bytes() if inner is not None else 0,
