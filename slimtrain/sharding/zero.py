@@ -179,7 +179,8 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
         grad = flat.grad
         if grad is None:
             grad = torch.zeros_like(flat)
-        ok = torch.tensor([float(bool(torch.isfinite(grad.sum())))])
+        # Collective buffers live on the partition's device: NCCL takes CUDA tensors only.
+        ok = torch.isfinite(grad.sum()).float().reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         self.comm.add(ok)
         if ok.item() == 0.0:
@@ -207,7 +208,8 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
         local = {(f.group, f.index): f for f in frags}
         sizes = [sum(self._pieces[k][r][1] for k in owned) for r in range(self.world_size)]
         width = max(sizes)
-        send = torch.zeros(width, dtype=torch.float32)
+        device = flat.device
+        send = torch.zeros(width, dtype=torch.float32, device=device)
         pos = 0
         for k in owned:
             f = local.get(k)
@@ -215,17 +217,17 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
                 send[pos : pos + f.numel] = grad[f.offset : f.offset + f.numel]
                 pos += f.numel
         self.comm.add(send)
-        inbox = [torch.empty(width) for _ in range(self.world_size)] if self.rank == owner else None
+        inbox = [torch.empty(width, device=device) for _ in range(self.world_size)] if self.rank == owner else None
         dist.gather(send, inbox, dst=owner)
 
         outbox = None
         if self.rank == owner:
-            outbox = [torch.zeros(width) for _ in range(self.world_size)]
+            outbox = [torch.zeros(width, device=device) for _ in range(self.world_size)]
             cursor = [0] * self.world_size
             updates = {}
             for k in owned:
                 shape = self._shapes[k[0]][k[1]]
-                full = torch.zeros(math.prod(shape))
+                full = torch.zeros(math.prod(shape), device=device)
                 for r, (start, numel) in enumerate(self._pieces[k]):
                     full[start : start + numel] = inbox[r][cursor[r] : cursor[r] + numel]
                     cursor[r] += numel
@@ -242,7 +244,7 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
             for r in range(self.world_size):
                 if r != owner:
                     self.comm.add(outbox[r])
-        recv = torch.empty(width)
+        recv = torch.empty(width, device=device)
         dist.scatter(recv, outbox, src=owner)
         pos = 0
         for k in owned:
