@@ -1,0 +1,15 @@
+"""Standalone DoRA tuner."""
+
+from __future__ import annotations
+
+from .._common import SlimTuner
+from .layer import DoraLayer, Linear
+
+
+class DoraModel(SlimTuner):
+    """Creates a DoRA model (use ``peft.get_peft_model(model, slimtrain.adapters.DoraConfig(...))``).
+    Saves ``dora_A``, ``dora_B`` and ``dora_magnitude`` per layer: r (in + out) + out numbers."""
+
+    prefix: str = "dora_"
+    tuner_layer_cls = DoraLayer
+    layer_cls = Linear

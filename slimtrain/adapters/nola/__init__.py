@@ -1,0 +1,10 @@
+"""NOLA: only the mixing coefficients of seeded random bases train (k + l per layer)."""
+
+from ..registry import register_method
+from .config import NolaConfig
+from .layer import CombineBases, Linear, NolaLayer, combine_bases_reference
+from .model import NolaModel
+
+register_method("nola", NolaConfig, NolaModel, prefix="nola_")
+
+__all__ = ["NolaConfig", "NolaModel", "NolaLayer", "Linear", "CombineBases", "combine_bases_reference"]

@@ -1,0 +1,227 @@
+"""RandLoRA layer. The math lives in free functions (:func:`scaled_bases`, :func:`randlora_delta`) so the
+tests can hold them against PEFT's implementation; the layer picks a factored or a dense forward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._common import GENERATOR_VERSION, DeltaLayer, stable_seed, uniform_on_cpu
+from .config import RandLoraConfig
+
+
+class ScaledBases(torch.autograd.Function):
+    """A_f[j*r + k, i] = lambda[k, j] * A[k, i] * gamma[j, i]  -> (n*r, d).
+
+    Saves only A, lambda, gamma (r*d + r*n + n*d numbers) instead of the (n, r, d) intermediates autograd
+    would keep for the two broadcasted products.
+    """
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(A, lam, gam)
+        out = lam.T[:, :, None] * A[None] * gam[:, None, :]
+        return out.reshape(-1, A.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        A, lam, gam = ctx.saved_tensors
+        g = grad.reshape(gam.shape[0], A.shape[0], A.shape[1])  # (n, r, d)
+        ga = g * A[None]  # shared by both gradients
+        grad_lam = (ga * gam[:, None, :]).sum(-1).T  # (r, n)
+        grad_gam = (ga * lam.T[:, :, None]).sum(1)  # (n, d)
+        return None, grad_lam, grad_gam
+
+
+def scaled_bases(A: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
+    return ScaledBases.apply(A, lam, gam)
+
+
+class FusedDeltaLinear(torch.autograd.Function):
+    """y = x (W + dW)^T + b with dW = make_delta(*params), saving only x and the (small) params.
+
+    Plain autograd through ``F.linear(x, W + dW)`` would keep W + dW (one weight-sized tensor per adapted
+    layer) until backward; here backward rebuilds dW (n*r*in*out flops, as in forward) instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, make_delta, *params):
+        with torch.no_grad():
+            w_eff = weight + make_delta(*params)
+        ctx.make_delta = make_delta
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, *params)
+        return F.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
+            delta = ctx.make_delta(*leaves)
+        grad_x = grad @ (weight + delta.detach()) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        wanted = [p for p in leaves if p.requires_grad]
+        grads = iter(())
+        if wanted:
+            grad_delta = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            grads = iter(torch.autograd.grad(delta, wanted, grad_delta))
+        return (grad_x, None, grad_bias, None, *[next(grads) if p.requires_grad else None for p in leaves])
+
+
+def randlora_delta(A, B, lam, gam, scaling: float) -> torch.Tensor:
+    """dW (D x d) = scaling * sum_j B[:, j, :] diag(lam[:, j]) A diag(gam[j]).
+
+    Shapes: A (r, d), B (D, n, r), lam (r, n), gam (n, d).
+    """
+    n, r = B.shape[1], B.shape[2]
+    return (B.reshape(B.shape[0], n * r) @ scaled_bases(A, lam, gam)) * scaling
+
+
+def make_bases(seed: int, r: int, d_max: int, D_max: int, n_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared bases A (r, d_max) and B (D_max, n_max, r), fp32 on CPU, each rescaled to unit empirical std
+    (as PEFT does), drawn from generators seeded by (seed, name)."""
+    A = uniform_on_cpu((r, d_max), stable_seed("randlora", GENERATOR_VERSION, seed, "A"))
+    B = uniform_on_cpu((D_max, n_max, r), stable_seed("randlora", GENERATOR_VERSION, seed, "B"))
+    return A / A.std(), B / B.std()
+
+
+class RandLoraLayer(DeltaLayer):
+    adapter_layer_names = ("slimrandlora_lambda", "slimrandlora_gamma", "slimrandlora_magnitude")
+    other_param_names = ("slimrandlora_bases", "slimrandlora_dropout", "r", "scaling", "forward_mode",
+                         "use_dora", "dora_eps")
+    magnitude_name = "slimrandlora_magnitude"
+    method_name = "slimrandlora"
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self._init_base(base_layer, **kwargs)
+        self.r: dict[str, int] = {}
+        self.forward_mode: dict[str, str] = {}
+        self.slimrandlora_lambda = nn.ParameterDict({})
+        self.slimrandlora_gamma = nn.ParameterDict({})
+        self.slimrandlora_magnitude = nn.ParameterDict({})
+        self.slimrandlora_dropout = nn.ModuleDict({})
+        self.slimrandlora_bases = None  # the tuner's shared, non-persistent BufferDict
+        self.d_small = min(self.in_features, self.out_features)
+        self.d_large = max(self.in_features, self.out_features)
+
+    def update_layer(self, adapter_name: str, config: RandLoraConfig, key: str, bases=None,
+                     inference_mode: bool = False):
+        r = config.r
+        n = math.ceil(self.d_small / r)
+        self.slimrandlora_bases = bases
+        A, B = bases[f"{adapter_name}_A"], bases[f"{adapter_name}_B"]
+        if A.shape[1] < self.d_small or B.shape[0] < self.d_large or B.shape[1] < n:
+            raise ValueError(
+                f"Invalid shared bases for {key!r}: A {tuple(A.shape)}, B {tuple(B.shape)} are smaller than this "
+                f"layer needs (d={self.d_small}, D={self.d_large}, n={n}); the tuner sizes them over all targets."
+            )
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.randlora_alpha / r
+        self.forward_mode[adapter_name] = config.forward_mode
+        p = config.randlora_dropout
+        self.slimrandlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        lam = torch.zeros(r, n) if config.init_weights else torch.randn(r, n, generator=torch.Generator().manual_seed(
+            config.seed + 1)) * 0.1
+        self.slimrandlora_lambda[adapter_name] = nn.Parameter(lam)
+        self.slimrandlora_gamma[adapter_name] = nn.Parameter(torch.full((n, self.d_small), 1.0 / self.d_large))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._init_dora(adapter_name, config.use_dora, config.dora_eps)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def dropout_for(self, adapter: str) -> nn.Module:
+        return self.slimrandlora_dropout[adapter]
+
+    def _factors(self, adapter: str):
+        """(A_f (n*r, d), B_f (D, n*r)) for this layer, in the adapter's dtype and device."""
+        lam, gam = self.slimrandlora_lambda[adapter], self.slimrandlora_gamma[adapter]
+        n, r = lam.shape[1], lam.shape[0]
+        A = self.slimrandlora_bases[f"{adapter}_A"][:, : self.d_small].to(lam.device, lam.dtype)
+        B = self.slimrandlora_bases[f"{adapter}_B"][: self.d_large, :n, :].to(lam.device, lam.dtype)
+        return scaled_bases(A, lam, gam), B.reshape(self.d_large, n * r)
+
+    def _delta(self, adapter: str) -> torch.Tensor:
+        """Differentiable dW in (out, in) orientation."""
+        return self._delta_from(adapter, self.slimrandlora_lambda[adapter], self.slimrandlora_gamma[adapter])
+
+    def _delta_from(self, adapter: str, lam: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
+        n, r = lam.shape[1], lam.shape[0]
+        A = self.slimrandlora_bases[f"{adapter}_A"][:, : self.d_small].to(lam.device, lam.dtype)
+        B = self.slimrandlora_bases[f"{adapter}_B"][: self.d_large, :n, :].to(lam.device, lam.dtype)
+        delta = randlora_delta(A, B, lam, gam, self.scaling[adapter])
+        return delta if self.in_features == self.d_small else delta.T
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        with torch.no_grad():
+            return self._delta(adapter).float()
+
+    def _use_dense(self, adapter: str, x: torch.Tensor, fused: bool) -> bool:
+        """Pick the cheaper path in flops for this call (``forward_mode="auto"``).
+
+        With T tokens, R = n*r, I = in, O = out, counting only what differs between the paths:
+        factored  fwd+bwd ~ 2.5 T R (I + O)   (three skinny matmuls over R in backward, two in forward)
+        fused     fwd+bwd ~ 3 R I O + T I O   (dW built in forward, rebuilt in backward, backprop to the
+                                               factors; plus the grad of dW itself)
+        dense     fwd+bwd ~ 2 R I O + 3 T I O (unfused: x dW^T is an extra matmul with its own backward)
+        Without autograd (inference) only the forward terms count: T R (I + O) vs R I O (+ T I O unfused).
+        """
+        mode = self.forward_mode[adapter]
+        if mode != "auto":
+            return mode == "dense"
+        T = x.numel() // self.in_features
+        R = self.slimrandlora_lambda[adapter].numel()
+        I, O = self.in_features, self.out_features
+        training = torch.is_grad_enabled() and self.slimrandlora_lambda[adapter].requires_grad
+        if training:
+            factored = 2.5 * T * R * (I + O)
+            dense = 3 * R * I * O + T * I * O if fused else 2 * R * I * O + 3 * T * I * O
+        else:
+            factored = T * R * (I + O)
+            dense = R * I * O + (0 if fused else T * I * O)
+        return dense < factored
+
+    def adapter_output(self, adapter: str, x: torch.Tensor, want_delta: bool):
+        if want_delta or self._use_dense(adapter, x, fused=False):
+            delta = self._delta(adapter)
+            return F.linear(x, delta), (delta.detach() if want_delta else None)
+        A_f, B_f = self._factors(adapter)
+        s = self.scaling[adapter]
+        if self.in_features == self.d_small:
+            return F.linear(F.linear(x, A_f), B_f) * s, None
+        return F.linear(F.linear(x, B_f.T), A_f.T) * s, None
+
+    def _forward_active(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [a for a in self.active_adapters if a in self.scaling]
+        if len(active) == 1 and not args and not kwargs:
+            adapter = active[0]
+            base = self.get_base_layer()
+            fusable = (
+                self.kind != "bnb8bit"
+                and not self.use_dora[adapter]
+                and base.weight.dtype == x.dtype == self.adapter_dtype(adapter)
+                and (isinstance(self.dropout_for(adapter), nn.Identity) or not self.training)
+            )
+            if fusable and self._use_dense(adapter, x, fused=True):
+                # one matmul for base + adapter: x (W + dW)^T + b
+                return FusedDeltaLinear.apply(
+                    x, self.dense_base_weight(), base.bias, lambda lam, gam: self._delta_from(adapter, lam, gam),
+                    self.slimrandlora_lambda[adapter], self.slimrandlora_gamma[adapter])
+        return super()._forward_active(x, *args, **kwargs)
+
+
+class Linear(nn.Module, RandLoraLayer):
+    """RandLoRA around an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes ``Linear8bitLt``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RandLoraConfig, key: str, bases=None,
+                 **kwargs):
+        super().__init__()
+        RandLoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, key, bases=bases)
+
+    forward = RandLoraLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly
+    __repr__ = RandLoraLayer.__repr__

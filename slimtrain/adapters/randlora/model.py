@@ -1,0 +1,58 @@
+"""RandLoRA tuner: builds the shared bases once per adapter (from the seed, never saved) and wraps the
+targeted layers."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .._common import BaseTunerLayer, SlimTuner, base_layer_kind, in_out_features
+from ..registry import peft_api
+from .config import RandLoraConfig
+from .layer import Linear, RandLoraLayer, make_bases
+
+
+class RandLoraModel(SlimTuner):
+    """Creates a RandLoRA model (use ``peft.get_peft_model(model, slimtrain.adapters.RandLoraConfig(...))``).
+
+    The shared bases live in ``self.slimrandlora_bases``, a non-persistent ``BufferDict`` (keys
+    ``"<adapter>_A"``, ``"<adapter>_B"``), sized to the largest targeted layer and sliced per layer; they never
+    reach ``state_dict`` or the saved adapter, and are regenerated from ``config.seed`` on load.
+    """
+
+    prefix: str = "slimrandlora_"
+    tuner_layer_cls = RandLoraLayer
+    layer_cls = Linear
+
+    def _pre_injection_hook(self, model: nn.Module, config: RandLoraConfig, adapter_name: str) -> None:
+        self._ensure_bases(model, config, adapter_name)
+
+    def _ensure_bases(self, model: nn.Module, config: RandLoraConfig, adapter_name: str) -> None:
+        """Build ``adapter_name``'s bases once (PEFT runs the pre-injection hook only for the first adapter,
+        not for ``add_adapter``, so layer creation calls this too)."""
+        bases = getattr(self, "slimrandlora_bases", None)
+        if bases is not None and f"{adapter_name}_A" in bases:
+            return
+        model_config = self.get_model_config(model)
+        config = self._prepare_adapter_config(config, model_config)
+        d_max = D_max = 0
+        for key, module in model.named_modules():
+            if not self._check_target_module_exists(config, key):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            kind = base_layer_kind(base, "slimrandlora")  # unsupported targets fail here, clearly
+            fin, fout = in_out_features(base, kind)
+            d_max, D_max = max(d_max, min(fin, fout)), max(D_max, max(fin, fout))
+        if d_max == 0:
+            return  # no target: PEFT raises its own "target modules not found" error next
+        if not hasattr(self, "slimrandlora_bases") or self.slimrandlora_bases is None:
+            self.slimrandlora_bases = peft_api.BufferDict({}, persistent=False)
+        A, B = make_bases(config.seed, config.r, d_max, D_max, math.ceil(d_max / config.r))
+        device = next((p.device for p in model.parameters()), None)
+        self.slimrandlora_bases[f"{adapter_name}_A"] = A.to(device)
+        self.slimrandlora_bases[f"{adapter_name}_B"] = B.to(device)
+
+    def _layer_extras(self, config, adapter_name: str) -> dict:
+        self._ensure_bases(self.model, config, adapter_name)
+        return {"bases": self.slimrandlora_bases}

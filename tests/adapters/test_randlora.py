@@ -1,0 +1,175 @@
+"""slimtrain RandLoRA: same math as peft's RandLora (checked on its own bases), full rank, bases never saved
+and regenerated from the seed, every forward path agrees with every other."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft import RandLoraConfig as PeftRandLoraConfig
+from safetensors import safe_open
+from torch import nn
+
+from slimtrain.adapters import RandLoraConfig
+from slimtrain.adapters.randlora import randlora_delta, scaled_bases
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.lin1, self.lin2 = nn.Linear(20, 48), nn.Linear(48, 36), nn.Linear(36, 12)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+TARGETS = ["lin0", "lin1", "lin2"]
+
+
+def randomize(pm, prefix, seed=0, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if prefix in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_delta_matches_peft_randlora_on_peft_bases():
+    """Feed PEFT's own bases, lambda and gamma into our free function; PEFT pairs B's flattened column
+    j*r+k with lambda[k', j'] where k'*n+j' = j*r+k, i.e. a fixed relabeling of i.i.d. columns. Undo it."""
+    ref = get_peft_model(MLP(), PeftRandLoraConfig(target_modules=TARGETS, r=8, randlora_alpha=16))
+    randomize(ref, "randlora_")
+    for name in TARGETS:
+        layer = getattr(ref.base_model.model, name)
+        lam, gam = layer.randlora_lambda["default"], layer.randlora_gamma["default"]
+        r, n = lam.shape
+        d, D = min(layer.in_features, layer.out_features), max(layer.in_features, layer.out_features)
+        A = layer.randlora_A["default"][:, 0, :d].float()  # PEFT: (r, 1, d_min) shared
+        B_flat = layer.randlora_B["default"][:D, :n, :].float().reshape(D, n * r)
+        B = B_flat.reshape(D, r, n).transpose(1, 2)  # ours: B[:, j, k] = PEFT's column k*n + j
+        ours = randlora_delta(A.double(), B.double(), lam.double(), gam.double(), 16 / 8)
+        if layer.in_features > layer.out_features:
+            ours = ours.T
+        torch.testing.assert_close(ours, layer.get_delta_weight("default").double(), rtol=1e-5, atol=1e-6)
+
+
+def test_delta_matches_paper_sum_in_float64():
+    r, n, d, D = 3, 4, 10, 14
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(r, d, generator=g, dtype=torch.float64), torch.randn(D, n, r, generator=g, dtype=torch.float64)
+    lam, gam = torch.randn(r, n, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    ref = sum(B[:, j, :] @ torch.diag(lam[:, j]) @ A @ torch.diag(gam[j]) for j in range(n))
+    torch.testing.assert_close(randlora_delta(A, B, lam, gam, 1.0), ref)
+
+
+def test_scaled_bases_backward_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    lam = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    gam = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda l, m: scaled_bases(A, l, m), (lam, gam))
+
+
+def test_update_is_full_rank():
+    pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False))
+    randomize(pm, "slimrandlora_")
+    for name in TARGETS:
+        layer = getattr(pm.base_model.model, name)
+        delta = layer.delta_weight("default").double()
+        assert torch.linalg.matrix_rank(delta) == min(layer.in_features, layer.out_features)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_forward_paths_agree(dropout):
+    """factored (PEFT's), dense (build dW once) and fused (x (W + dW)^T) give the same outputs and grads."""
+    outs, grads = {}, {}
+    x = torch.randn(6, 20)
+    for mode in ("factored", "dense", "auto"):
+        pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, randlora_alpha=8,
+                                                  randlora_dropout=dropout, forward_mode=mode))
+        randomize(pm, "slimrandlora_", std=0.1)
+        pm.eval()
+        y = pm(x)
+        y.pow(2).sum().backward()
+        outs[mode] = y.detach()
+        grads[mode] = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    # fp32, summation order differs between paths: relative to each tensor's scale
+    def close(a, b):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+    for mode in ("dense", "auto"):
+        close(outs[mode], outs["factored"])
+        for n, g in grads[mode].items():
+            close(g, grads["factored"][n])
+
+
+def test_auto_mode_switches_on_token_count():
+    """48 -> 36 layer, R = n*r = 40. Inference: factored T*40*84 vs fused 40*48*36 (T > 20.6) or unfused
+    + T*48*36 (T > 42). Training: factored 2.5*T*40*84 vs fused 3*40*48*36 + T*48*36 (T > 31.3)."""
+    pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8))
+    layer = pm.base_model.model.lin1
+    with torch.no_grad():
+        assert not layer._use_dense("default", torch.zeros(30, 48), fused=False)
+        assert layer._use_dense("default", torch.zeros(50, 48), fused=False)
+        assert not layer._use_dense("default", torch.zeros(16, 48), fused=True)
+        assert layer._use_dense("default", torch.zeros(2, 15, 48), fused=True)
+    assert not layer._use_dense("default", torch.zeros(30, 48), fused=True)
+    assert layer._use_dense("default", torch.zeros(33, 48), fused=True)
+
+
+def test_bases_are_not_saved_and_regenerate(tmp_path):
+    ours = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, seed=3))
+    randomize(ours, "slimrandlora_")
+    assert not any("slimrandlora_bases" in k for k in ours.state_dict())
+    x = torch.randn(3, 20)
+    y = ours(x)
+    ours.save_pretrained(tmp_path / "ours")
+    peft_rl = get_peft_model(MLP(), PeftRandLoraConfig(target_modules=TARGETS, r=8))
+    peft_rl.save_pretrained(tmp_path / "peft")
+
+    def numel(path):
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+            return {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    saved = numel(tmp_path / "ours")
+    assert all(("lambda" in k) or ("gamma" in k) for k in saved)
+    assert sum(saved.values()) == ours.get_nb_trainable_parameters()[0]
+    peft_saved = numel(tmp_path / "peft")
+    assert sum(v for k, v in peft_saved.items() if "randlora_A" in k or "randlora_B" in k) > 0  # PEFT 0.21.2
+    assert sum(peft_saved.values()) > 2 * sum(saved.values())
+    reloaded = PeftModel.from_pretrained(MLP(), tmp_path / "ours")
+    torch.testing.assert_close(reloaded(x), y, rtol=0, atol=0)
+
+
+def test_global_rng_untouched_and_bases_deterministic():
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    a = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False))
+    torch.set_rng_state(state)
+    b = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False))
+    for key in ("default_A", "default_B"):
+        assert torch.equal(a.base_model.slimrandlora_bases[key], b.base_model.slimrandlora_bases[key])
+    state = torch.get_rng_state()
+    a(torch.ones(2, 20)).sum().backward()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_refuses_bnb_4bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = MLP()
+    model.lin0 = bnb.nn.Linear4bit(20, 48)
+    with pytest.raises(TypeError, match="slimrandlora does not support bitsandbytes 4-bit"):
+        get_peft_model(model, RandLoraConfig(target_modules=["lin0"]))
+
+
+def test_fused_path_runs_one_matmul(monkeypatch):
+    """In the fused case the base layer itself is not called: base and adapter share one F.linear."""
+    pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, forward_mode="dense"))
+    calls = []
+    layer = pm.base_model.model.lin1
+    monkeypatch.setattr(layer.base_layer, "forward", lambda *a, **k: calls.append(1) or torch.zeros(1))
+    layer(torch.randn(4, 48))
+    assert calls == []

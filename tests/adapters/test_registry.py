@@ -1,0 +1,128 @@
+"""Registration into PEFT: the version pin, the PeftType extension, idempotence, and canaries that fail
+loudly when the PEFT internals slimtrain.adapters.registry relies on move."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import peft
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils.peft_types import PeftType
+
+import slimtrain.adapters as adapters
+from slimtrain.adapters import registry
+
+OURS = {
+    "NOLA": (adapters.NolaConfig, adapters.NolaModel, "nola_"),
+    "SLIMRANDLORA": (adapters.RandLoraConfig, adapters.RandLoraModel, "slimrandlora_"),
+    "DORA": (adapters.DoraConfig, adapters.DoraModel, "dora_"),
+}
+
+
+def test_installed_peft_is_in_supported_range():
+    registry.check_peft_version()  # would have raised at import time already
+    assert registry.SUPPORTED_PEFT_SPEC == "peft>=0.18,<0.22"
+
+
+@pytest.mark.parametrize("version", ["0.17.1", "0.22.0", "1.0.0", "0.15.0"])
+def test_unsupported_peft_versions_raise(version):
+    with pytest.raises(ImportError, match=r"supports peft>=0\.18,<0\.22, found peft==" + version.replace(".", r"\.")):
+        registry.check_peft_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.18.0", "0.20.1", "0.21.2", "0.21.3.dev0"])
+def test_supported_peft_versions_pass(version):
+    registry.check_peft_version(version)
+
+
+@pytest.mark.parametrize("value", sorted(OURS))
+def test_methods_are_registered(value):
+    config_cls, model_cls, prefix = OURS[value]
+    member = PeftType(value)
+    assert member is PeftType[value] is getattr(PeftType, value)
+    assert member in list(PeftType) and member == value and isinstance(member, str)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is config_cls
+    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is model_cls
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == prefix == model_cls.prefix
+    assert config_cls(target_modules=["x"]).peft_type == member
+    assert registry.is_registered(value.lower())
+
+
+def test_register_method_is_idempotent():
+    n_members = len(PeftType._member_names_)
+    registry.register_method("nola", adapters.NolaConfig, adapters.NolaModel, prefix="nola_")
+    assert len(PeftType._member_names_) == n_members
+
+
+def test_register_method_rejects_conflicts():
+    with pytest.raises(ValueError, match=r"Invalid method name: 'nola' is already registered"):
+        registry.register_method("nola", adapters.DoraConfig, adapters.NolaModel, prefix="nola_")
+    with pytest.raises(ValueError, match=r"Invalid prefix: 'x_'"):
+        registry.register_method("brandnew", adapters.NolaConfig, adapters.NolaModel, prefix="x_")
+    with pytest.raises(ValueError, match=r"Invalid method name: 'NoLa'"):
+        registry.register_method("NoLa", adapters.NolaConfig, adapters.NolaModel, prefix="nola_")
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = adapters.NolaConfig(target_modules=["lin0"], seed=5)
+    cfg.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "NOLA" and raw["seed"] == 5
+    loaded = peft.PeftConfig.from_pretrained(tmp_path)
+    assert type(loaded) is adapters.NolaConfig and loaded.seed == 5
+
+
+def test_registration_on_import_and_stable_seeds_in_a_fresh_process():
+    """A new interpreter registers on import, and derives the same basis seeds although its str hashes are
+    salted differently (PYTHONHASHSEED fixed there, random here): seeds come from hashlib, not hash()."""
+    from slimtrain.adapters._common import stable_seed
+
+    code = ("import slimtrain.adapters; from peft.utils.peft_types import PeftType; "
+            "from slimtrain.adapters._common import stable_seed; "
+            "print(PeftType('NOLA').value, stable_seed('nola', 0, 'lin0', 'A'))")
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["NOLA", str(stable_seed("nola", 0, "lin0", "A"))]
+
+
+# ---------------------------------------------------------------------------- canaries on PEFT internals
+def test_canary_peft_type_enum_internals():
+    for attr in ("_member_map_", "_value2member_map_", "_member_names_"):
+        assert hasattr(PeftType, attr), f"PeftType lost {attr}: registry._add_peft_type_member must change"
+
+
+def test_canary_register_peft_method_signature():
+    from peft.utils.peft_types import register_peft_method
+
+    params = inspect.signature(register_peft_method).parameters
+    assert {"name", "config_cls", "model_cls", "prefix"} <= set(params), params
+
+
+def test_canary_base_tuner_contract():
+    api = registry.peft_api
+    assert api.BaseTuner.__abstractmethods__ == frozenset({"_create_and_replace"})
+    for hook in ("_pre_injection_hook", "_check_target_module_exists", "_prepare_adapter_config",
+                 "_replace_module", "_get_adapter_state_dict", "merge_and_unload"):
+        assert hasattr(api.BaseTuner, hook), hook
+    for attr in ("adapter_layer_names", "other_param_names", "merged_adapters", "set_adapter",
+                 "get_base_layer", "_disable_adapters", "active_adapters"):
+        assert hasattr(api.BaseTunerLayer, attr), attr
+    assert api.resolve_quantization_backend is not None  # bnb 8-bit support needs peft >= 0.20
+
+
+def test_canary_unknown_name_still_needs_the_enum():
+    """register_peft_method must still refuse names missing from PeftType; if PEFT relaxes this, the enum
+    extension in registry.py becomes unnecessary (and should be removed)."""
+    from peft.utils.peft_types import register_peft_method
+
+    with pytest.raises(ValueError, match="Unknown PEFT type"):
+        register_peft_method(name="definitely_not_a_method", config_cls=object, model_cls=object)
