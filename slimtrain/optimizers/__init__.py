@@ -9,18 +9,20 @@
 =================  ===========================================================================
 
 All share :class:`~slimtrain.optimizers.base.LowRankAdamW`'s options and accept any projector from
-:mod:`slimtrain.optimizers.projectors`. Build groups with :func:`low_rank_param_groups`.
+:mod:`slimtrain.optimizers.projectors`. Build groups with :func:`low_rank_param_groups`. Each has an
+``...8bit`` twin (``GaLoreAdamW8bit``, ...) keeping its moments in 8 bits (``state_bits=8``; see
+:mod:`slimtrain.optimizers.quantized`).
 """
 
 from .base import LowRankAdamW
-from .dct import DCTAdamW
-from .fira import FiraAdamW
-from .frugal import FrugalAdamW
-from .galore import GaLoreAdamW
+from .dct import DCTAdamW, DCTAdamW8bit
+from .fira import FiraAdamW, FiraAdamW8bit
+from .frugal import FrugalAdamW, FrugalAdamW8bit
+from .galore import GaLoreAdamW, GaLoreAdamW8bit
 from .groups import low_rank_param_groups
 from .layerwise import LayerwiseStepper
 from .projectors import PROJECTORS, make_projector
-from .sst import SSTAdamW
+from .sst import SSTAdamW, SSTAdamW8bit
 
 OPTIMIZERS = {
     "galore": GaLoreAdamW,
@@ -28,18 +30,28 @@ OPTIMIZERS = {
     "frugal": FrugalAdamW,
     "dct": DCTAdamW,
     "sst": SSTAdamW,
+    "galore8bit": GaLoreAdamW8bit,
+    "fira8bit": FiraAdamW8bit,
+    "frugal8bit": FrugalAdamW8bit,
+    "dct8bit": DCTAdamW8bit,
+    "sst8bit": SSTAdamW8bit,
 }
 
 __all__ = [
     "OPTIMIZERS",
     "PROJECTORS",
     "DCTAdamW",
+    "DCTAdamW8bit",
     "FiraAdamW",
+    "FiraAdamW8bit",
     "FrugalAdamW",
+    "FrugalAdamW8bit",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "LayerwiseStepper",
     "LowRankAdamW",
     "SSTAdamW",
+    "SSTAdamW8bit",
     "low_rank_param_groups",
     "make_projector",
 ]

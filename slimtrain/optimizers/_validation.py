@@ -54,6 +54,17 @@ def check_int(name: str, value, *, minimum: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
 
 
+def check_int_choice(name: str, value, allowed: Iterable[int]) -> None:
+    allowed = tuple(allowed)
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(str, allowed))})")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
 def check_choice(name: str, value, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
+from . import quantized as Q
 from .functional import adam_direction_, adam_step_size, rotate_moments_
 from .projectors import PROJECTORS, Projector, make_projector
 
@@ -22,7 +23,7 @@ logger = logging.getLogger("slimtrain.optimizers")
 # Integer bookkeeping scalars stay on the CPU so reading them never synchronizes a GPU.
 _CPU_COUNTERS = (
     "step", "iters", "proj_refreshes", "proj_seed", "proj_rank", "refresh_offset",
-    "vec_step", "sst_draws", "sst_seed",
+    "vec_step", "sst_draws", "sst_seed", "sr_seed", "sr_step",
 )
 
 
@@ -76,6 +77,13 @@ class LowRankAdamW(torch.optim.Optimizer):
         nonfinite: ``"skip"`` (default): a step whose gradients hold NaN or inf changes no weight and
             no state, and is counted in :attr:`skipped_steps`; ``"raise"``: raise ``FloatingPointError``.
         seed: base seed for projectors that draw random numbers (each matrix derives its own).
+        state_bits: 32 (default) or 8: keep Adam's moments in 8 bits, blockwise-quantized as in
+            bitsandbytes (see :mod:`~slimtrain.optimizers.quantized` and ``docs/low_bit.md``).
+        min_8bit_size: moments with fewer elements stay fp32 (default 4096, bitsandbytes' value).
+        block_size: elements per 8-bit quantization block, one fp32 absmax each (default 256).
+        bf16_stochastic_round: round bf16 parameters' updates stochastically (unbiased) instead of to
+            nearest, so updates below bf16's spacing still move the weights in expectation (default
+            False; no effect on fp32 or fp16 parameters).
     """
 
     #: Subclasses set their method's defaults for these.
@@ -100,6 +108,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         decay_after_update: bool = False,
         nonfinite: str = "skip",
         seed: int = 0,
+        state_bits: int = 32,
+        min_8bit_size: int = 4096,
+        block_size: int = 256,
+        bf16_stochastic_round: bool = False,
         **extra_defaults,
     ):
         V.check_choice("nonfinite", nonfinite, V.NONFINITE_POLICIES)
@@ -119,6 +131,10 @@ class LowRankAdamW(torch.optim.Optimizer):
             moments=self.default_moments if moments is None else moments,
             stagger=stagger,
             decay_after_update=decay_after_update,
+            state_bits=state_bits,
+            min_8bit_size=min_8bit_size,
+            block_size=block_size,
+            bf16_stochastic_round=bf16_stochastic_round,
             **extra_defaults,
         )
         if rank is not None:
@@ -148,6 +164,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         V.check_nonneg("eps", group["eps"])
         V.check_nonneg("weight_decay", group["weight_decay"])
         V.check_choice("moments", group["moments"], V.MOMENT_POLICIES)
+        V.check_int_choice("state_bits", group["state_bits"], Q.STATE_BITS)
+        V.check_int("min_8bit_size", group["min_8bit_size"], minimum=0)
+        V.check_int_choice("block_size", group["block_size"], Q.BLOCK_SIZES)
+        V.check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
+        if group["state_bits"] == 8:
+            Q.require_bitsandbytes()
         if group["projector"] not in self._projectors:
             if group["projector"] not in PROJECTORS:
                 V.check_choice("projector", group["projector"], PROJECTORS)
@@ -307,11 +329,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         direction and its step size. Creates the state on first use."""
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            Q.init_moments(state, group, ("exp_avg", "exp_avg_sq"), grad.shape, grad.device)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        direction = adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
+        with Q.fp32_moments(state, group, "exp_avg", "exp_avg_sq") as (exp_avg, exp_avg_sq):
+            direction = adam_direction_(grad, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
         return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
 
     def _init_projected(self, grad: Tensor, group: dict, state: dict, index: int, low_shape: tuple[int, int]) -> None:
@@ -324,8 +346,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             offset = (index * group["update_proj_gap"]) // max(self._num_params(), 1)
         state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
         projector.init_state(state, seed=self.seed * 1_000_003 + index)
-        state["exp_avg"] = torch.zeros(low_shape, device=grad.device)
-        state["exp_avg_sq"] = torch.zeros(low_shape, device=grad.device)
+        Q.init_moments(state, group, ("exp_avg", "exp_avg_sq"), low_shape, grad.device)
 
     def _num_params(self) -> int:
         return sum(len(g["params"]) for g in self.param_groups)
@@ -348,11 +369,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         if first:
             return
         if policy == "reset":
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
+            Q.zero_moments_(state, ("exp_avg", "exp_avg_sq"))
             state["step"].zero_()
         elif policy == "rotate":
-            rotate_moments_(state["exp_avg"], state["exp_avg_sq"], old_basis, projector.basis(state, n, grad_t.device))
+            with Q.fp32_moments(state, group, "exp_avg", "exp_avg_sq") as (exp_avg, exp_avg_sq):
+                rotate_moments_(exp_avg, exp_avg_sq, old_basis, projector.basis(state, n, grad_t.device))
 
     def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
         update = self._projected_update(p.grad.reshape(matrix_shape(p)), group, state, index)
@@ -374,7 +395,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         state["iters"] += 1
-        direction = adam_direction_(low, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
+        with Q.fp32_moments(state, group, "exp_avg", "exp_avg_sq") as (exp_avg, exp_avg_sq):
+            direction = adam_direction_(low, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
         step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
         n = grad_t.shape[1]
         update = projector.project_back(direction, state, n).mul_(group["scale"] * step_size)
@@ -401,9 +423,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         multiplied by its step size), or ``None`` (GaLore: discarded)."""
         return None
 
-    @staticmethod
-    def _apply(p: Tensor, group: dict, update: Tensor, step_size: float) -> None:
-        """``p <- p - step_size * update`` with decoupled weight decay, computed in fp32."""
+    def _apply(self, p: Tensor, group: dict, update: Tensor, step_size: float) -> None:
+        """``p <- p - step_size * update`` with decoupled weight decay, computed in fp32 (and rounded
+        stochastically to a bf16 ``p`` when the group's ``bf16_stochastic_round`` is on)."""
         decay = 1.0 - group["lr"] * group["weight_decay"]
         target = p if p.dtype == torch.float32 else p.float()
         if group["weight_decay"] and not group["decay_after_update"]:
@@ -411,5 +433,15 @@ class LowRankAdamW(torch.optim.Optimizer):
         target.add_(update, alpha=-step_size)
         if group["weight_decay"] and group["decay_after_update"]:
             target.mul_(decay)
-        if target is not p:
+        if target is not p and p.dtype == torch.bfloat16 and group["bf16_stochastic_round"]:
+            if p not in self.state:
+                raise RuntimeError(
+                    "bf16_stochastic_round needs the parameter's own state (its rounding seed and counter), but "
+                    f"this tensor of shape {tuple(p.shape)} is not a parameter of the optimizer (a ZeRO shard?): "
+                    "turn bf16_stochastic_round off or keep fp32 master weights"
+                )
+            state = self.state[p]
+            seed = None if "sr_seed" in state else self.seed * 1_000_003 + self._param_index(p)
+            p.copy_(Q.bf16_stochastic_round(target, Q.rounding_generator(state, seed, p.device)))
+        elif target is not p:
             p.copy_(target)

@@ -4,6 +4,7 @@ basis whose columns are picked by their alignment with the gradient."""
 from __future__ import annotations
 
 from .base import LowRankAdamW
+from .quantized import EightBitStates
 
 
 class DCTAdamW(LowRankAdamW):
@@ -22,3 +23,12 @@ class DCTAdamW(LowRankAdamW):
 
     default_projector = "dct"
     default_moments = "rotate"
+
+
+class DCTAdamW8bit(EightBitStates, DCTAdamW):
+    """:class:`DCTAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+
+    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
+    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
+    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
+    """

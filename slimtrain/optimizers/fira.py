@@ -8,6 +8,7 @@ from . import _validation as V
 from .base import LowRankAdamW
 from .functional import fira_residual
 from .projectors import Projector
+from .quantized import EightBitStates
 
 RESIDUAL_MODES = ("orthogonal", "fira_code")
 
@@ -55,3 +56,12 @@ class FiraAdamW(LowRankAdamW):
         scaled, norm = fira_residual(grad_t, low, direction, back_low, state.get("residual_norm"), group["gamma"])
         state["residual_norm"] = norm
         return scaled.mul_(step_size)
+
+
+class FiraAdamW8bit(EightBitStates, FiraAdamW):
+    """:class:`FiraAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+
+    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
+    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
+    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
+    """

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
+from . import quantized as Q
 from .base import LowRankAdamW, matrix_shape, projects_left
 from .functional import adam_direction_, adam_step_size, state_free_residual
 from .projectors import Projector
@@ -162,12 +163,14 @@ class FrugalAdamW(LowRankAdamW):
             active = set(self.active_blocks(self._block_iters // gap))
             for i, p in enumerate(self._block_members()):
                 state = self.state[p]
+                # Stochastic rounding's stream outlives the window, so it never repeats.
+                rounding = {k: state[k] for k in ("sr_seed", "sr_step") if k in state}
                 state.clear()  # moments reset at every refresh; inactive matrices hold nothing
+                state.update(rounding)
                 state["active"] = torch.tensor(i in active)
                 if i in active:
                     state["step"] = torch.zeros((), dtype=torch.int64)
-                    state["exp_avg"] = torch.zeros(p.shape, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(p.shape, device=p.device)
+                    Q.init_moments(state, self._group_of(p), ("exp_avg", "exp_avg_sq"), p.shape, p.device)
         self._block_iters += 1
 
     def _step_block(self, p: Tensor, group: dict, state: dict) -> None:
@@ -175,10 +178,20 @@ class FrugalAdamW(LowRankAdamW):
             grad = p.grad.float()
             beta1, beta2 = group["betas"]
             state["step"] += 1
-            direction = adam_direction_(grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
+            with Q.fp32_moments(state, group, "exp_avg", "exp_avg_sq") as (exp_avg, exp_avg_sq):
+                direction = adam_direction_(grad, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
             step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"]
             self._apply(p, group, direction, step_size)
             return
         update = state_free_residual(p.grad.float(), torch.zeros((), device=p.device), group["inactive_update_rule"])
         if update is not None:
             self._apply(p, group, update, group["lr"] * group["inactive_lr_scale"])
+
+
+class FrugalAdamW8bit(Q.EightBitStates, FrugalAdamW):
+    """:class:`FrugalAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+
+    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
+    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
+    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
+    """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import LowRankAdamW
+from .quantized import EightBitStates
 
 
 class GaLoreAdamW(LowRankAdamW):
@@ -32,3 +33,12 @@ class GaLoreAdamW(LowRankAdamW):
 
     default_projector = "svd"
     default_moments = "keep"
+
+
+class GaLoreAdamW8bit(EightBitStates, GaLoreAdamW):
+    """:class:`GaLoreAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+
+    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
+    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
+    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
+    """

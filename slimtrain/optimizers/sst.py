@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
+from . import quantized as Q
 from .base import LowRankAdamW, matrix_shape
 from .functional import adam_direction_, adam_step_size, sst_factor_grads
 
@@ -62,13 +63,12 @@ class SSTAdamW(LowRankAdamW):
         V.check_unit_interval("uniform_mix", uniform_mix)
         super().__init__(params, lr, *args, iterations_per_round=iterations_per_round, uniform_mix=uniform_mix, **kwargs)
 
-    def _decompose(self, p: Tensor, state: dict) -> None:
+    def _decompose(self, p: Tensor, group: dict, state: dict) -> None:
         w = p.detach().reshape(matrix_shape(p)).float()
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         state["sst_u"], state["sst_s"], state["sst_v"] = u.contiguous(), s, vh.T.contiguous()
         d = s.numel()
-        state["exp_avg_s"] = torch.zeros(d, device=p.device)
-        state["exp_avg_sq_s"] = torch.zeros(d, device=p.device)
+        Q.init_moments(state, group, ("exp_avg_s", "exp_avg_sq_s"), (d,), p.device)
         state["step"] = torch.zeros((), dtype=torch.int64)
 
     def _resample(self, group: dict, state: dict) -> None:
@@ -86,8 +86,7 @@ class SSTAdamW(LowRankAdamW):
         state["sst_draws"].fill_(k + 1)
         m, n = state["sst_u"].shape[0], state["sst_v"].shape[0]
         for key, rows in (("u", m), ("v", n)):
-            state[f"exp_avg_{key}"] = torch.zeros(rows, rank, device=s.device)
-            state[f"exp_avg_sq_{key}"] = torch.zeros(rows, rank, device=s.device)
+            Q.init_moments(state, group, (f"exp_avg_{key}", f"exp_avg_sq_{key}"), (rows, rank), s.device)
         state["vec_step"] = torch.zeros((), dtype=torch.int64)
 
     def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
@@ -96,13 +95,13 @@ class SSTAdamW(LowRankAdamW):
             state["iters"] = torch.zeros((), dtype=torch.int64)
             state["sst_draws"] = torch.zeros((), dtype=torch.int64)
             state["sst_seed"] = torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64)
-            self._decompose(p, state)
+            self._decompose(p, group, state)
         iters = int(state["iters"])
         if iters % gap == 0:
             d = state["sst_s"].numel()
             per_round = group["iterations_per_round"] or math.ceil(d / group["rank"])
             if iters > 0 and (iters // gap) % per_round == 0:
-                self._decompose(p, state)  # end of round: re-SVD restores orthogonal factors
+                self._decompose(p, group, state)  # end of round: re-SVD restores orthogonal factors
             self._resample(group, state)
         u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
         grad = p.grad.reshape(matrix_shape(p)).float()
@@ -113,15 +112,27 @@ class SSTAdamW(LowRankAdamW):
         state["step"] += 1
         state["vec_step"] += 1
         state["iters"] += 1
-        dir_s = adam_direction_(grad_s, state["exp_avg_s"], state["exp_avg_sq_s"], beta1, beta2, eps)
+        with Q.fp32_moments(state, group, "exp_avg_s", "exp_avg_sq_s") as (exp_avg, exp_avg_sq):
+            dir_s = adam_direction_(grad_s, exp_avg, exp_avg_sq, beta1, beta2, eps)
         if group["weight_decay"]:
             s.mul_(1.0 - lr * group["weight_decay"])
         s.add_(dir_s, alpha=-adam_step_size(lr, beta1, beta2, int(state["step"]))).clamp_(min=0)
 
         vec_size = adam_step_size(lr, beta1, beta2, int(state["vec_step"]))
         for key, factor, g in (("u", u, grad_u), ("v", v, grad_v)):
-            direction = adam_direction_(g, state[f"exp_avg_{key}"], state[f"exp_avg_sq_{key}"], beta1, beta2, eps)
+            with Q.fp32_moments(state, group, f"exp_avg_{key}", f"exp_avg_sq_{key}") as (exp_avg, exp_avg_sq):
+                direction = adam_direction_(g, exp_avg, exp_avg_sq, beta1, beta2, eps)
             cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
             cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
             factor.index_copy_(1, idx, cols)
         p.copy_(((u * s) @ v.T).reshape(p.shape))
+
+
+class SSTAdamW8bit(Q.EightBitStates, SSTAdamW):
+    """:class:`SSTAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+
+    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
+    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
+    of their fp32 bytes. Smaller ones stay fp32. The factors ``U``, ``Σ``, ``V`` stay fp32:
+    they are the weight itself, not a running statistic. See ``docs/low_bit.md``.
+    """

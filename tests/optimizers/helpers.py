@@ -7,10 +7,14 @@ from torch import nn
 
 from slimtrain.optimizers import (
     DCTAdamW,
+    DCTAdamW8bit,
     FiraAdamW,
     FrugalAdamW,
+    FrugalAdamW8bit,
     GaLoreAdamW,
+    GaLoreAdamW8bit,
     SSTAdamW,
+    SSTAdamW8bit,
     low_rank_param_groups,
 )
 
@@ -61,4 +65,12 @@ CONFIGS = [
     ("dct", lambda g: DCTAdamW(g, lr=1e-2, weight_decay=0.1)),
     ("dct-matmul-l2", lambda g: DCTAdamW(g, lr=1e-2, projector="dct", stagger=True)),
     ("sst", lambda g: SSTAdamW(g, lr=1e-2)),
+    # 8-bit rows. The MLP's moments have 8-160 elements, under bitsandbytes' 4096 threshold, so
+    # min_8bit_size=0 makes every moment 8-bit (test_8bit.py asserts the uint8 codes are there);
+    # block_size=64 gives the larger moments several blocks. The galore row also rounds bf16
+    # weights stochastically, so its sr_seed/sr_step go through the resume and dtype tests.
+    ("galore8bit-svd-sr", lambda g: GaLoreAdamW8bit(g, lr=1e-2, min_8bit_size=0, weight_decay=0.01, bf16_stochastic_round=True)),
+    ("dct8bit-rotate", lambda g: DCTAdamW8bit(g, lr=1e-2, min_8bit_size=0, block_size=64)),
+    ("frugal8bit-columns-reset", lambda g: FrugalAdamW8bit(g, lr=1e-2, min_8bit_size=0, projector="columns")),
+    ("sst8bit", lambda g: SSTAdamW8bit(g, lr=1e-2, min_8bit_size=0)),
 ]

@@ -6,7 +6,15 @@ Errors are test data: add a row to ERROR_CASES, and the one generic test runs it
 import pytest
 import torch
 
-from slimtrain.optimizers import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdamW, SSTAdamW, low_rank_param_groups
+from slimtrain.optimizers import (
+    DCTAdamW,
+    FiraAdamW,
+    FrugalAdamW,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    SSTAdamW,
+    low_rank_param_groups,
+)
 
 from .helpers import mlp
 
@@ -48,6 +56,12 @@ ERROR_CASES = [
     ("sst-projector", SSTAdamW, {}, {"projector": "dct"}, ValueError, r"Invalid projector: 'dct' \(SSTAdamW samples"),
     ("sst-round", SSTAdamW, {}, {"iterations_per_round": 0}, ValueError, r"Invalid iterations_per_round: 0"),
     ("seed", GaLoreAdamW, {}, {"seed": -1}, ValueError, r"Invalid seed: -1"),
+    ("state_bits", GaLoreAdamW, {}, {"state_bits": 4}, ValueError, r"Invalid state_bits: 4 \(expected one of 32, 8\)"),
+    ("group-state_bits", FiraAdamW, {"state_bits": 16}, {}, ValueError, r"Invalid state_bits: 16 \(expected one of 32, 8\)"),
+    ("8bit-class-bits", GaLoreAdamW8bit, {}, {"state_bits": 32}, ValueError, r"Invalid state_bits: 32 \(GaLoreAdamW8bit keeps 8-bit states; use GaLoreAdamW"),
+    ("block_size", GaLoreAdamW, {}, {"block_size": 100}, ValueError, r"Invalid block_size: 100 \(expected one of 64, 128, 256"),
+    ("min_8bit_size", DCTAdamW, {}, {"min_8bit_size": -1}, ValueError, r"Invalid min_8bit_size: -1 \(expected an integer >= 0\)"),
+    ("bf16_stochastic_round", GaLoreAdamW, {}, {"bf16_stochastic_round": "yes"}, ValueError, r"Invalid bf16_stochastic_round: 'yes' \(expected True or False\)"),
 ]
 
 

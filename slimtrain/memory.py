@@ -1,0 +1,469 @@
+"""How much memory training takes: weights, gradients and optimizer state, per model component.
+
+    slimtrain memory 7B --optimizer galore --rank 1024 --state-bits 8
+    slimtrain memory path/to/config.json --optimizer adamw
+
+Built the way the GaLore paper's memory tables are (Zhao et al. 2024, Table 2 and Fig. 1): count the
+tensors each part of the model holds and multiply by their element size, no allocator, activations
+or framework overhead. The model is built on the meta device (no memory), so any transformers
+causal-LM config works, and the optimizer state is counted by the same rules the optimizers follow
+when they create it: :func:`estimate_memory` on a model equals ``optimizer.state_bytes()`` after its
+first step, byte for byte (``tests/test_memory.py``).
+
+Built-in shapes are the LLaMA configs of the GaLore paper (vocabulary 32000, untied head):
+60M, 130M, 350M, 1B and 7B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .optimizers import quantized as Q
+from .optimizers.base import matrix_shape, projects_left
+from .optimizers.groups import low_rank_param_groups
+
+# name -> (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers); GaLore's configs/llama_*.json
+LLAMA_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "60M": (512, 1376, 8, 8),
+    "130M": (768, 2048, 12, 12),
+    "350M": (1024, 2736, 16, 24),
+    "1B": (2048, 5461, 32, 24),
+    "7B": (4096, 11008, 32, 32),
+}
+LLAMA_VOCAB = 32000
+# The ranks of the GaLore paper's runs for each size (Table 2; 7B: Table 3).
+PAPER_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}
+
+OPTIMIZERS = ("adamw", "galore", "fira", "frugal", "dct", "sst")
+PROJECTORS = ("svd", "randomized", "dct", "random", "columns")
+DEFAULT_PROJECTOR = {"galore": "svd", "fira": "svd", "frugal": "svd", "dct": "dct", "sst": "svd"}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "other")
+_COUNTER = 8  # every step count, seed and index is an int64 scalar
+# Bookkeeping scalars per projected matrix: step, iters, refresh_offset, proj_refreshes, proj_seed.
+_PROJECTED_COUNTERS = 5
+# SST: iters, sst_draws, sst_seed, step, vec_step.
+_SST_COUNTERS = 5
+
+
+@dataclass
+class Component:
+    """Bytes held for one part of the model. ``state`` splits into what it is made of."""
+
+    name: str
+    params: int = 0
+    weights: int = 0
+    grads: int = 0
+    moments: int = 0  # Adam's exp_avg/exp_avg_sq: fp32 values or uint8 codes
+    absmax: int = 0  # fp32 scale per quantization block of 8-bit moments
+    projector: int = 0  # basis, indices (SST: the singular factors)
+    counters: int = 0  # step counts, seeds, scalars
+
+    @property
+    def state(self) -> int:
+        return self.moments + self.absmax + self.projector + self.counters
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.state
+
+    def add(self, other: Component) -> None:
+        for k in ("params", "weights", "grads", "moments", "absmax", "projector", "counters"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class MemoryEstimate:
+    """The result of :func:`estimate_memory`: one :class:`Component` per model part, and the setting."""
+
+    model: str
+    setting: str
+    components: list[Component]
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> Component:
+        out = Component("total")
+        for c in self.components:
+            out.add(c)
+        return out
+
+    def table(self, unit: float = 1e9, unit_name: str = "GB") -> str:
+        """A plain-text table in ``unit_name`` (default GB = 10^9 bytes), then the assumptions."""
+        cols = ("params", "weights", "grads", "moments", "absmax", "projector", "counters", "state", "total")
+        head = f"{'component':<12}{'params':>10}" + "".join(f"{c:>11}" for c in cols[1:])
+        lines = [f"{self.model}: {self.setting} (bytes in {unit_name})", head, "-" * len(head)]
+        for c in [*self.components, self.total]:
+            if c.name == "total":
+                lines.append("-" * len(head))
+            row = f"{c.name:<12}{_count(c.params):>10}"
+            row += "".join(f"{getattr(c, k) / unit:>11.4f}" for k in cols[1:])
+            lines.append(row)
+        lines.append("")
+        lines.append("Assumptions:")
+        lines += [f"- {a}" for a in self.assumptions]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        keys = ("params", "weights", "grads", "moments", "absmax", "projector", "counters", "state", "total")
+        return {
+            "model": self.model,
+            "setting": self.setting,
+            "components": {c.name: {k: getattr(c, k) for k in keys} for c in [*self.components, self.total]},
+            "assumptions": self.assumptions,
+        }
+
+
+def _count(n: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}"
+    return str(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def llama_config(name: str):
+    """The ``LlamaConfig`` of a built-in size (case-insensitive: ``"7b"`` works)."""
+    from transformers import LlamaConfig
+
+    key = name.upper()
+    if key not in LLAMA_SHAPES:
+        raise ValueError(f"Invalid model: {name!r} (expected one of {', '.join(LLAMA_SHAPES)} or a config.json path)")
+    hidden, intermediate, heads, layers = LLAMA_SHAPES[key]
+    return LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        num_hidden_layers=layers,
+        tie_word_embeddings=False,
+    )
+
+
+def load_config(config_or_name):
+    """A transformers config from a built-in name, a ``config.json`` path (or its folder), or a config."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config_or_name, PretrainedConfig):
+        return config_or_name
+    if not isinstance(config_or_name, str):
+        raise ValueError(f"Invalid model: {config_or_name!r} (expected a size name, a config.json path or a config)")
+    if config_or_name.upper() in LLAMA_SHAPES:
+        return llama_config(config_or_name)
+    path = config_or_name
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"Invalid model: {config_or_name!r} (expected one of {', '.join(LLAMA_SHAPES)} or an existing config.json path)"
+        )
+    with open(path) as f:
+        raw = json.load(f)
+    if "model_type" not in raw:
+        raise ValueError(f"Invalid model: {path} has no 'model_type' (expected a transformers config.json)")
+    raw = dict(raw)
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The causal LM for ``config`` on the meta device: shapes only, no memory, any size."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def component_of(name: str) -> str:
+    """Which table row a parameter belongs to, from its qualified name."""
+    n = name.lower()
+    if "lm_head" in n or n.startswith("output") or ".output." in n:
+        return "head"
+    if "embed" in n or "wte" in n or "wpe" in n:
+        return "embeddings"
+    if "norm" in n or n.endswith("ln_f.weight") or ".ln_" in n:
+        return "norms"
+    if "attn" in n or "attention" in n:
+        return "attention"
+    if "mlp" in n or "feed_forward" in n or "ffn" in n:
+        return "mlp"
+    return "other"
+
+
+# ----------------------------------------------------------------------------------------------
+# What each optimizer holds per parameter (mirrors the optimizers' state creation)
+
+
+def moment_bytes(numel: int, state_bits: int, min_8bit_size: int, block_size: int) -> tuple[int, int]:
+    """(value bytes, absmax bytes) of ONE moment of ``numel`` elements."""
+    if state_bits == 8 and numel >= min_8bit_size:
+        return numel, 4 * Q.num_blocks(numel, block_size)
+    return 4 * numel, 0
+
+
+def _adam(c: Component, numel: int, bits: int, min_8bit_size: int, block_size: int) -> None:
+    values, absmax = moment_bytes(numel, bits, min_8bit_size, block_size)
+    c.moments += 2 * values
+    c.absmax += 2 * absmax
+
+
+def _param_state(p: torch.Tensor, projected: bool, s: dict) -> Component:
+    """The optimizer state one parameter gets, as its optimizer creates it at the first step."""
+    c = Component("")
+    bits, min_size, bs = s["state_bits"], s["min_8bit_size"], s["block_size"]
+    shape = matrix_shape(p)
+    opt = s["optimizer"]
+    if not projected or shape is None or opt == "adamw":
+        c.counters += _COUNTER  # step
+        _adam(c, p.numel(), bits, min_size, bs)
+        return c
+    if opt == "sst":
+        m, n = shape
+        d, r = min(m, n), s["rank"]
+        c.projector += 4 * (m * d + d + n * d) + 8 * r  # U, sigma, V (fp32), sampled indices
+        c.counters += _SST_COUNTERS * _COUNTER
+        _adam(c, d, bits, min_size, bs)  # sigma's moments
+        _adam(c, m * r, bits, min_size, bs)  # sampled columns of U
+        _adam(c, n * r, bits, min_size, bs)  # sampled columns of V
+        return c
+    m, n = (shape[1], shape[0]) if projects_left(shape, s["proj_type"]) else shape
+    r = round(s["density"] * n) if opt == "frugal" and s["density"] is not None else s["rank"]
+    if r == 0:
+        return c  # FRUGAL at density 0: nothing is state-full
+    c.counters += _PROJECTED_COUNTERS * _COUNTER
+    _adam(c, m * r, bits, min_size, bs)
+    projector = s["projector"]
+    if projector in ("svd", "randomized"):
+        c.projector += 4 * r * n  # fp32 basis, r x n
+    elif projector in ("dct", "columns"):
+        c.projector += 8 * r  # int64 indices
+    elif projector == "random":
+        c.counters += _COUNTER  # proj_rank; the basis is regenerated from the seed
+    if opt == "fira":
+        c.counters += 4  # the limiter's previous residual norm (fp32 scalar)
+    return c
+
+
+def _frugal_block_state(members: list[torch.Tensor], s: dict) -> dict[int, Component]:
+    """FRUGAL block mode at its first window: every member holds an ``active`` flag; the active ones
+    (``round(density * K)`` counted from the last matrix, the default ``block_order="descending"``)
+    hold full AdamW state."""
+    k = round(s["density"] * len(members))
+    active = set(range(len(members) - k, len(members)))
+    out = {}
+    for i, p in enumerate(members):
+        c = Component("")
+        c.counters += 1  # bool flag
+        if i in active:
+            c.counters += _COUNTER
+            _adam(c, p.numel(), s["state_bits"], s["min_8bit_size"], s["block_size"])
+        out[id(p)] = c
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate
+
+
+def estimate_memory(
+    config_or_name,
+    optimizer: str = "galore",
+    *,
+    rank: int | None = None,
+    state_bits: int = 32,
+    weight_dtype: str = "bf16",
+    target_modules: str | list[str] = "all-linear",
+    projector: str | None = None,
+    proj_type: str = "std",
+    density: float | None = 0.25,
+    frugal_mode: str = "subspace",
+    min_8bit_size: int = 4096,
+    block_size: int = 256,
+    bf16_stochastic_round: bool = False,
+    layerwise: bool = False,
+    model: torch.nn.Module | None = None,
+) -> MemoryEstimate:
+    """Weights, gradients and optimizer state per component of a causal LM, in bytes.
+
+    Args:
+        config_or_name: ``"60M"``, ``"130M"``, ``"350M"``, ``"1B"``, ``"7B"`` (GaLore's LLaMA shapes), a
+            ``config.json`` path or folder, or a transformers config.
+        optimizer: ``"adamw"`` (slimtrain's AdamW: every parameter dense) or a low-rank method:
+            ``"galore"``, ``"fira"``, ``"frugal"``, ``"dct"``, ``"sst"``; a ``"...8bit"`` name sets
+            ``state_bits=8``.
+        rank: the projection rank (default: the paper's for a built-in size, else 128).
+        state_bits: 32 or 8 (moments of at least ``min_8bit_size`` elements in 8 bits).
+        weight_dtype: ``"bf16"`` (default, as the paper), ``"fp16"`` or ``"fp32"``; gradients match.
+        target_modules: which linear layers are projected (see :func:`low_rank_param_groups`).
+        projector: the projector (default: the method's).
+        proj_type, density, frugal_mode: as the optimizers' options (``frugal_mode`` ``"subspace"``
+            or ``"block"``).
+        min_8bit_size, block_size, bf16_stochastic_round: as the optimizers' options.
+        layerwise: gradients are stepped and freed one parameter at a time
+            (:class:`~slimtrain.optimizers.LayerwiseStepper`), so only the largest is counted.
+        model: count this model's parameters instead of building ``config_or_name`` on the meta device.
+    """
+    if isinstance(optimizer, str) and optimizer.endswith("8bit"):
+        optimizer, state_bits = optimizer[: -len("8bit")], 8
+    _check("optimizer", optimizer, OPTIMIZERS)
+    _check("state_bits", state_bits, Q.STATE_BITS)
+    _check("weight_dtype", weight_dtype, tuple(DTYPE_BYTES))
+    _check("frugal_mode", frugal_mode, ("subspace", "block"))
+    projector = projector or DEFAULT_PROJECTOR.get(optimizer)
+    if optimizer not in ("adamw", "sst"):
+        _check("projector", projector, PROJECTORS)
+    name = config_or_name if isinstance(config_or_name, str) else type(config_or_name).__name__
+    size = name.upper() if isinstance(name, str) and name.upper() in LLAMA_SHAPES else None
+    if rank is None:
+        rank = PAPER_RANKS.get(size, 128)
+    if model is None:
+        model = meta_model(load_config(config_or_name))
+    s = dict(
+        optimizer=optimizer, rank=rank, state_bits=state_bits, min_8bit_size=min_8bit_size,
+        block_size=block_size, projector=projector, proj_type=proj_type, density=density,
+    )
+    projected: set[int] = set()
+    members: list[torch.Tensor] = []
+    if optimizer != "adamw":
+        groups = low_rank_param_groups(model, target_modules, rank=rank)
+        members = [p for p in groups[-1]["params"] if matrix_shape(p) is not None]
+        projected = {id(p) for p in groups[-1]["params"]}
+        if not (optimizer == "frugal" and density is not None):
+            for p in members:
+                if not 1 <= rank <= min(matrix_shape(p)):
+                    raise ValueError(
+                        f"Invalid rank: {rank} (expected 1 <= rank <= {min(matrix_shape(p))} for parameter of "
+                        f"shape {tuple(p.shape)})"
+                    )
+    block = _frugal_block_state(members, s) if optimizer == "frugal" and frugal_mode == "block" else {}
+    wbytes = DTYPE_BYTES[weight_dtype]
+    rounds = bf16_stochastic_round and weight_dtype == "bf16"
+
+    rows = {c: Component(c) for c in COMPONENTS}
+    largest_grad, largest_row = 0, None
+    seen: set[int] = set()
+    for pname, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue  # tied weights are one tensor
+        seen.add(id(p))
+        row = rows[component_of(pname)]
+        row.params += p.numel()
+        row.weights += p.numel() * wbytes
+        if p.numel() * wbytes > largest_grad:
+            largest_grad, largest_row = p.numel() * wbytes, row
+        if not layerwise:
+            row.grads += p.numel() * wbytes
+        state = block[id(p)] if id(p) in block else _param_state(p, id(p) in projected, s)
+        if rounds and not (optimizer == "sst" and id(p) in projected and matrix_shape(p) is not None):
+            state.counters += 2 * _COUNTER  # sr_seed, sr_step (SST rewrites its weights from fp32 factors)
+        row.add(state)
+    if layerwise and largest_row is not None:
+        largest_row.grads += largest_grad
+    components = [rows[c] for c in COMPONENTS if rows[c].params]
+
+    label = optimizer if optimizer == "adamw" else f"{optimizer} rank {rank}"
+    if optimizer == "frugal":
+        label = f"frugal {frugal_mode}, density {density}" if density is not None else label
+    setting = f"{label}, {'8-bit' if state_bits == 8 else 'fp32'} states, {weight_dtype} weights"
+    total_params = sum(c.params for c in components)
+    setting += f", {_count(total_params)} parameters"
+    assumptions = _assumptions(s, weight_dtype, target_modules, layerwise, frugal_mode, rounds)
+    return MemoryEstimate(str(name), setting, components, assumptions)
+
+
+def _assumptions(
+    s: dict, weight_dtype: str, target_modules, layerwise: bool, frugal_mode: str, rounds: bool
+) -> list[str]:
+    out = [
+        f"weights and gradients in {weight_dtype} ({DTYPE_BYTES[weight_dtype]} bytes per element); "
+        + ("gradients freed parameter by parameter (layer-wise updates): only the largest is counted"
+           if layerwise else "one full set of gradients"),
+        "no activations, no allocator or CUDA-context overhead, no data-parallel sharding; GB = 10^9 bytes",
+    ]
+    if s["optimizer"] == "adamw":
+        out.append("AdamW (slimtrain's dense path) on every parameter: two moments and an int64 step each")
+    else:
+        out.append(
+            f"projected: the 2-D weights of linear layers matching target_modules={target_modules!r} "
+            "(all-linear excludes the output head); embeddings, norms and the head get plain AdamW"
+        )
+        if s["optimizer"] == "sst":
+            out.append("SST keeps U (m x d), sigma (d) and V (n x d) in fp32 as state, d = min(m, n), plus moments "
+                       "for sigma and for the r sampled columns of U and V")
+        elif s["optimizer"] == "frugal" and frugal_mode == "block":
+            out.append("FRUGAL block mode: round(density * K) of the K projected matrices hold full AdamW state")
+        else:
+            r = "round(density * n)" if s["optimizer"] == "frugal" and s["density"] is not None else f"rank {s['rank']}"
+            basis = {"svd": "an fp32 r x n basis", "randomized": "an fp32 r x n basis", "dct": "r int64 indices",
+                     "columns": "r int64 indices", "random": "a seed (basis regenerated)"}[s["projector"]]
+            out.append(f"projected m x n matrix (oriented so n is the projected side, proj_type={s['proj_type']!r}): "
+                       f"moments of m x {r}, projector ({s['projector']}) holds {basis}")
+    if s["state_bits"] == 8:
+        out.append(
+            f"8-bit moments: 1 byte per element + one fp32 absmax per {s['block_size']} elements, for moments of "
+            f">= {s['min_8bit_size']} elements; smaller moments fp32; the 256-entry code maps are shared, not counted"
+        )
+    else:
+        out.append("moments in fp32 (4 bytes) whatever the weight dtype (the GaLore paper's tables count them in bf16)")
+    out.append("int64 step counters, seeds and indices counted (8 bytes each)"
+               + ("; bf16 stochastic rounding adds a seed and a counter per parameter" if rounds else ""))
+    return out
+
+
+def _check(name: str, value, allowed: tuple) -> None:
+    if value not in allowed or isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(str, allowed))})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    a = parser.add_argument
+    a("model", help=f"a built-in LLaMA size ({', '.join(LLAMA_SHAPES)}) or a config.json path")
+    a("--optimizer", default="galore", help=f"{', '.join(OPTIMIZERS)}, or NAME8bit (default: galore)")
+    a("--rank", type=int, default=None, help="projection rank (default: the GaLore paper's for the size, else 128)")
+    a("--state-bits", type=int, default=32, choices=Q.STATE_BITS, help="optimizer state width (default: 32)")
+    a("--weight-dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="weights and gradients (default: bf16)")
+    a("--target-modules", default="all-linear",
+      help="'all-linear' (default) or comma-separated substrings of module names, e.g. self_attn,mlp")
+    a("--projector", default=None, choices=PROJECTORS, help="projector (default: the method's)")
+    a("--density", type=float, default=0.25, help="FRUGAL's state-full fraction (default: 0.25)")
+    a("--frugal-mode", default="subspace", choices=("subspace", "block"), help="FRUGAL's mode (default: subspace)")
+    a("--min-8bit-size", type=int, default=4096, help="smaller moments stay fp32 (default: 4096)")
+    a("--block-size", type=int, default=256, help="8-bit quantization block (default: 256)")
+    a("--stochastic-round", action="store_true", help="count bf16 stochastic rounding's per-parameter seed")
+    a("--layerwise", action="store_true", help="layer-wise updates: one gradient alive at a time")
+    a("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def run_cli(args: argparse.Namespace) -> MemoryEstimate:
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    est = estimate_memory(
+        args.model, args.optimizer, rank=args.rank, state_bits=args.state_bits, weight_dtype=args.weight_dtype,
+        target_modules=targets, projector=args.projector, density=args.density, frugal_mode=args.frugal_mode,
+        min_8bit_size=args.min_8bit_size, block_size=args.block_size,
+        bf16_stochastic_round=args.stochastic_round, layerwise=args.layerwise,
+    )
+    print(json.dumps(est.as_dict(), indent=2) if args.json else est.table())
+    return est
+
+
+def main(argv: list[str] | None = None) -> MemoryEstimate:
+    """``slimtrain memory ...`` (also ``python -m slimtrain.memory ...``)."""
+    parser = argparse.ArgumentParser(prog="slimtrain memory", description="Training memory per model component.")
+    return run_cli(add_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
