@@ -35,6 +35,10 @@ def optimizer(name: str, params_model: nn.Module):
         "fira": lambda: FiraAdamW(groups, lr=1e-2),
         "frugal": lambda: FrugalAdamW(groups, lr=1e-2, density=0.25, projector="random"),
         "dct": lambda: DCTAdamW(groups, lr=1e-2),
+        # 8-bit moments for the low-rank state of matrices whose moments reach 128 elements (40x4, 12x40
+        # projected to 40x4); the small element-wise slices stay fp32, so both runs quantize the same tensors.
+        "galore8bit": lambda: GaLoreAdamW(groups, lr=1e-2, state_bits=8, min_8bit_size=128),
+        "dct8bit": lambda: DCTAdamW(groups, lr=1e-2, state_bits=8, min_8bit_size=128),
     }[name]()
 
 
@@ -115,20 +119,22 @@ def _engine(name: str, stage: int, seed_shift: int = 0):
     return engine
 
 
-def worker_resume(rank: int, world: int, port: int, ckpt: str, stages: list[int], queue) -> None:
-    """For each stage: an uninterrupted run that saves at step 6, then a fresh engine resumed from it."""
+def worker_resume(rank: int, world: int, port: int, ckpt: str, runs: list[tuple[str, int]], queue) -> None:
+    """For each (optimizer, stage): an uninterrupted run that saves at step 6, then a fresh engine
+    resumed from that checkpoint."""
     try:
         _setup(rank, world, port)
-        for stage in stages:
-            engine = _engine("fira", stage)
+        for name, stage in runs:
+            where = os.path.join(ckpt, f"{name}-zero{stage}")
+            engine = _engine(name, stage)
             train_distributed(engine, rank, 6, 1)
-            engine.save_checkpoint(os.path.join(ckpt, f"zero{stage}"), tag="step6")
+            engine.save_checkpoint(where, tag="step6")
             train_distributed(engine, rank, 6, 1, start=6)
             full = full_params(engine)
-            resumed = _engine("fira", stage, seed_shift=1)
-            resumed.load_checkpoint(os.path.join(ckpt, f"zero{stage}"), tag="step6")
+            resumed = _engine(name, stage, seed_shift=1)
+            resumed.load_checkpoint(where, tag="step6")
             train_distributed(resumed, rank, 6, 1, start=6)
-            queue.put((rank, f"zero{stage}", full, full_params(resumed)))
+            queue.put((rank, f"{name}-zero{stage}", full, full_params(resumed)))
     except Exception:
         queue.put((rank, "error", traceback.format_exc(), None))
         raise
@@ -173,7 +179,7 @@ def worker_reshard(rank: int, world: int, port: int, ckpt: str, queue) -> None:
     try:
         _setup(rank, world, port)
         engine = _engine("fira", 2)
-        engine.load_checkpoint(os.path.join(ckpt, "zero2"), tag="step6")
+        engine.load_checkpoint(os.path.join(ckpt, "fira-zero2"), tag="step6")
         queue.put((rank, "loaded"))
     except Exception as e:  # the expected outcome
         queue.put((rank, f"{type(e).__name__}: {e}"))

@@ -18,6 +18,7 @@ deepspeed = pytest.importorskip("deepspeed")
 OPTIMIZERS = ["galore", "fira", "frugal", "dct"]
 CASES = [{"id": f"{name}-zero{stage}", "optimizer": name, "stage": stage} for stage in (1, 2, 3) for name in OPTIMIZERS]
 CASES += [{"id": "galore-zero2-accum2-clip", "optimizer": "galore", "stage": 2, "accum": 2, "clip": 0.5}]
+CASES += [{"id": f"{name}-zero{stage}", "optimizer": name, "stage": stage} for stage in (2, 3) for name in ("galore8bit", "dct8bit")]
 BF16 = [{"id": f"fira-zero{stage}-bf16", "optimizer": "fira", "stage": stage, "bf16": True} for stage in (1, 2, 3)]
 CASES += BF16
 

@@ -32,6 +32,9 @@ def _spawn(target, world, *args, expect, timeout=600):
     return out, [p.exitcode for p in procs]
 
 
+RESUME_RUNS = [("fira", 1), ("fira", 2), ("fira", 3), ("galore8bit", 2)]
+
+
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("zero_ckpt")
@@ -39,17 +42,17 @@ def ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(ckpt_dir):
-    out, codes = _spawn(W.worker_resume, 2, str(ckpt_dir), [1, 2, 3], expect=6)
+    out, codes = _spawn(W.worker_resume, 2, str(ckpt_dir), RESUME_RUNS, expect=2 * len(RESUME_RUNS))
     errors = [o for o in out if o[1] == "error"]
     assert not errors, errors[0][2]
     assert codes == [0, 0]
     return {(o[0], o[1]): (o[2], o[3]) for o in out}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_from_deepspeed_checkpoint_is_exact(stage, resumed):
+@pytest.mark.parametrize("name,stage", RESUME_RUNS, ids=[f"{n}-zero{s}" for n, s in RESUME_RUNS])
+def test_resume_from_deepspeed_checkpoint_is_exact(name, stage, resumed):
     for rank in range(2):
-        full, again = resumed[(rank, f"zero{stage}")]
+        full, again = resumed[(rank, f"{name}-zero{stage}")]
         for a, b in zip(full, again):
             assert (a == b).all()  # bit for bit: same state, same arithmetic
 
