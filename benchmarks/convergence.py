@@ -1,0 +1,187 @@
+"""How close does each low-rank optimizer get to AdamW on the same budget, and at what state size?
+
+Trains the tiny LLaMA of the pretrain recipe on Shakespeare (byte-level, split by play) for the same
+steps, batches, order and initial weights with:
+
+- torch AdamW, its lr tuned over a small grid on this same budget (best final val loss is the
+  reference for every ratio);
+- each slimtrain optimizer at its paper defaults (slimtrain/recipes/optim.py: DEFAULTS); an optimizer
+  that slimtrain does not have yet is reported "not available", never estimated;
+- the published galore-torch GaLoreAdamW and apollo-torch APOLLOAdamW.
+
+    python benchmarks/convergence.py                 # 10 runs x 250 steps: ~20 min on an idle core
+                                                     # (0.4 s/step measured; far longer on a busy machine)
+    python benchmarks/convergence.py --quick         # smoke run: 3 steps, seconds
+
+Writes ``convergence.md`` (the command on top) and ``convergence.png`` into ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from slimtrain.recipes import pretrain
+from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
+from slimtrain.recipes.optim import DEFAULTS, OPTIMIZER_NAMES, REFERENCE_NAMES, check_optimizer_name, default_rank
+
+SLIMTRAIN_LOW_RANK = ["galore", "fira", "frugal", "dct", "sst"]  # 8-bit twins: add with --optimizers
+IMPLEMENTATION = {"adamw": "torch.optim.AdamW", "galore-torch": "galore_torch.GaLoreAdamW 1.0",
+                  "apollo-torch": "apollo_torch.APOLLOAdamW"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=None, help="default: a quarter of the hidden size")
+    p.add_argument("--update-proj-gap", type=int, default=None, help="default: 200")
+    p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--optimizers", nargs="+", default=SLIMTRAIN_LOW_RANK + list(REFERENCE_NAMES),
+                   help="low-rank optimizers to compare with AdamW")
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 steps of 2 x 32 bytes, one AdamW lr")
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_size, args.seq_len, args.eval_every, args.eval_batches = 3, 2, 32, 3, 1
+        args.adamw_lrs = args.adamw_lrs[:1]
+    return args
+
+
+def recipe_config(args, optimizer: str, lr: float | None) -> argparse.Namespace:
+    cfg = pretrain.parse_args([
+        "--model", args.model, "--optimizer", optimizer, "--steps", str(args.steps),
+        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--eval-every", str(args.eval_every),
+        "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--threads", str(args.threads),
+        "--out", "-", "--no-progress",
+    ])
+    cfg.out, cfg.lr, cfg.rank, cfg.update_proj_gap = None, lr, args.rank, args.update_proj_gap
+    return pretrain.validate(cfg, allowed_optimizers=OPTIMIZER_NAMES + REFERENCE_NAMES)
+
+
+def available(name: str) -> bool:
+    if name in ("adamw",) + REFERENCE_NAMES:
+        return True
+    from slimtrain.optimizers import OPTIMIZERS
+
+    return name in OPTIMIZERS
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    for name in args.optimizers:  # fail before the first run, not after an hour
+        check_optimizer_name(name, OPTIMIZER_NAMES + REFERENCE_NAMES)
+    command = " ".join(["python", "benchmarks/convergence.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    os.makedirs(args.out_dir, exist_ok=True)
+    data = pretrain.load_data(recipe_config(args, "adamw", None))  # one split, one batch order for all runs
+    t_start = time.perf_counter()
+
+    # The middle AdamW lr first and the rest of the grid last, and the table rewritten after every run:
+    # if the benchmark is stopped early, what it has measured is already written (marked partial).
+    grid = sorted(args.adamw_lrs)
+    mid = grid[len(grid) // 2]
+    jobs = [("adamw", mid)] + [(name, None) for name in args.optimizers] + [("adamw", lr) for lr in grid if lr != mid]
+    rows = []
+    for i, (name, lr) in enumerate(jobs):
+        rows.append(_train(args, name, lr, data) if available(name) else dict(name=name, available=False))
+        write_report(args, command, rows, time.perf_counter() - t_start, partial=i + 1 < len(jobs))
+    return rows
+
+
+def _train(args, name: str, lr: float | None, data) -> dict:
+    cfg = recipe_config(args, name, lr)
+    print(f"[convergence] {name} lr={cfg.lr if cfg.lr is not None else DEFAULTS[name]['lr']} ...", flush=True)
+    summary = pretrain.run(cfg, data)
+    print(f"[convergence]   val loss {summary['final_val_loss']:.4f} in {summary['elapsed_s']:.0f} s", flush=True)
+    return dict(name=name, available=True, lr=DEFAULTS[name]["lr"] if lr is None else lr, rank=cfg.rank, **summary)
+
+
+def _notes(args, best: dict) -> list[str]:
+    notes = [
+        "- Low-rank optimizers train the parameters they do not project (embeddings, norms, lm_head) with "
+        "AdamW at the method's lr (0.01 for GaLore, Fira, DCT, APOLLO), as the papers' scripts do, while "
+        "AdamW uses one lr for everything; on a budget this short that difference may account for part "
+        "of any lead a low-rank optimizer shows over AdamW. It is not evidence that projecting helps.",
+    ]
+    grid = sorted(args.adamw_lrs)
+    if len(grid) > 1 and best["lr"] in (grid[0], grid[-1]):
+        notes.append(f"- The best AdamW lr ({best['lr']:g}) is at the edge of the grid; widen --adamw-lrs "
+                     "to be sure it is the optimum.")
+    return notes
+
+
+def write_report(args, command: str, rows: list[dict], total_s: float, partial: bool = False) -> None:
+    rows = sorted(rows, key=lambda r: r["name"] != "adamw")  # stable: AdamW grid first, then the given order
+    adamw = [r for r in rows if r["name"] == "adamw"]
+    best = min(adamw, key=lambda r: r["final_val_loss"] if math.isfinite(r["final_val_loss"]) else math.inf)
+    config = model_config(args.model, 256, args.seq_len)
+    n_params = sum(p.numel() for p in build_model(config, 0).parameters())
+    tokens = args.steps * args.batch_size * args.seq_len
+    lines = [
+        "# Convergence: low-rank optimizers vs AdamW on Shakespeare",
+        "",
+        *(["**Partial: the benchmark is still running or was stopped; rows below are the runs finished so far.**", ""]
+          if partial else []),
+        "```",
+        command,
+        "```",
+        "",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
+        f"(torch {torch.__version__}, torch threads: {torch.get_num_threads()}; other jobs shared the cores, so wall "
+        f"times are indicative only). Total {total_s / 60:.1f} min.",
+        "",
+        f"Model `{args.model}` ({n_params / 1e6:.2f}M parameters, byte vocabulary), {args.steps} steps of "
+        f"{args.batch_size} x {args.seq_len} bytes ({tokens / 1e6:.2f}M tokens), 10% warm-up then cosine to "
+        f"10%, seed {args.seed}: the same initial weights and batch order for every row. Validation: "
+        f"{args.eval_batches} batches of held-out plays, nats per byte. Low-rank optimizers project the "
+        f"attention and MLP matrices (rank {args.rank or default_rank(smallest_matrix_dim(config))}, "
+        f"T = {args.update_proj_gap or 200}); embeddings, norms and lm_head get AdamW inside the same optimizer.",
+        "",
+        f"AdamW lr tuned over {', '.join(f'{lr:g}' for lr in args.adamw_lrs)} on this budget; the best "
+        f"(lr {best['lr']:g}) is the reference for the ratio columns. Other optimizers use their papers' "
+        "defaults, untuned: GaLore/Fira/DCT/galore-torch lr 0.01 scale 0.25; FRUGAL lr 1e-3 density 0.25; "
+        "SST lr 1e-3; APOLLO lr 0.01 scale 1 (channel-wise, random projection).",
+        "",
+        "| optimizer | implementation | lr | final val loss | val ppl | loss / AdamW | state bytes | state / AdamW | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        impl = IMPLEMENTATION.get(r["name"], f"slimtrain {r['name']}")
+        if not r["available"]:
+            lines.append(f"| {r['name']} | {impl} | - | not available | - | - | - | - | - |")
+            continue
+        tag = " (best)" if r is best else (" (grid)" if r["name"] == "adamw" else "")
+        lines.append(
+            f"| {r['name']}{tag} | {impl} | {r['lr']:g} | {r['final_val_loss']:.4f} | {r['val_perplexity']:.3f} | "
+            f"{r['final_val_loss'] / best['final_val_loss']:.3f} | {r['optimizer_state_bytes']:,} | "
+            f"{r['optimizer_state_bytes'] / best['optimizer_state_bytes']:.3f} | {r['elapsed_s']:.0f} |"
+        )
+    lines += ["", "![validation loss curves](convergence.png)", "", "## Notes", "", *_notes(args, best), ""]
+    with open(os.path.join(args.out_dir, "convergence.md"), "w") as f:
+        f.write("\n".join(lines))
+    curves = {}
+    for r in rows:
+        if r["available"] and (r["name"] != "adamw" or r is best):
+            steps, losses = zip(*r["val_history"]) if r["val_history"] else ((), ())
+            curves[f"{r['name']} (lr {r['lr']:g})"] = (list(steps), list(losses))
+    pretrain.plot_curves(curves, os.path.join(args.out_dir, "convergence.png"),
+                         f"validation loss, {args.model} LLaMA on Shakespeare, {args.steps} steps")
+    if not partial:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""LLaMA-shaped models for the pretrain recipe and the benchmarks.
+
+``60m`` ... ``1b`` are the shapes of the GaLore paper's C4 runs (its ``configs/llama_*.json``);
+``tiny`` trains on two CPU cores in minutes, ``small`` is the next step up. The vocabulary is the
+tokenizer's (256 for bytes), so parameter counts are below the paper's 32k-vocabulary ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# name -> (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers)
+MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (192, 512, 6, 4),
+    "small": (256, 688, 4, 6),
+    "60m": (512, 1376, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "350m": (1024, 2736, 16, 24),
+    "1b": (2048, 5461, 32, 24),
+}
+
+
+def model_config(name: str, vocab_size: int, max_seq_len: int = 1024) -> LlamaConfig:
+    """The ``LlamaConfig`` for a named shape. Raises ``ValueError`` naming the allowed shapes."""
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"Invalid --model: {name!r} (expected one of {', '.join(MODEL_SHAPES)})")
+    hidden, intermediate, heads, layers = MODEL_SHAPES[name]
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        num_hidden_layers=layers,
+        max_position_embeddings=max_seq_len,
+        tie_word_embeddings=False,  # as in GaLore's configs: lm_head is its own (AdamW-managed) matrix
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def smallest_matrix_dim(config: LlamaConfig) -> int:
+    """min(m, n) over the attention and MLP weight matrices: the largest rank a projector can have."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return min(config.hidden_size, config.intermediate_size, config.num_key_value_heads * head_dim)
+
+
+def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised model in fp32; the same ``seed`` gives the same weights."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()

@@ -1,0 +1,355 @@
+"""Pre-train a small LLaMA on Shakespeare (or your own text files) with any slimtrain optimizer.
+
+    python -m slimtrain.recipes.pretrain --out runs/galore                  # GaLore, tiny model
+    slimtrain pretrain --optimizer adamw --lr 3e-3 --out runs/adamw
+    slimtrain pretrain --out runs/galore --resume                           # continue a stopped run
+
+The default run (GaLore, rank 48, 1.9M-parameter LLaMA, 500 steps of 16 x 128 bytes, one thread) is
+sized for two CPU cores. ``--out`` receives:
+
+- ``config.json``: the resolved arguments (a resume must use the same ones);
+- ``metrics.csv``: one row per step (train loss, lr, tokens, throughput), ``val_loss`` every
+  ``--eval-every`` steps and at the last step;
+- ``loss.png``: train and validation loss curves;
+- ``checkpoint.pt``: model, optimizer, scheduler, RNG and step, written at every evaluation; it loads
+  with ``torch.load(weights_only=True)``;
+- ``summary.json``: final validation loss and perplexity, wall time, optimizer-state bytes.
+
+Resume is exact: batches are a function of ``(seed, step)`` (see ``data.BlockBatches``), so a
+stopped-and-resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import VOCAB_SIZE, BlockBatches, Splits, check_files, eval_batches, load_splits, shakespeare_files
+from .models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
+from .optim import OPTIMIZER_NAMES, build_optimizer, check_optimizer_name, default_rank, optimizer_state_bytes
+
+CONFIG, METRICS, PLOT, CHECKPOINT, SUMMARY = "config.json", "metrics.csv", "loss.png", "checkpoint.pt", "summary.json"
+CSV_FIELDS = ("step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "tokens_per_s")
+# Arguments that may differ between a run and its resumption without changing the result.
+_RUN_CONTROL = ("resume", "overwrite", "stop_at", "out", "progress", "threads")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The recipe's options, on ``parser`` (shared by ``python -m`` and ``slimtrain pretrain``)."""
+    a = parser.add_argument
+    a("--model", default="tiny", help=f"model shape: {', '.join(MODEL_SHAPES)} (default: tiny, 1.9M parameters)")
+    a("--optimizer", default="galore", help=f"{', '.join(OPTIMIZER_NAMES)} (default: galore)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: the method's, e.g. 0.01 GaLore, 1e-3 AdamW)")
+    a("--rank", type=int, default=None, help="projection rank (default: a quarter of the smallest matrix dimension)")
+    a("--update-proj-gap", type=int, default=None, help="steps between subspace refreshes (default: 200)")
+    a("--scale", type=float, default=None, help="low-rank update scale alpha (default: 0.25 GaLore/Fira/DCT)")
+    a("--density", type=float, default=None, help="FRUGAL's state-full fraction (default: 0.25)")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+    a("--steps", type=int, default=500, help="optimizer steps (default: 500)")
+    a("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
+    a("--seq-len", type=int, default=128, help="tokens (bytes) per sequence (default: 128)")
+    a("--warmup", type=int, default=None, help="linear warm-up steps, then cosine to 10%% (default: steps/10)")
+    a("--eval-every", type=int, default=100, help="steps between validation passes (default: 100)")
+    a("--eval-batches", type=int, default=16, help="validation batches per pass (default: 16)")
+    a("--seed", type=int, default=0, help="seed for weights and batch order (default: 0)")
+    a("--data", nargs="+", default=None, metavar="FILE",
+      help="text files, one document each, split into train/validation by file (default: Shakespeare)")
+    a("--out", required=True, help="output directory (must be new or empty unless --resume/--overwrite)")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt with the same arguments")
+    a("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
+    a("--stop-at", type=int, default=None, metavar="STEP",
+      help="stop after STEP steps (checkpointing there) without changing the schedule; continue with --resume")
+    a("--threads", type=int, default=1,
+      help="CPU threads (default: 1; on a shared 2-core machine 2 threads ran this model ~9x slower than 1)")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m slimtrain.recipes.pretrain", description=__doc__.split("\n")[0])
+    return add_arguments(parser).parse_args(argv)
+
+
+def validate(cfg: argparse.Namespace, allowed_optimizers: tuple[str, ...] = OPTIMIZER_NAMES) -> argparse.Namespace:
+    """Check every argument before anything heavy; raise ``ValueError``/``FileNotFoundError`` naming it.
+
+    Fills in ``cfg.rank`` and ``cfg.data`` (the Shakespeare files by default). Cheap: builds a config,
+    not a model, and reads no data. ``allowed_optimizers`` lets the benchmarks add the reference
+    implementations, which the command line does not offer.
+    """
+    check_optimizer_name(cfg.optimizer, allowed_optimizers)
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "threads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"Invalid --{name.replace('_', '-')}: {getattr(cfg, name)} (expected an integer >= 1)")
+    config = model_config(cfg.model, VOCAB_SIZE, cfg.seq_len)
+    for name in ("lr", "scale"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"Invalid --{name}: {value} (expected a number > 0)")
+    if cfg.density is not None and not (cfg.optimizer.startswith("frugal") and 0.0 <= cfg.density <= 1.0):
+        raise ValueError(f"Invalid --density: {cfg.density} (expected 0 <= density <= 1, with --optimizer frugal only)")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"Invalid --weight-decay: {cfg.weight_decay} (expected a number >= 0)")
+    if cfg.optimizer == "adamw" and (cfg.rank, cfg.update_proj_gap, cfg.scale) != (None, None, None):
+        raise ValueError("Invalid --rank/--update-proj-gap/--scale with --optimizer adamw (AdamW has no projection)")
+    if cfg.warmup is not None and not 0 <= cfg.warmup < cfg.steps:
+        raise ValueError(f"Invalid --warmup: {cfg.warmup} (expected 0 <= warmup < steps = {cfg.steps})")
+    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
+        raise ValueError(f"Invalid --stop-at: {cfg.stop_at} (expected 1 <= stop-at <= steps = {cfg.steps})")
+    cfg.data = shakespeare_files() if cfg.data is None else check_files(cfg.data)
+    if cfg.optimizer != "adamw":
+        limit = smallest_matrix_dim(config)
+        if cfg.rank is None:
+            cfg.rank = default_rank(limit)
+        if not 1 <= cfg.rank <= limit:
+            raise ValueError(
+                f"Invalid --rank: {cfg.rank} (expected 1 <= rank <= {limit}, the smallest dimension of "
+                f"the {cfg.model} model's attention/MLP matrices)"
+            )
+    if cfg.update_proj_gap is not None and cfg.update_proj_gap < 1:
+        raise ValueError(f"Invalid --update-proj-gap: {cfg.update_proj_gap} (expected an integer >= 1)")
+    if cfg.out is not None:
+        _check_out(cfg)
+    return cfg
+
+
+def _check_out(cfg: argparse.Namespace) -> None:
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("Invalid --resume with --overwrite: pick one (continue the run in --out, or replace it)")
+    non_empty = os.path.isdir(cfg.out) and bool(os.listdir(cfg.out))
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"Invalid --out: {cfg.out!r} is a file (expected a directory)")
+    if cfg.resume:
+        ckpt = os.path.join(cfg.out, CHECKPOINT)
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"Invalid --resume: no checkpoint at {ckpt}")
+        with open(os.path.join(cfg.out, CONFIG)) as f:
+            saved = json.load(f)
+        mismatched = {k: (saved.get(k), v) for k, v in _run_args(cfg).items() if saved.get(k) != v}
+        if mismatched:
+            diff = ", ".join(f"--{k.replace('_', '-')} {new!r} (was {old!r})" for k, (old, new) in mismatched.items())
+            raise ValueError(f"Invalid --resume: arguments differ from the run in {cfg.out}: {diff}")
+    elif non_empty and not cfg.overwrite:
+        raise ValueError(f"Invalid --out: {cfg.out!r} is not empty (pass --resume to continue it or --overwrite to replace it)")
+
+
+def _run_args(cfg: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(cfg).items() if k not in _RUN_CONTROL}
+
+
+def lr_factor(step: int, warmup: int, total: int, final: float = 0.1) -> float:
+    """Linear warm-up to 1, then cosine decay to ``final`` at ``total`` (GaLore's C4 schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, seq_len: int, max_batches: int) -> float:
+    """Mean next-byte cross-entropy (nats) on a fixed set of validation blocks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
+        logits = model(input_ids=x).logits
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def load_data(cfg: argparse.Namespace) -> tuple[Splits, BlockBatches]:
+    """The train/validation split and the training batches; ``ValueError`` if the text is too short."""
+    splits = load_splits(cfg.data)
+    batches = BlockBatches(splits.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    next(eval_batches(splits.val, cfg.batch_size, cfg.seq_len, 1))  # raises if validation text is too short
+    return splits, batches
+
+
+def run(cfg: argparse.Namespace, data: tuple[Splits, BlockBatches] | None = None) -> dict:
+    """Train as ``cfg`` says (already validated) and return the summary; writes files if ``cfg.out``."""
+    torch.set_num_threads(cfg.threads)
+    splits, batches = load_data(cfg) if data is None else data
+    model = build_model(model_config(cfg.model, VOCAB_SIZE, cfg.seq_len), cfg.seed)
+    optimizer = build_optimizer(
+        cfg.optimizer, model, lr=cfg.lr, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
+        scale=cfg.scale, weight_decay=cfg.weight_decay, density=cfg.density,
+    )
+    warmup = cfg.steps // 10 if cfg.warmup is None else cfg.warmup
+
+    def schedule(step: int) -> float:
+        return lr_factor(step, warmup, cfg.steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    start, elapsed, train_time, rows = 0, 0.0, 0.0, []
+    if cfg.out is not None:
+        os.makedirs(cfg.out, exist_ok=True)
+        if cfg.resume:
+            ckpt = torch.load(os.path.join(cfg.out, CHECKPOINT), weights_only=True)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng"])
+            start, elapsed, train_time = ckpt["step"], ckpt["elapsed_s"], ckpt["train_s"]
+            rows = [r for r in _read_metrics(os.path.join(cfg.out, METRICS)) if int(r["step"]) <= start]
+        else:
+            for name in (CONFIG, METRICS, PLOT, CHECKPOINT, SUMMARY):  # --overwrite: no stale outputs
+                if os.path.exists(os.path.join(cfg.out, name)):
+                    os.remove(os.path.join(cfg.out, name))
+            with open(os.path.join(cfg.out, CONFIG), "w") as f:
+                json.dump(_run_args(cfg), f, indent=2)
+        _write_metrics(os.path.join(cfg.out, METRICS), rows)
+
+    stop = cfg.steps if cfg.stop_at is None else cfg.stop_at
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    t_run = time.perf_counter() - elapsed
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.optimizer} {cfg.model}", disable=not cfg.progress,
+               dynamic_ncols=True, leave=cfg.out is not None)
+    model.train()
+    for step in range(start, stop):
+        x, y = batches.batch(step)
+        t0 = time.perf_counter()
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        train_time += dt
+        done = step + 1
+        val_loss = None
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val_loss = evaluate(model, splits.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        row = dict(step=done, train_loss=f"{loss.item():.6f}", val_loss="" if val_loss is None else f"{val_loss:.6f}",
+                   lr=f"{lr:.6g}", tokens=done * tokens_per_step, elapsed_s=f"{time.perf_counter() - t_run:.2f}",
+                   tokens_per_s=f"{done * tokens_per_step / max(train_time, 1e-9):.0f}")
+        rows.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", val=_last_val(rows), tok_s=f"{tokens_per_step / dt:.0f}")
+        if cfg.out is not None:
+            _append_metric(os.path.join(cfg.out, METRICS), row)
+            if val_loss is not None or done == stop:
+                _save_checkpoint(cfg.out, model, optimizer, scheduler, done, time.perf_counter() - t_run, train_time)
+                _plot(rows, os.path.join(cfg.out, PLOT), f"{cfg.model} / {cfg.optimizer}")
+    bar.close()
+
+    summary = _summary(cfg, rows, optimizer, time.perf_counter() - t_run, train_time)
+    if cfg.out is not None:
+        with open(os.path.join(cfg.out, SUMMARY), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _last_val(rows: list[dict]) -> str:
+    return next((r["val_loss"][:5] for r in reversed(rows) if r["val_loss"]), "-")
+
+
+def _summary(cfg, rows, optimizer, elapsed: float, train_time: float) -> dict:
+    vals = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    final_val = vals[-1][1] if vals else None
+    return dict(
+        optimizer=cfg.optimizer,
+        model=cfg.model,
+        steps=int(rows[-1]["step"]) if rows else 0,
+        final_train_loss=float(rows[-1]["train_loss"]) if rows else None,
+        final_val_loss=final_val,
+        val_perplexity=math.exp(final_val) if final_val is not None else None,
+        val_history=vals,
+        elapsed_s=elapsed,
+        train_s=train_time,
+        tokens_per_s=float(rows[-1]["tokens_per_s"]) if rows else None,
+        optimizer_state_bytes=optimizer_state_bytes(optimizer),
+    )
+
+
+def _read_metrics(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_metrics(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _append_metric(path: str, row: dict) -> None:
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, CSV_FIELDS).writerow(row)
+
+
+def _save_checkpoint(out, model, optimizer, scheduler, step: int, elapsed: float, train_time: float) -> None:
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                rng=torch.get_rng_state(), step=step, elapsed_s=elapsed, train_s=train_time)
+    path = os.path.join(out, CHECKPOINT)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a run killed mid-save keeps its previous checkpoint
+
+
+def _plot(rows: list[dict], path: str, title: str) -> None:
+    plot_curves({"train": ([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows]),
+                 "validation": ([int(r["step"]) for r in rows if r["val_loss"]],
+                                [float(r["val_loss"]) for r in rows if r["val_loss"]])},
+                path, title)
+
+
+def plot_curves(curves: dict[str, tuple[list, list]], path: str, title: str) -> None:
+    """Loss curves to a PNG; a curve named ``train`` (or ending in ``(train)``) is drawn thin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (steps, losses) in curves.items():
+        thin = label == "train" or label.endswith("(train)")
+        ax.plot(steps, losses, label=label, lw=0.8 if thin else 1.8, alpha=0.6 if thin else 1.0,
+                marker=None if thin else "o", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_cli(parse_args(argv))
+
+
+def run_cli(cfg: argparse.Namespace) -> dict:
+    """Validate (one-line error and exit status 2 on bad input), train, print the summary."""
+    try:
+        validate(cfg)
+        data = load_data(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    summary = run(cfg, data)
+    if summary["steps"] == cfg.steps:
+        print(f"final val loss {summary['final_val_loss']:.4f} (perplexity {summary['val_perplexity']:.2f}) "
+              f"after {summary['steps']} steps, {summary['elapsed_s']:.0f} s; optimizer state "
+              f"{summary['optimizer_state_bytes'] / 2**20:.2f} MiB; outputs in {cfg.out}")
+    else:
+        print(f"stopped after {summary['steps']} steps; continue with --resume (outputs in {cfg.out})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Each benchmark script runs end to end at its tiniest setting and writes its results table."""
+
+import importlib.util
+import os
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convergence_quick(tmp_path):
+    rows = _load("convergence").main(["--quick", "--optimizers", "galore", "galore-torch", "--out-dir", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["adamw", "galore", "galore-torch"]
+    report = (tmp_path / "convergence.md").read_text()
+    assert "python benchmarks/convergence.py --quick" in report
+    assert sum(line.startswith("|") for line in report.splitlines()) == 2 + len(rows)  # header, rule, rows
+    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_convergence_rejects_unknown_optimizer_before_training(tmp_path):
+    with pytest.raises(ValueError, match="Invalid --optimizer: 'lion'"):
+        _load("convergence").main(["--quick", "--optimizers", "galore", "lion", "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "convergence.md").exists()
+
+
+def test_state_memory_quick_matches_expectation(tmp_path):
+    rows = _load("state_memory").main(["--quick", "--out-dir", str(tmp_path)])
+    report = (tmp_path / "state_memory.md").read_text()
+    assert "python benchmarks/state_memory.py --quick" in report
+    for r in rows:
+        if r["available"]:
+            # What is not moments or basis is counters and per-matrix scalars: a few kB at most.
+            assert 0 <= r["measured"] - r["moments"] - r["basis"] < 32 * 1024, r["name"]
+            assert r["own"] is None or r["own"] == r["measured"], r["name"]
