@@ -130,23 +130,32 @@ def _count(n: int) -> str:
 # Models
 
 
-def llama_config(name: str):
-    """The ``LlamaConfig`` of a built-in size (case-insensitive: ``"7b"`` works)."""
+def llama_from_shape(shape: tuple[int, int, int, int], vocab_size: int = LLAMA_VOCAB, **overrides):
+    """A ``LlamaConfig`` from ``(hidden, intermediate, heads, layers)``, untied ``lm_head`` as in GaLore's
+    configs; ``overrides`` go to ``LlamaConfig`` (e.g. ``max_position_embeddings``)."""
     from transformers import LlamaConfig
 
+    hidden, intermediate, heads, layers = shape
+    return LlamaConfig(
+        **{
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "num_hidden_layers": layers,
+            "tie_word_embeddings": False,
+            **overrides,
+        }
+    )
+
+
+def llama_config(name: str):
+    """The ``LlamaConfig`` of a built-in size (case-insensitive: ``"7b"`` works)."""
     key = name.upper()
     if key not in LLAMA_SHAPES:
         raise ValueError(f"Invalid model: {name!r} (expected one of {', '.join(LLAMA_SHAPES)} or a config.json path)")
-    hidden, intermediate, heads, layers = LLAMA_SHAPES[key]
-    return LlamaConfig(
-        vocab_size=LLAMA_VOCAB,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        num_hidden_layers=layers,
-        tie_word_embeddings=False,
-    )
+    return llama_from_shape(LLAMA_SHAPES[key])
 
 
 def load_config(config_or_name):

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-# name -> (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers)
+from ..memory import LLAMA_SHAPES, llama_from_shape
+
+# name -> (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers); the paper's sizes come
+# from the one table the memory calculator uses.
 MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (192, 512, 6, 4),
     "small": (256, 688, 4, 6),
-    "60m": (512, 1376, 8, 8),
-    "130m": (768, 2048, 12, 12),
-    "350m": (1024, 2736, 16, 24),
-    "1b": (2048, 5461, 32, 24),
+    **{name.lower(): shape for name, shape in LLAMA_SHAPES.items() if name != "7B"},
 }
 
 
@@ -25,16 +25,10 @@ def model_config(name: str, vocab_size: int, max_seq_len: int = 1024) -> LlamaCo
     """The ``LlamaConfig`` for a named shape. Raises ``ValueError`` naming the allowed shapes."""
     if name not in MODEL_SHAPES:
         raise ValueError(f"Invalid --model: {name!r} (expected one of {', '.join(MODEL_SHAPES)})")
-    hidden, intermediate, heads, layers = MODEL_SHAPES[name]
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        num_hidden_layers=layers,
+    return llama_from_shape(
+        MODEL_SHAPES[name],
+        vocab_size,
         max_position_embeddings=max_seq_len,
-        tie_word_embeddings=False,  # as in GaLore's configs: lm_head is its own (AdamW-managed) matrix
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
