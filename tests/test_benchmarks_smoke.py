@@ -39,3 +39,14 @@ def test_state_memory_quick_matches_expectation(tmp_path):
             # What is not moments or basis is counters and per-matrix scalars: a few kB at most.
             assert 0 <= r["measured"] - r["moments"] - r["basis"] < 32 * 1024, r["name"]
             assert r["own"] is None or r["own"] == r["measured"], r["name"]
+
+
+def test_refresh_cost_quick(tmp_path):
+    out = tmp_path / "refresh_cost.md"
+    _load("refresh_cost").main(["--quick", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and " x " in line]
+    assert len(rows) == 2 * 4  # two shapes, four projectors
+    energy = {tuple(c.strip() for c in r.split("|")[1:3]): float(r.split("|")[5]) for r in rows}
+    for shape in {k[0] for k in energy}:
+        # The exact SVD captures the most energy of any rank-r subspace (Eckart-Young).
+        assert energy[(shape, "svd")] >= max(energy[(shape, p)] for p in ("randomized", "dct", "random")) - 1e-6
