@@ -70,8 +70,9 @@ class LowRankAdamW(torch.optim.Optimizer):
             Fira: the coordinates stay, now meaning other directions), ``"reset"`` (FRUGAL: zeroed and
             bias correction restarted), ``"rotate"`` (carried into the new basis, see
             :func:`~slimtrain.optimizers.functional.rotate_moments_`).
-        stagger: spread the refreshes of a group's matrices evenly over the ``update_proj_gap`` window
-            instead of refreshing all of them at the same step (lower peak latency and memory).
+        stagger: offset each matrix's refreshes by its position among the optimizer's parameters,
+            spread over the ``update_proj_gap`` window, instead of refreshing all of them at the same
+            step (lower peak latency and memory). The first refresh is always at a matrix's first step.
         decay_after_update: apply weight decay after the update using the updated weights, as the
             original GaLore and Fira code do, instead of before it as ``torch.optim.AdamW`` does.
         nonfinite: ``"skip"`` (default): a step whose gradients hold NaN or inf changes no weight and
