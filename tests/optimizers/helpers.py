@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtrain.optimizers.projectors import DCTProjector
 from slimtrain.optimizers import (
     DCTAdamW,
     DCTAdamW8bit,
@@ -63,7 +64,7 @@ CONFIGS = [
     ("frugal-columns", lambda g: FrugalAdamW(g, lr=1e-2, projector="columns", inactive_update_rule="sgd")),
     ("frugal-block", lambda g: FrugalAdamW(g, lr=1e-2, mode="block", density=0.5, block_order="random")),
     ("dct", lambda g: DCTAdamW(g, lr=1e-2, weight_decay=0.1)),
-    ("dct-matmul-l2", lambda g: DCTAdamW(g, lr=1e-2, projector="dct", stagger=True)),
+    ("dct-matmul-l2", lambda g: DCTAdamW(g, lr=1e-2, projector=DCTProjector(norm=2, backend="matmul"), stagger=True)),
     ("sst", lambda g: SSTAdamW(g, lr=1e-2)),
     # 8-bit rows. The MLP's moments have 8-160 elements, under bitsandbytes' 4096 threshold, so
     # min_8bit_size=0 makes every moment 8-bit (test_8bit.py asserts the uint8 codes are there);
