@@ -1,0 +1,164 @@
+"""Adam on 8-bit blockwise moments in one pass: dequantize, update, take the direction, requantize.
+
+The moments are bitsandbytes' blockwise dynamic quantization (see ``slimtrain/optimizers/quantized.py``):
+uint8 codes into a sorted 256-entry map, one fp32 absmax per ``block_size`` consecutive elements. The
+torch reference dequantizes both moments to fp32 tensors, updates them, and quantizes them back
+through bitsandbytes: three full-size fp32 temporaries and about eight passes. The kernel gives each
+block one program that holds the block in registers from the codes it reads to the codes it writes.
+
+Rounding. The kernel rounds each normalized value to the nearest code (binary search over the map,
+ties to the lower code), as bitsandbytes' CUDA kernels do. bitsandbytes' CPU kernel, which the
+reference uses, is not always nearest: about 3% of second-moment codes land one or a few codes away,
+and values within ~2e-5 of zero (relative to the block's absmax) get the code 2.1e-5. The two paths
+therefore agree to within one code step, not bit for bit (``tests/kernels/test_adam8bit.py`` pins
+both facts).
+
+Nothing is written unless every new absmax is finite: a step whose moments overflow fp32 raises
+``ValueError`` and leaves the codes and absmax as they were (the new ones are computed aside first).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _dispatch, _triton
+from ._triton import tl, triton
+from .adam import adam_direction_reference
+
+OP = "adam8bit_direction"
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as F
+    except ImportError as err:  # pragma: no cover - bitsandbytes is in the dev extra
+        raise ImportError("8-bit optimizer states need bitsandbytes: pip install 'slimtrain[bnb]'") from err
+    return F
+
+
+def _refuse_nonfinite(values: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"Invalid {name}: the updated moment holds NaN or inf (an fp32 overflow); 8-bit optimizer state "
+            "never stores non-finite values, so nothing was written"
+        )
+
+
+def adam8bit_direction_reference(
+    grad: Tensor,
+    m_codes: Tensor, m_absmax: Tensor, m_map: Tensor,
+    v_codes: Tensor, v_absmax: Tensor, v_map: Tensor,
+    beta1: float, beta2: float, eps: float, block_size: int,
+) -> Tensor:
+    """Dequantize, run :func:`~slimtrain.kernels.adam.adam_direction_reference`, requantize (bitsandbytes)."""
+    F = _bnb()
+    m = F.dequantize_blockwise(m_codes, absmax=m_absmax, code=m_map, blocksize=block_size)
+    v = F.dequantize_blockwise(v_codes, absmax=v_absmax, code=v_map, blocksize=block_size)
+    direction = adam_direction_reference(grad, m, v, beta1, beta2, eps)
+    encoded = []
+    for name, value, code in (("exp_avg", m, m_map), ("exp_avg_sq", v, v_map)):
+        _refuse_nonfinite(value, name)
+        codes, qstate = F.quantize_blockwise(value.contiguous(), code=code, blocksize=block_size)
+        encoded.append((codes, qstate.absmax))
+    for (codes, absmax), (dst_codes, dst_absmax) in zip(encoded, ((m_codes, m_absmax), (v_codes, v_absmax))):
+        dst_codes.copy_(codes)
+        dst_absmax.copy_(absmax)
+    return direction
+
+
+if _triton.HAS_TRITON:
+
+    @triton.jit
+    def _nearest_code(x, map_ptr):
+        """Index of the map entry nearest to each ``x`` (the map is sorted, 256 entries)."""
+        lo = tl.zeros(x.shape, dtype=tl.int32)
+        hi = tl.full(x.shape, 255, dtype=tl.int32)
+        for _ in tl.static_range(8):  # 255 -> 1 after eight halvings: map[lo] <= x <= map[hi]
+            mid = (lo + hi) // 2
+            above = x > tl.load(map_ptr + mid)
+            lo = tl.where(above, mid, lo)
+            hi = tl.where(above, hi, mid)
+        closer_lo = tl.abs(x - tl.load(map_ptr + lo)) <= tl.abs(tl.load(map_ptr + hi) - x)
+        return tl.where(closer_lo, lo, hi)
+
+    @triton.jit
+    def _requantize(x, mask, absmax_ptr, codes_ptr, map_ptr, offs, pid):
+        absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
+        tl.store(absmax_ptr + pid, absmax)
+        normalized = tl.where(absmax > 0, x / absmax, 0.0)
+        tl.store(codes_ptr + offs, _nearest_code(normalized, map_ptr).to(tl.uint8), mask=mask)
+
+    @triton.jit
+    def _adam8bit_kernel(
+        g_ptr, m_codes_ptr, m_absmax_ptr, m_map_ptr, v_codes_ptr, v_absmax_ptr, v_map_ptr,
+        m_codes_out, m_absmax_out, v_codes_out, v_absmax_out, dir_ptr,
+        numel, beta1, beta2, eps, BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m_code = tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        v_code = tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        m = tl.load(m_map_ptr + m_code) * tl.load(m_absmax_ptr + pid)
+        v = tl.load(v_map_ptr + v_code) * tl.load(v_absmax_ptr + pid)
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        tl.store(dir_ptr + offs, m / (tl.sqrt(v) + eps), mask=mask)
+        _requantize(m, mask, m_absmax_out, m_codes_out, m_map_ptr, offs, pid)
+        _requantize(v, mask, v_absmax_out, v_codes_out, v_map_ptr, offs, pid)
+
+
+def _adam8bit_triton(grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, beta1, beta2, eps, block_size):
+    new = [torch.empty_like(t) for t in (m_codes, m_absmax, v_codes, v_absmax)]
+    direction = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+    _adam8bit_kernel[(m_absmax.numel(),)](
+        grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, *new, direction,
+        grad.numel(), beta1, beta2, eps, BLOCK=block_size,
+    )
+    new_m_codes, new_m_absmax, new_v_codes, new_v_absmax = new
+    _refuse_nonfinite(new_m_absmax, "exp_avg")
+    _refuse_nonfinite(new_v_absmax, "exp_avg_sq")
+    for dst, src in zip((m_codes, m_absmax, v_codes, v_absmax), new):
+        dst.copy_(src)
+    return direction
+
+
+def _check(grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, block_size) -> None:
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"Invalid block_size: {block_size} (expected a power of two)")
+    blocks = -(-grad.numel() // block_size)
+    for name, codes, absmax, code_map in (("exp_avg", m_codes, m_absmax, m_map), ("exp_avg_sq", v_codes, v_absmax, v_map)):
+        if codes.dtype != torch.uint8 or codes.shape != grad.shape or not codes.is_contiguous():
+            raise ValueError(
+                f"Invalid {name}: {codes.dtype} of shape {tuple(codes.shape)} (expected contiguous torch.uint8 codes "
+                f"of the gradient's shape {tuple(grad.shape)})"
+            )
+        if absmax.dtype != torch.float32 or absmax.numel() != blocks:
+            raise ValueError(
+                f"Invalid {name} absmax: {absmax.dtype} with {absmax.numel()} elements (expected torch.float32 "
+                f"with {blocks}, one per block of {block_size})"
+            )
+        if code_map.dtype != torch.float32 or code_map.numel() != 256:
+            raise ValueError(f"Invalid {name} map: {code_map.dtype} with {code_map.numel()} entries (expected 256 fp32)")
+
+
+def adam8bit_direction_(
+    grad: Tensor,
+    m_codes: Tensor, m_absmax: Tensor, m_map: Tensor,
+    v_codes: Tensor, v_absmax: Tensor, v_map: Tensor,
+    beta1: float, beta2: float, eps: float, block_size: int,
+) -> Tensor:
+    """One Adam step on 8-bit moments, in place; returns the fp32 direction ``m / (sqrt(v) + eps)``
+    computed from the moments before they are requantized.
+
+    ``*_codes`` are uint8 of ``grad``'s shape, ``*_absmax`` fp32 with one entry per block of
+    ``block_size`` flattened elements, ``*_map`` the 256-entry sorted maps (signed for ``m``, unsigned
+    for ``v``). Triton on CUDA, :func:`adam8bit_direction_reference` elsewhere.
+    """
+    args = (grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map)
+    _check(*args, block_size)
+    if _dispatch.choose(OP, grad.device) == "triton":
+        return _adam8bit_triton(grad.contiguous(), *args[1:], beta1, beta2, eps, block_size)
+    return adam8bit_direction_reference(*args, beta1, beta2, eps, block_size)
