@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..kernels.apply import Residual, lowrank_apply_, residual_from_back, residual_row_sq_norms
 from . import _validation as V
 from . import quantized as Q
-from .functional import adam_direction_, adam_step_size, rotate_moments_
+from .functional import adam_step_size, rotate_moments_
 from .projectors import PROJECTORS, Projector, make_projector
 
 logger = logging.getLogger("slimtrain.optimizers")
@@ -47,6 +49,23 @@ def projects_left(shape: torch.Size, proj_type: str) -> bool:
     if proj_type == "reverse_std":
         return m >= n
     return proj_type == "left"
+
+
+@dataclass
+class LowRankStep:
+    """One matrix's step in the oriented frame, before it touches the weight (see ``projectors/base.py``).
+
+    The weight moves by ``-(alpha * direction @ basis + residual term)``; :meth:`LowRankAdamW._apply_low_rank`
+    does that in place through the fused kernel, :meth:`LowRankAdamW._materialize` builds it as a tensor.
+    """
+
+    grad_t: Tensor  # G' (m' x n'), fp32 or the parameter's dtype, possibly a transposed view
+    low: Tensor  # R = G' B^T (m' x r)
+    direction: Tensor  # Adam's m / (sqrt(v) + eps) in the subspace (m' x r)
+    alpha: float  # the subspace step in weight units: scale * bias-corrected lr
+    basis: Tensor | None  # B (r x n'), None for projectors without a dense basis (columns)
+    transposed: bool
+    residual: Residual | None = None
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -333,8 +352,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             Q.init_moments(state, group, ("exp_avg", "exp_avg_sq"), grad.shape, grad.device)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        with Q.fp32_moments(state, group, "exp_avg", "exp_avg_sq") as (exp_avg, exp_avg_sq):
-            direction = adam_direction_(grad, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
+        direction = Q.adam_direction(state, group, grad)
         return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
 
     def _init_projected(self, grad: Tensor, group: dict, state: dict, index: int, low_shape: tuple[int, int]) -> None:
@@ -377,64 +395,104 @@ class LowRankAdamW(torch.optim.Optimizer):
                 rotate_moments_(exp_avg, exp_avg_sq, old_basis, projector.basis(state, n, grad_t.device))
 
     def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
-        update = self._projected_update(p.grad.reshape(matrix_shape(p)), group, state, index)
-        self._apply(p, group, update.reshape(p.shape), 1.0)
+        shape = matrix_shape(p)
+        step = self._low_rank_step(p.grad.reshape(shape), group, state, index)
+        fusable = step.basis is not None and p.is_contiguous() and not self._rounds_stochastically(p, group)
+        if fusable:
+            weight = p.view(shape)
+            self._apply_low_rank(weight.T if step.transposed else weight, group, step)
+        else:
+            self._apply(p, group, self._materialize(step, group, state).reshape(p.shape), 1.0)
 
     def _projected_update(self, grad: Tensor, group: dict, state: dict, index: int) -> Tensor:
-        """The low-rank step for one matrix gradient ``grad`` (m x n, any float dtype), in weight units:
-        the caller subtracts it, with weight decay, through :meth:`_apply`. Creates the state on first
-        use (``index`` seeds the projector). Works on a gathered matrix under ZeRO as on a parameter."""
+        """The low-rank step for one matrix gradient ``grad`` (m x n, any float dtype) as a tensor in
+        weight units: the caller subtracts it, with weight decay, through :meth:`_apply`. Creates the
+        state on first use (``index`` seeds the projector). This is the ZeRO owner's path, which must
+        send pieces of the update to other ranks; one process updates the weight in place instead."""
+        return self._materialize(self._low_rank_step(grad, group, state, index), group, state)
+
+    def _low_rank_step(self, grad: Tensor, group: dict, state: dict, index: int) -> LowRankStep:
+        """Refresh the subspace if due, project, run Adam in the subspace and ask the method for its
+        residual rule: everything but touching the weight."""
         projector = self._projectors[group["projector"]]
         transposed = projects_left(grad.shape, group["proj_type"])
-        grad = grad.float()
         grad_t = grad.T if transposed else grad
+        grad32 = grad_t.float()  # no copy for fp32; the residual reads grad_t as it is
         if not state:
             self._init_projected(grad, group, state, index, (grad_t.shape[0], self._rank_for(group, grad_t.shape)))
         if self._refresh_due(group, state):
-            self._refresh(group, state, grad_t, transposed)
-        low = projector.project(grad_t, state)
+            self._refresh(group, state, grad32, transposed)
+        basis = projector.dense_basis(state, grad_t.shape[1], grad_t.device)
+        low = grad32 @ basis.T if basis is not None else projector.project(grad32, state)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         state["iters"] += 1
-        with Q.fp32_moments(state, group, "exp_avg", "exp_avg_sq") as (exp_avg, exp_avg_sq):
-            direction = adam_direction_(low, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
+        direction = Q.adam_direction(state, group, low)
         step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
-        n = grad_t.shape[1]
-        update = projector.project_back(direction, state, n).mul_(group["scale"] * step_size)
-        residual = self._residual(group, state, projector, grad_t, low, direction, step_size)
-        if residual is not None:
-            update.add_(residual)
-        return update.T if transposed else update
+        step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed)
+        step.residual = self._residual(group, state, projector, step, step_size)
+        return step
+
+    def _apply_low_rank(self, weight_t: Tensor, group: dict, step: LowRankStep) -> None:
+        """Apply ``step`` to the oriented weight view in place, weight decay included, never building
+        the full update (:func:`slimtrain.kernels.apply.lowrank_apply_`)."""
+        before, after = self._decay_factors(group)
+        lowrank_apply_(weight_t, step.direction, step.basis, alpha=step.alpha, residual=step.residual,
+                       decay_before=before, decay_after=after)
+
+    def _materialize(self, step: LowRankStep, group: dict, state: dict) -> Tensor:
+        """``step`` as an update tensor in the user's orientation (the same arithmetic as the torch
+        reference of the fused kernel, so a ZeRO owner and one process agree exactly on CPU)."""
+        projector = self._projectors[group["projector"]]
+        n = step.grad_t.shape[1]
+        update = projector.project_back(step.direction, state, n).mul_(step.alpha)
+        if step.residual is not None:
+            back_low = projector.project_back(step.residual.low, state, n)
+            update.add_(residual_from_back(step.residual, back_low), alpha=step.residual.scale)
+        return update.T if step.transposed else update
 
     def _rank_for(self, group: dict, shape_t: torch.Size) -> int:
         """The subspace dimension for a matrix whose oriented shape is ``shape_t``."""
         return group["rank"]
 
     def _residual(
-        self,
-        group: dict,
-        state: dict,
-        projector: Projector,
-        grad_t: Tensor,
-        low: Tensor,
-        direction: Tensor,
-        step_size: float,
-    ) -> Tensor | None:
-        """The method's update for the gradient outside the subspace, in weight units (already
-        multiplied by its step size), or ``None`` (GaLore: discarded)."""
+        self, group: dict, state: dict, projector: Projector, step: LowRankStep, step_size: float
+    ) -> Residual | None:
+        """The method's rule for the gradient outside the subspace (see
+        :class:`~slimtrain.kernels.apply.Residual`), or ``None`` (GaLore: discarded). ``step_size`` is
+        Adam's bias-corrected learning rate for this step."""
         return None
+
+    def _residual_row_sq_norms(self, step: LowRankStep, projector: Projector, state: dict, coef: float) -> Tensor:
+        """``sum_j (G' - c R B)_ij^2`` per row, through the fused kernel when the basis is dense."""
+        if step.basis is not None:
+            return residual_row_sq_norms(step.grad_t, step.low, step.basis, coef)
+        back_low = projector.project_back(step.low, state, step.grad_t.shape[1])
+        return (step.grad_t.float() - back_low.mul_(coef)).square().sum(1)
+
+    @staticmethod
+    def _decay_factors(group: dict) -> tuple[float, float]:
+        """Decoupled weight decay as (factor before the update, factor after it)."""
+        if not group["weight_decay"]:
+            return 1.0, 1.0
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        return (1.0, decay) if group["decay_after_update"] else (decay, 1.0)
+
+    @staticmethod
+    def _rounds_stochastically(p: Tensor, group: dict) -> bool:
+        return p.dtype == torch.bfloat16 and group["bf16_stochastic_round"]
 
     def _apply(self, p: Tensor, group: dict, update: Tensor, step_size: float) -> None:
         """``p <- p - step_size * update`` with decoupled weight decay, computed in fp32 (and rounded
         stochastically to a bf16 ``p`` when the group's ``bf16_stochastic_round`` is on)."""
-        decay = 1.0 - group["lr"] * group["weight_decay"]
+        before, after = self._decay_factors(group)
         target = p if p.dtype == torch.float32 else p.float()
-        if group["weight_decay"] and not group["decay_after_update"]:
-            target.mul_(decay)
+        if before != 1.0:
+            target.mul_(before)
         target.add_(update, alpha=-step_size)
-        if group["weight_decay"] and group["decay_after_update"]:
-            target.mul_(decay)
-        if target is not p and p.dtype == torch.bfloat16 and group["bf16_stochastic_round"]:
+        if after != 1.0:
+            target.mul_(after)
+        if target is not p and self._rounds_stochastically(p, group):
             if p not in self.state:
                 raise RuntimeError(
                     "bf16_stochastic_round needs the parameter's own state (its rounding seed and counter), but "

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
+from ..kernels.apply import Residual
 from . import _validation as V
-from .base import LowRankAdamW
-from .functional import fira_residual
+from .base import LowRankAdamW, LowRankStep
+from .functional import fira_row_scale
 from .projectors import Projector
 from .quantized import EightBitStates
 
@@ -47,15 +46,12 @@ class FiraAdamW(LowRankAdamW):
         V.check_choice("residual", residual, RESIDUAL_MODES)
         super().__init__(params, lr, *args, gamma=gamma, residual=residual, **kwargs)
 
-    def _residual(
-        self, group: dict, state: dict, projector: Projector, grad_t: Tensor, low: Tensor, direction: Tensor, step_size: float
-    ) -> Tensor:
-        back_low = projector.project_back(low, state, grad_t.shape[1])
-        if group["residual"] == "fira_code":
-            back_low.mul_(group["scale"])
-        scaled, norm = fira_residual(grad_t, low, direction, back_low, state.get("residual_norm"), group["gamma"])
+    def _residual(self, group: dict, state: dict, projector: Projector, step: LowRankStep, step_size: float) -> Residual:
+        coef = group["scale"] if group["residual"] == "fira_code" else 1.0
+        row_sq = self._residual_row_sq_norms(step, projector, state, coef)
+        row_scale, norm = fira_row_scale(step.low, step.direction, row_sq, state.get("residual_norm"), group["gamma"])
         state["residual_norm"] = norm
-        return scaled.mul_(step_size)
+        return Residual(step.grad_t, step.low, "identity", coef, step_size, row_scale)
 
 
 class FiraAdamW8bit(EightBitStates, FiraAdamW):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.apply import Residual
 from . import _validation as V
 from . import quantized as Q
-from .base import LowRankAdamW, matrix_shape, projects_left
-from .functional import adam_direction_, adam_step_size, state_free_residual
+from .base import LowRankAdamW, LowRankStep, matrix_shape, projects_left
+from .functional import adam_step_size, state_free_residual
 from .projectors import Projector
 
 MODES = ("subspace", "block")
@@ -116,13 +117,13 @@ class FrugalAdamW(LowRankAdamW):
         super()._step_projected(p, group, state, index)
 
     def _residual(
-        self, group: dict, state: dict, projector: Projector, grad_t: Tensor, low: Tensor, direction: Tensor, step_size: float
-    ) -> Tensor | None:
-        back_low = projector.project_back(low, state, grad_t.shape[1])
-        residual = state_free_residual(grad_t, back_low, group["inactive_update_rule"])
-        if residual is None:
+        self, group: dict, state: dict, projector: Projector, step: LowRankStep, step_size: float
+    ) -> Residual | None:
+        rule = group["inactive_update_rule"]
+        if rule == "none":
             return None
-        return residual.mul_(group["lr"] * group["inactive_lr_scale"])
+        return Residual(step.grad_t, step.low, "sign" if rule == "sign_sgd" else "identity",
+                        scale=group["lr"] * group["inactive_lr_scale"])
 
     # Block mode -------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
@@ -178,8 +179,7 @@ class FrugalAdamW(LowRankAdamW):
             grad = p.grad.float()
             beta1, beta2 = group["betas"]
             state["step"] += 1
-            with Q.fp32_moments(state, group, "exp_avg", "exp_avg_sq") as (exp_avg, exp_avg_sq):
-                direction = adam_direction_(grad, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
+            direction = Q.adam_direction(state, group, grad)
             step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"]
             self._apply(p, group, direction, step_size)
             return

@@ -16,21 +16,13 @@ import math
 import torch
 from torch import Tensor
 
+# Adam's moment update is defined once, beside its fused kernel; it is re-exported here with the rules.
+from ..kernels.adam import adam_direction_reference as adam_direction_  # noqa: F401
+
 
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     r"""Bias-corrected step size :math:`\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t)`."""
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-
-
-def adam_direction_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
-    r"""Update both moments in place and return :math:`m_t / (\sqrt{v_t} + \epsilon)`.
-
-    .. math::
-        m_t = \beta_1 m_{t-1} + (1-\beta_1) g,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2
-    """
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    return exp_avg / exp_avg_sq.sqrt().add_(eps)
 
 
 def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, old_basis: Tensor, new_basis: Tensor) -> None:
@@ -47,31 +39,32 @@ def rotate_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, old_basis: Tensor, new_
     exp_avg_sq.copy_(exp_avg_sq @ overlap.square())
 
 
-def fira_residual(
-    grad_t: Tensor,
+def fira_row_scale(
     low: Tensor,
     direction: Tensor,
-    back_low: Tensor,
+    residual_row_sq: Tensor,
     prev_norm: Tensor | None,
     gamma: float,
 ) -> tuple[Tensor, Tensor]:
-    r"""Fira's rescaled out-of-subspace gradient with the norm-growth limiter (arXiv:2410.01623).
+    r"""Fira's per-channel scale of the out-of-subspace gradient, norm-growth limiter included
+    (arXiv:2410.01623).
 
-    Each channel ``i`` (row of the oriented frame) of the residual ``G' - back_low`` is scaled by
+    Each channel ``i`` (row of the oriented frame) of the residual ``G' - R B`` is scaled by
     :math:`\phi_i = \lVert N_i \rVert / (\lVert R_i \rVert + 10^{-8})`, the factor by which Adam
-    changed that channel's norm inside the subspace. The limiter then caps the residual's Frobenius
-    norm at ``gamma`` times the previous step's: :math:`S \leftarrow S / \max(1, \lVert S\rVert /
-    (\gamma \lVert S_{prev}\rVert))`.
+    changed that channel's norm inside the subspace. The limiter then caps the scaled residual's
+    Frobenius norm at ``gamma`` times the previous step's: :math:`S \leftarrow S / \max(1, \lVert S\rVert /
+    (\gamma \lVert S_{prev}\rVert))`. The residual itself is never needed here, only its squared row
+    norms ``residual_row_sq`` (which :func:`slimtrain.kernels.apply.residual_row_sq_norms` computes
+    without storing it), since :math:`\lVert S\rVert^2 = \sum_i \phi_i^2 \lVert (G' - RB)_i\rVert^2`.
 
-    Returns ``(S, norm_to_remember)``.
+    Returns ``(row_scale, norm_to_remember)``: ``S = row_scale[:, None] * (G' - R B)``.
     """
-    phi = direction.norm(dim=1, keepdim=True) / (low.norm(dim=1, keepdim=True) + 1e-8)
-    scaled = (grad_t - back_low) * phi
-    norm = torch.linalg.vector_norm(scaled)
+    phi = direction.norm(dim=1) / (low.norm(dim=1) + 1e-8)
+    norm = (phi.square() * residual_row_sq).sum().sqrt()
     if prev_norm is None:
-        return scaled, norm
+        return phi, norm
     limiter = torch.clamp(norm / (prev_norm + 1e-8), min=gamma) / gamma
-    return scaled / limiter, norm / limiter
+    return phi / limiter, norm / limiter
 
 
 def state_free_residual(grad_t: Tensor, back_low: Tensor, rule: str) -> Tensor | None:

@@ -36,6 +36,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from ..kernels.adam import adam_direction_
+from ..kernels.adam8bit import adam8bit_direction_
+
 STATE_BITS = (32, 8)
 # The block sizes bitsandbytes' CUDA kernels accept; its CPU kernel takes any, but a checkpoint must
 # resume on either device.
@@ -177,6 +180,25 @@ def fp32_moments(state: dict, group: dict, *keys: str) -> Iterator[list[Tensor]]
     for (key, _), (codes, absmax) in zip(quantized, encoded):
         state[key].copy_(codes)
         state[key + ABSMAX_SUFFIX].copy_(absmax)
+
+
+def adam_direction(state: dict, group: dict, grad: Tensor, m_key: str = "exp_avg", v_key: str = "exp_avg_sq") -> Tensor:
+    """Update the Adam moments stored under ``m_key``/``v_key`` from ``grad`` and return the direction
+    ``m / (sqrt(v) + eps)``, whatever the moments' storage: through the fused kernels
+    (:mod:`slimtrain.kernels.adam`, :mod:`slimtrain.kernels.adam8bit`), which run their torch
+    references on CPU. An 8-bit update that would store NaN or inf raises ``ValueError`` and writes nothing."""
+    beta1, beta2 = group["betas"]
+    if not _quantized(state, m_key):
+        return adam_direction_(grad, state[m_key], state[v_key], beta1, beta2, group["eps"])
+    block_size = _block_size(state, m_key, group)
+    _block_size(state, v_key, group)
+    device = grad.device
+    return adam8bit_direction_(
+        grad,
+        state[m_key], state[m_key + ABSMAX_SUFFIX], dynamic_map(True, device),
+        state[v_key], state[v_key + ABSMAX_SUFFIX], dynamic_map(False, device),
+        beta1, beta2, group["eps"], block_size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _validation as V
 from . import quantized as Q
 from .base import LowRankAdamW, matrix_shape
-from .functional import adam_direction_, adam_step_size, sst_factor_grads
+from .functional import adam_step_size, sst_factor_grads
 
 
 class SSTAdamW(LowRankAdamW):
@@ -108,20 +108,18 @@ class SSTAdamW(LowRankAdamW):
         grad_s, grad_u, grad_v = sst_factor_grads(grad, u, v, idx)
 
         beta1, beta2 = group["betas"]
-        eps, lr = group["eps"], group["lr"]
+        lr = group["lr"]
         state["step"] += 1
         state["vec_step"] += 1
         state["iters"] += 1
-        with Q.fp32_moments(state, group, "exp_avg_s", "exp_avg_sq_s") as (exp_avg, exp_avg_sq):
-            dir_s = adam_direction_(grad_s, exp_avg, exp_avg_sq, beta1, beta2, eps)
+        dir_s = Q.adam_direction(state, group, grad_s, "exp_avg_s", "exp_avg_sq_s")
         if group["weight_decay"]:
             s.mul_(1.0 - lr * group["weight_decay"])
         s.add_(dir_s, alpha=-adam_step_size(lr, beta1, beta2, int(state["step"]))).clamp_(min=0)
 
         vec_size = adam_step_size(lr, beta1, beta2, int(state["vec_step"]))
         for key, factor, g in (("u", u, grad_u), ("v", v, grad_v)):
-            with Q.fp32_moments(state, group, f"exp_avg_{key}", f"exp_avg_sq_{key}") as (exp_avg, exp_avg_sq):
-                direction = adam_direction_(g, exp_avg, exp_avg_sq, beta1, beta2, eps)
+            direction = Q.adam_direction(state, group, g, f"exp_avg_{key}", f"exp_avg_sq_{key}")
             cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
             cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
             factor.index_copy_(1, idx, cols)

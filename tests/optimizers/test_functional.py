@@ -7,7 +7,7 @@ import torch
 from slimtrain.optimizers.functional import (
     adam_direction_,
     adam_step_size,
-    fira_residual,
+    fira_row_scale,
     rotate_moments_,
     state_free_residual,
 )
@@ -28,22 +28,24 @@ def test_adam_direction_and_step_size():
     assert math.isclose(adam_step_size(0.1, 0.9, 0.99, 3), 0.1 * math.sqrt(1 - 0.99**3) / (1 - 0.9**3))
 
 
-def test_fira_residual_definition_and_limiter():
+def test_fira_row_scale_definition_and_limiter():
     torch.manual_seed(0)
     g, low, direction, back = torch.randn(6, 5), torch.randn(6, 2), torch.randn(6, 2), torch.randn(6, 5)
-    s, norm = fira_residual(g, low, direction, back, None, 1.01)
+    row_sq = (g - back).square().sum(1)
+    scale, norm = fira_row_scale(low, direction, row_sq, None, 1.01)
+    s = scale[:, None] * (g - back)
     phi = direction.double().norm(dim=1) / (low.double().norm(dim=1) + 1e-8)
     ref = (g.double() - back.double()) * phi[:, None]
     torch.testing.assert_close(s.double(), ref)
     torch.testing.assert_close(norm.double(), ref.norm())
     # Growth above gamma is cut back to exactly gamma times the previous norm.
     prev = norm / 2
-    s2, norm2 = fira_residual(g, low, direction, back, prev, 1.01)
-    torch.testing.assert_close(s2.norm(), 1.01 * prev, rtol=1e-5, atol=0)
+    scale2, norm2 = fira_row_scale(low, direction, row_sq, prev, 1.01)
+    torch.testing.assert_close((scale2[:, None] * (g - back)).norm(), 1.01 * prev, rtol=1e-5, atol=0)
     torch.testing.assert_close(norm2, 1.01 * prev, rtol=1e-5, atol=0)
     # Shrinking is never amplified.
-    s3, _ = fira_residual(g, low, direction, back, norm * 10, 1.01)
-    torch.testing.assert_close(s3, s)
+    scale3, _ = fira_row_scale(low, direction, row_sq, norm * 10, 1.01)
+    torch.testing.assert_close(scale3, scale)
 
 
 def test_rotation_is_exact_for_shared_dct_rows():

@@ -45,6 +45,11 @@ class Projector:
         """The current ``r x n`` fp32 basis (materialized from compact state if need be)."""
         raise NotImplementedError
 
+    def dense_basis(self, state: dict, n: int, device: torch.device) -> Tensor | None:
+        """The basis as a dense matrix for the fused step kernels, or ``None`` where projecting is not a
+        matmul (column selection): the optimizer then uses :meth:`project` and :meth:`project_back`."""
+        return self.basis(state, n, device)
+
     def project(self, grad_t: Tensor, state: dict) -> Tensor:
         return grad_t @ self.basis(state, grad_t.shape[1], grad_t.device).T
 

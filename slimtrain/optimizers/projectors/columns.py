@@ -27,6 +27,9 @@ class ColumnsProjector(Projector):
         idx = state["proj_idx"]
         return torch.zeros(idx.numel(), n, device=device).scatter_(1, idx.view(-1, 1).to(device), 1.0)
 
+    def dense_basis(self, state: dict, n: int, device: torch.device) -> None:
+        return None  # an identity-rows matmul would cost m*r*n flops for what a gather does
+
     def project(self, grad_t: Tensor, state: dict) -> Tensor:
         return grad_t.index_select(1, state["proj_idx"])
 

@@ -6,8 +6,10 @@ n x n orthonormal DCT-II matrix, followed by a top-r over per-column norms of ``
 
 - ``"fft"`` (default): Makhoul's algorithm, one length-n FFT per row, O(m n log n); no n x n matrix
   is ever built.
-- ``"matmul"``: a dense ``G' @ C.T`` with ``C`` built once per distinct (n, device) and shared by all
-  layers. Faster on GPUs for moderate n; costs n^2 floats per distinct dimension.
+- ``"matmul"``: ``G' @ C.T`` with ``C`` built once per distinct (n, device) and shared by all
+  layers, reduced to the scores tile by tile without storing the product
+  (:func:`slimtrain.kernels.dct_scores.dct_scores`, a Triton kernel on CUDA). Faster on GPUs for
+  moderate n; costs n^2 floats per distinct dimension.
 
 The ``r`` selected basis rows are computed in closed form when needed (O(r n) cosines), so the
 optimizer state for a matrix is ``r`` int64 indices.
@@ -20,6 +22,7 @@ import math
 import torch
 from torch import Tensor
 
+from ...kernels.dct_scores import dct_scores
 from .._validation import check_choice
 from .base import Projector
 
@@ -82,11 +85,9 @@ class DCTProjector(Projector):
         self.backend = backend
 
     def scores(self, grad_t: Tensor) -> Tensor:
-        n = grad_t.shape[1]
-        if self.backend == "fft":
-            s = dct_ii(grad_t)
-        else:
-            s = grad_t @ dct_matrix(n, grad_t.device).T
+        if self.backend == "matmul":
+            return dct_scores(grad_t, dct_matrix(grad_t.shape[1], grad_t.device), self.norm)
+        s = dct_ii(grad_t)
         return s.abs().sum(0) if self.norm == 1 else s.square().sum(0)
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
