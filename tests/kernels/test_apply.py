@@ -122,3 +122,11 @@ def test_bad_inputs_name_the_parameter(change, message):
     with pytest.raises(ValueError, match=message):
         lowrank_apply_(change.get("weight", weight), change.get("direction", direction), change.get("basis", basis),
                        alpha=0.1, residual=residual)
+
+
+def test_autotuning_the_in_place_kernel_restores_the_weight():
+    from slimtrain.kernels import apply
+
+    # Each autotuning trial runs the kernel on the real weight; without restore_value the step would be
+    # applied once per trial. (Autotuning itself needs a GPU; on CPU the launcher uses one fixed tile.)
+    assert apply._lowrank_apply_tuned.restore_value == ["w_ptr"]
