@@ -2,8 +2,9 @@
 reuse them). Nothing here knows a particular method.
 
 * Seeds and random bases: :func:`stable_seed` (hashlib, never Python's salted ``hash()``),
-  :func:`cpu_generator`, :func:`uniform_on_cpu`. Bases are always drawn on a CPU ``torch.Generator`` and moved
-  to the target device, so CPU and GPU runs see bit-identical bases and the global RNG is never touched.
+  :func:`seeded_uniform` (a basis for a given ``GENERATOR_VERSION``), :func:`cpu_generator`,
+  :func:`uniform_on_cpu`. Bases come from counter-based Philox (:mod:`slimtrain.kernels.philox`), generated
+  on the target device with the same bits on CPU and GPU; the global RNG is never touched.
 * Input checks (:func:`check_int`, :func:`check_float`, :func:`check_choice`): ``ValueError`` naming the
   parameter, the value and what is allowed.
 * :func:`base_layer_kind`: which base layers a tuner may wrap; bitsandbytes 4-bit and anything else is
@@ -27,14 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.philox import philox_uniform
 from .registry import peft_api
 
 BaseTuner = peft_api.BaseTuner
 BaseTunerLayer = peft_api.BaseTunerLayer
 
-# Bump when the way bases are drawn from a seed changes; configs record it so old checkpoints can refuse
-# to load instead of silently regenerating different bases.
-GENERATOR_VERSION = 1
+# How bases are drawn from a seed; configs record it (``generator_version``) so that a checkpoint always gets
+# the bases it was trained with. Bump it whenever any basis changes, and keep the old path when cheap.
+#   1: a CPU Mersenne Twister (``torch.Generator``) per seed, moved to the device. Still loads exactly.
+#   2: Philox4x32-10 (:mod:`slimtrain.kernels.philox`), generated on the device (inside NOLA's kernels),
+#      bit-identical on CPU and GPU.
+GENERATOR_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------- seeds, bases
@@ -48,13 +53,26 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def seeded_uniform(shape: Iterable[int], seed: int, low: float, high: float, *, generator_version: int,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """fp32 U(low, high) of ``shape`` on ``device``, a pure function of (seed, generator_version).
+
+    Version 2 runs Philox on ``device`` itself (a GPU never waits for a CPU draw and a copy); version 1 is
+    the CPU generator of adapters saved before it, for exact reloads.
+    """
+    if generator_version == 1:
+        return uniform_on_cpu(shape, seed, low, high).to(device)
+    return philox_uniform(seed, tuple(shape), low, high, device=device)
+
+
 def cpu_generator(seed: int) -> torch.Generator:
     """A fresh CPU generator (Mersenne Twister) seeded with ``seed``; independent of ``torch.manual_seed``."""
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
 def uniform_on_cpu(shape: Iterable[int], seed: int, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
-    """fp32 tensor of U(low, high) drawn on a CPU generator seeded with ``seed`` (same bits on any host)."""
+    """fp32 tensor of U(low, high) drawn on a CPU generator seeded with ``seed`` (same bits on any host; the
+    bases of generator version 1)."""
     out = torch.empty(tuple(shape), dtype=torch.float32)
     return out.uniform_(low, high, generator=cpu_generator(seed))
 

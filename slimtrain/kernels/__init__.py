@@ -6,7 +6,9 @@ One file per op (Triton kernel, torch reference, launcher):
 - :mod:`.adam8bit`: the same on 8-bit blockwise moments (dequantize, update, requantize);
 - :mod:`.apply`: project a low-rank step back and apply it with weight decay and the Fira/FRUGAL
   residual, in place, never building the full-size update; the residual's row norms;
-- :mod:`.dct_scores`: the DCT projector's selection scores without the ``m x n`` product.
+- :mod:`.dct_scores`: the DCT projector's selection scores without the ``m x n`` product;
+- :mod:`.philox`: seeded random bases (Philox4x32-10) generated inside the kernels that use them:
+  materialize, combine (NOLA's forward), project (NOLA's backward); bit-identical to the torch reference.
 
 Every op dispatches through :mod:`._dispatch`: the kernel for CUDA tensors when Triton is installed,
 the reference elsewhere, either one forceable with :func:`set_backend` / :func:`use_backend` or the
@@ -20,6 +22,7 @@ from ._dispatch import BACKENDS, backends_used, get_backend, set_backend, use_ba
 from .adam import adam_direction_
 from .adam8bit import adam8bit_direction_
 from .apply import Residual, lowrank_apply_, residual_row_sq_norms
+from .philox import philox_bits, philox_combine, philox_project, philox_uniform
 
 __all__ = [
     "BACKENDS",
@@ -29,6 +32,10 @@ __all__ = [
     "backends_used",
     "get_backend",
     "lowrank_apply_",
+    "philox_bits",
+    "philox_combine",
+    "philox_project",
+    "philox_uniform",
     "residual_row_sq_norms",
     "set_backend",
     "use_backend",

@@ -1,5 +1,6 @@
 """slimtrain RandLoRA: same math as peft's RandLora (checked on its own bases), full rank, bases never saved
-and regenerated from the seed, every forward path agrees with every other."""
+and regenerated from the seed (Philox, unit variance; generator version 1 still reloads exactly), every
+forward path agrees with every other."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from safetensors import safe_open
 from torch import nn
 
 from slimtrain.adapters import RandLoraConfig
-from slimtrain.adapters.randlora import randlora_delta, scaled_bases
+from slimtrain.adapters._common import stable_seed
+from slimtrain.adapters.randlora import make_bases, randlora_delta, scaled_bases
+from slimtrain.kernels.philox import philox_uniform
 
 
 class MLP(nn.Module):
@@ -173,3 +176,44 @@ def test_fused_path_runs_one_matmul(monkeypatch):
     monkeypatch.setattr(layer.base_layer, "forward", lambda *a, **k: calls.append(1) or torch.zeros(1))
     layer(torch.randn(4, 48))
     assert calls == []
+
+
+def test_shared_bases_are_philox_with_unit_variance():
+    pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, seed=3))
+    bases = pm.base_model.slimrandlora_bases
+    # sized over all targets: d_max = 36 (lin1), D_max = 48 (lin0, lin1), n_max = ceil(36 / 8) = 5
+    bound = math.sqrt(3)
+    for part, shape in (("A", (8, 36)), ("B", (48, 5, 8))):
+        expected = philox_uniform(stable_seed("randlora", 2, 3, part), shape, -bound, bound)
+        assert torch.equal(bases[f"default_{part}"], expected)
+    # U(-sqrt(3), sqrt(3)): mean 0, variance 1; the sample variance of n draws has std sqrt(0.8 / n)
+    A, B = make_bases(0, 8, 512, 512, 64)
+    for basis in (A, B):
+        n = basis.numel()
+        assert abs(basis.mean().item()) < 6 * math.sqrt(1 / n)
+        assert abs(basis.var().item() - 1) < 6 * math.sqrt(0.8 / n)
+
+
+def test_generator_version_1_keeps_its_bases_and_reloads(tmp_path):
+    """Adapters saved before Philox: U(-1, 1) on a CPU generator divided by its empirical std."""
+    A, B = make_bases(3, 8, 36, 48, 5, generator_version=1)
+    for basis, part, shape in ((A, "A", (8, 36)), (B, "B", (48, 5, 8))):
+        g = torch.Generator().manual_seed(stable_seed("randlora", 1, 3, part))
+        legacy = torch.empty(shape).uniform_(-1, 1, generator=g)
+        assert torch.equal(basis, legacy / legacy.std())
+    pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, seed=3, generator_version=1))
+    assert torch.equal(pm.base_model.slimrandlora_bases["default_A"], A)
+    randomize(pm, "slimrandlora_")
+    x = torch.randn(3, 20)
+    y = pm(x)
+    pm.save_pretrained(tmp_path)
+    torch.testing.assert_close(PeftModel.from_pretrained(MLP(), tmp_path)(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bases_built_on_the_gpu_equal_the_cpu_ones():
+    cpu = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model.slimrandlora_bases
+    gpu = get_peft_model(MLP().cuda(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model.slimrandlora_bases
+    for key in ("default_A", "default_B"):
+        assert gpu[key].is_cuda
+        assert torch.equal(gpu[key].cpu(), cpu[key])

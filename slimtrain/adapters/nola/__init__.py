@@ -2,9 +2,10 @@
 
 from ..registry import register_method
 from .config import NolaConfig
-from .layer import CombineBases, Linear, NolaLayer, combine_bases_reference
+from .layer import CombineBases, LegacyBases, Linear, NolaLayer, RandomBases, random_bases
 from .model import NolaModel
 
 register_method("nola", NolaConfig, NolaModel, prefix="nola_")
 
-__all__ = ["NolaConfig", "NolaModel", "NolaLayer", "Linear", "CombineBases", "combine_bases_reference"]
+__all__ = ["NolaConfig", "NolaModel", "NolaLayer", "Linear", "CombineBases", "RandomBases", "LegacyBases",
+           "random_bases"]

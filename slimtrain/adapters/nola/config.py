@@ -21,8 +21,9 @@ class NolaConfig(SlimConfig):
         B =      sum_j b_j V_j,  V_j ~ U(-1, 1) / sqrt(l)   (out x r)
         y = W x + (nola_alpha / r) * B A dropout(x)
 
-    a = b = 0 at init, so the output equals the base model; the frozen A0 keeps d/db non-zero. A0, U, V are
-    drawn on a CPU generator seeded from (``seed``, module name), in blocks of 32 bases, and never stored.
+    a = b = 0 at init, so the output equals the base model; the frozen A0 keeps d/db non-zero. A0, U, V come
+    from a counter-based Philox generator seeded from (``seed``, module name): the fused kernels regenerate
+    U and V in forward and backward and never store them, and the bases are bit-identical on CPU and GPU.
 
     Args:
         r (int, default 8): rank of A and B. Costs compute, not parameters.
@@ -37,7 +38,10 @@ class NolaConfig(SlimConfig):
         use_dora (bool, default False): DoRA re-scaling W' = m (W + dW) / ||W + dW||_row on top (+out params).
         dora_eps (float, default 1e-12): rows with ||W + dW|| <= eps keep g = 1 (no NaN on all-zero rows).
         init_weights (bool, default True): False draws non-zero coefficients (tests only).
-        generator_version (int): how bases are drawn from seeds; loading a checkpoint with another value fails.
+        generator_version (int, default 2): how bases are drawn from seeds, recorded in adapter_config.json.
+            2: Philox (``slimtrain.kernels.philox``). 1: the CPU Mersenne Twister of adapters saved before
+            version 2, kept so they reload with their exact bases (drawn on CPU and copied: slower on GPU).
+            Other values raise ``ValueError``.
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in LoraConfig.
     """
 
@@ -63,5 +67,5 @@ class NolaConfig(SlimConfig):
         check_float("nola_dropout", self.nola_dropout, 0.0, 1.0, high_open=True)
         check_float("dora_eps", self.dora_eps, 0.0, 1.0)
         check_int("seed", self.seed, 0)
-        check_int("generator_version", self.generator_version, GENERATOR_VERSION, GENERATOR_VERSION)
+        check_int("generator_version", self.generator_version, 1, GENERATOR_VERSION)
         self._check_common()

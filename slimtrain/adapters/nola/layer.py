@@ -1,81 +1,116 @@
-"""NOLA layer: A and B regenerated from seeds on every forward, in blocks, combined with trainable
-coefficients by a custom autograd function that never keeps the bases between forward and backward."""
+"""NOLA layer: A = A0 + sum_i a_i U_i and B = sum_j b_j V_j, where the random bases U, V are regenerated from
+seeds by the fused Philox kernels (:mod:`slimtrain.kernels.philox`) in forward and again in backward. The
+bases are never stored and, on the Triton path, never written to memory at all."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._common import DeltaLayer, stable_seed, uniform_on_cpu
+from ...kernels.philox import philox_combine, philox_project, philox_uniform
+from .._common import DeltaLayer, seeded_uniform, stable_seed, uniform_on_cpu
 from .config import NolaConfig
 
-# Bases are drawn in blocks of this many, each block from its own seed, so one block is the most that is
-# ever materialized (k=512, r=16, in=4096 would be 134 MB at once; a block of 32 is 8.4 MB). Part of the
-# generator definition: changing it changes the bases (bump GENERATOR_VERSION).
-BLOCK = 32
+# Part of generator version 1's definition: bases were drawn in blocks of this many, each from its own CPU
+# generator. Version 2 has no blocks (the kernels generate any element directly).
+LEGACY_BLOCK = 32
 
 
-def basis_block(seed: int, block: int, num_basis: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Bases ``block*BLOCK .. min(num_basis, (block+1)*BLOCK)`` as an fp32 CPU tensor (n, *shape)."""
-    n = min(BLOCK, num_basis - block * BLOCK)
-    return uniform_on_cpu((n, *shape), stable_seed(seed, block)).div_(math.sqrt(num_basis))
+@dataclass(frozen=True)
+class RandomBases:
+    """The ``num_basis`` frozen bases of ``shape`` that one coefficient vector mixes: U_i ~ U(-1, 1) / sqrt(k)
+    with k = ``num_basis`` (so sum_i a_i U_i keeps its scale as k grows), a pure function of ``seed``.
+
+    This describes the bases; it holds no tensor. Generator version 2: Philox, generated inside the kernels.
+    """
+
+    seed: int
+    num_basis: int
+    shape: tuple[int, int]
+
+    @property
+    def bound(self) -> float:
+        return 1.0 / math.sqrt(self.num_basis)
+
+    def combine(self, coef: torch.Tensor) -> torch.Tensor:
+        """sum_i coef[i] U_i, of ``shape``."""
+        return philox_combine(coef, self.seed, self.shape, -self.bound, self.bound)
+
+    def project(self, grad: torch.Tensor) -> torch.Tensor:
+        """[<grad, U_i>_F for each i]: the gradient of :meth:`combine` w.r.t. ``coef``."""
+        return philox_project(grad, self.seed, self.num_basis, -self.bound, self.bound)
+
+    def materialize(self, like: torch.Tensor) -> torch.Tensor:
+        """All bases as one (num_basis, *shape) tensor on ``like``'s device and dtype (for ``cache_bases``)."""
+        return philox_uniform(self.seed, self.shape, -self.bound, self.bound, num_basis=self.num_basis,
+                              device=like.device).to(like.dtype)
 
 
-def combine_bases_reference(coef: torch.Tensor, seed: int, shape: tuple[int, int]) -> torch.Tensor:
-    """sum_i coef[i] * U_i with every basis materialized at once; the definition the fused path must match."""
-    k = coef.numel()
-    bases = torch.cat([basis_block(seed, b, k, shape) for b in range(math.ceil(k / BLOCK))])
-    return torch.einsum("k,kij->ij", coef.detach().cpu().double(), bases.double())
+class LegacyBases(RandomBases):
+    """Generator version 1, kept so adapters saved with it reload with their exact bases: blocks of
+    ``LEGACY_BLOCK`` bases, each drawn as U(-1, 1) on a CPU generator seeded by (seed, block), divided by
+    sqrt(k) and copied to the device (at most one block exists at a time)."""
+
+    def _block(self, b: int, like: torch.Tensor) -> torch.Tensor:
+        n = min(LEGACY_BLOCK, self.num_basis - b * LEGACY_BLOCK)
+        block = uniform_on_cpu((n, *self.shape), stable_seed(self.seed, b)).div_(math.sqrt(self.num_basis))
+        return block.to(device=like.device, dtype=like.dtype)
+
+    def _blocks(self) -> range:
+        return range(math.ceil(self.num_basis / LEGACY_BLOCK))
+
+    def combine(self, coef: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=coef.dtype, device=coef.device)
+        for b in self._blocks():
+            block = self._block(b, coef)
+            out += torch.tensordot(coef[b * LEGACY_BLOCK : b * LEGACY_BLOCK + block.shape[0]], block, dims=1)
+        return out
+
+    def project(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.tensordot(self._block(b, grad), grad, dims=2) for b in self._blocks()])
+
+    def materialize(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._block(b, like) for b in self._blocks()])
 
 
-def _block_on(seed, b, k, shape, like: torch.Tensor, cache: dict | None) -> torch.Tensor:
-    if cache is None:
-        return basis_block(seed, b, k, shape).to(device=like.device, dtype=like.dtype)
-    key = (seed, b, like.device, like.dtype)
-    if key not in cache:
-        cache[key] = basis_block(seed, b, k, shape).to(device=like.device, dtype=like.dtype)
-    return cache[key]
+def random_bases(seed: int, num_basis: int, shape: tuple[int, int], generator_version: int) -> RandomBases:
+    """The bases that ``generator_version`` (recorded in the adapter's config) defines for this seed."""
+    return (LegacyBases if generator_version == 1 else RandomBases)(seed, num_basis, tuple(shape))
 
 
 class CombineBases(torch.autograd.Function):
-    """M = sum_i coef[i] U_i, U_i regenerated block by block in forward and again in backward (or read from
-    ``cache``, a dict the caller owns, when basis caching is on).
+    """M = sum_i coef[i] U_i with U_i regenerated from ``bases`` in forward and again in backward.
 
-    Backward: dL/dcoef[i] = <dL/dM, U_i>_F. Nothing but the seed and shape is saved for backward.
+    Backward: dL/dcoef[i] = <dL/dM, U_i>_F (:meth:`RandomBases.project`). Nothing but the bases' description
+    (seed, count, shape) is kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, coef: torch.Tensor, seed: int, shape: tuple[int, int], cache: dict | None = None):
-        k = coef.numel()
-        out = torch.zeros(shape, dtype=coef.dtype, device=coef.device)
-        for b in range(math.ceil(k / BLOCK)):
-            block = _block_on(seed, b, k, shape, coef, cache)
-            out += torch.tensordot(coef[b * BLOCK : b * BLOCK + block.shape[0]], block, dims=1)
-        ctx.seed, ctx.shape, ctx.k, ctx.cache = seed, shape, k, cache
-        return out
+    def forward(ctx, coef: torch.Tensor, bases: RandomBases) -> torch.Tensor:
+        ctx.bases = bases
+        return bases.combine(coef)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grads = []
-        for b in range(math.ceil(ctx.k / BLOCK)):
-            block = _block_on(ctx.seed, b, ctx.k, ctx.shape, grad, ctx.cache)
-            grads.append(torch.tensordot(block, grad, dims=2))
-        return torch.cat(grads), None, None, None
+        return ctx.bases.project(grad), None
 
 
 class NolaLayer(DeltaLayer):
     adapter_layer_names = ("nola_coef_A", "nola_coef_B", "nola_magnitude")
-    other_param_names = ("nola_dropout", "r", "scaling", "seeds", "basis_cache", "use_dora", "dora_eps")
+    other_param_names = ("nola_dropout", "r", "scaling", "seeds", "generator_version", "basis_cache", "use_dora",
+                         "dora_eps")
     magnitude_name = "nola_magnitude"
     method_name = "nola"
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self._init_base(base_layer, **kwargs)
         self.r: dict[str, int] = {}
-        self.seeds: dict[str, tuple[int, int, int]] = {}
+        self.seeds: dict[str, tuple[int, int, int]] = {}  # (A0, A, B)
+        self.generator_version: dict[str, int] = {}
         self.nola_coef_A = nn.ParameterDict({})
         self.nola_coef_B = nn.ParameterDict({})
         self.nola_magnitude = nn.ParameterDict({})
@@ -88,6 +123,7 @@ class NolaLayer(DeltaLayer):
         self.seeds[adapter_name] = tuple(
             stable_seed("nola", config.generator_version, config.seed, key, part) for part in ("A0", "A", "B")
         )
+        self.generator_version[adapter_name] = config.generator_version
         self.basis_cache[adapter_name] = {} if config.cache_bases else None
         self.nola_dropout[adapter_name] = nn.Dropout(config.nola_dropout) if config.nola_dropout > 0 else nn.Identity()
         k, l = config.num_basis_A, config.num_basis_B
@@ -109,18 +145,40 @@ class NolaLayer(DeltaLayer):
     def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of shapes (r, in) and (out, r), differentiable in the coefficients."""
         coef_A, coef_B = self.nola_coef_A[adapter], self.nola_coef_B[adapter]
-        seed_A0, seed_A, seed_B = self.seeds[adapter]
-        r = self.r[adapter]
-        bound = 1.0 / math.sqrt(self.in_features)  # LoRA's A init range (kaiming_uniform with a=sqrt(5))
-        cache = self.basis_cache[adapter]
-        a0 = cache.get(("A0", coef_A.device, coef_A.dtype)) if cache is not None else None
-        if a0 is None:
-            a0 = uniform_on_cpu((r, self.in_features), seed_A0, -bound, bound).to(coef_A.device, coef_A.dtype)
-            if cache is not None:
-                cache[("A0", coef_A.device, coef_A.dtype)] = a0
-        A = a0 + CombineBases.apply(coef_A, seed_A, (r, self.in_features), cache)
-        B = CombineBases.apply(coef_B, seed_B, (self.out_features, r), cache)
+        _, seed_A, seed_B = self.seeds[adapter]
+        version, r = self.generator_version[adapter], self.r[adapter]
+        bases_A = random_bases(seed_A, coef_A.numel(), (r, self.in_features), version)
+        bases_B = random_bases(seed_B, coef_B.numel(), (self.out_features, r), version)
+        A = self._frozen_a0(adapter, coef_A) + self._mix(adapter, "A", coef_A, bases_A)
+        B = self._mix(adapter, "B", coef_B, bases_B)
         return A, B
+
+    def _cached(self, adapter: str, name: str, like: torch.Tensor, make) -> torch.Tensor:
+        """``make()``, kept between calls per (name, device, dtype) when ``cache_bases`` is on."""
+        cache = self.basis_cache[adapter]
+        if cache is None:
+            return make()
+        key = (name, like.device, like.dtype)
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def _frozen_a0(self, adapter: str, like: torch.Tensor) -> torch.Tensor:
+        """A0 ~ U(-1/sqrt(in), 1/sqrt(in)) (LoRA's A init range): keeps d/db non-zero while a = b = 0."""
+        bound = 1.0 / math.sqrt(self.in_features)
+
+        def make() -> torch.Tensor:
+            a0 = seeded_uniform((self.r[adapter], self.in_features), self.seeds[adapter][0], -bound, bound,
+                                generator_version=self.generator_version[adapter], device=like.device)
+            return a0.to(like.dtype)
+
+        return self._cached(adapter, "A0", like, make)
+
+    def _mix(self, adapter: str, name: str, coef: torch.Tensor, bases: RandomBases) -> torch.Tensor:
+        """sum_i coef[i] U_i: regenerated in the fused kernels, or one matmul over the cached bases."""
+        if self.basis_cache[adapter] is None:
+            return CombineBases.apply(coef, bases)
+        return torch.tensordot(coef, self._cached(adapter, name, coef, lambda: bases.materialize(coef)), dims=1)
 
     def adapter_output(self, adapter: str, x: torch.Tensor, want_delta: bool):
         A, B = self.factors(adapter)

@@ -18,12 +18,14 @@ class RandLoraConfig(SlimConfig):
     For a layer with d = min(in, out), D = max(in, out) and n = ceil(d / r)::
 
         dW (D x d) = (alpha / r) * sum_{j<n} B_j diag(lambda_j) A diag(gamma_j)
-        B_j: D x r and A: r x d frozen, unit-std, shared by all layers (sliced), regenerated from ``seed``
+        B_j: D x r and A: r x d frozen, unit variance, shared by all layers (sliced), regenerated from ``seed``
         lambda: (r, n) init 0 (so dW = 0 at init), gamma: (n, d) init 1/D     -> r*n + n*d trainable
         dW is transposed when out < in.
 
     Differences from ``peft.RandLoraConfig`` (same math, checked against it in tests): the bases are never
-    written to the checkpoint (PEFT 0.21.2 writes them once per layer: 2.2 GB for a 3B model); and the
+    written to the checkpoint (PEFT 0.21.2 writes them once per layer: 2.2 GB for a 3B model) but generated
+    from the seed by Philox on the model's device as U(-sqrt(3), sqrt(3)) (PEFT divides a Kaiming-uniform
+    draw by its empirical std: the same unit variance, but not bit-identical across devices); and the
     forward picks, per call, between PEFT's factored path (x -> rank n*r -> out) and a dense path that
     builds dW once per forward and, when it can, folds it into the base matmul ``F.linear(x, W + dW)``;
     dense is cheaper once the call has more tokens than about in*out/(in+out).
@@ -37,7 +39,9 @@ class RandLoraConfig(SlimConfig):
         forward_mode ("auto" | "factored" | "dense", default "auto").
         use_dora (bool, default False), dora_eps (float, default 1e-12): DoRA re-scaling on top (+out params).
         init_weights (bool, default True): False draws non-zero lambda (tests only).
-        generator_version (int): how bases are drawn from the seed.
+        generator_version (int, default 2): how bases are drawn from the seed, recorded in adapter_config.json.
+            2: Philox on the model's device, U(-sqrt(3), sqrt(3)). 1: the CPU generator and empirical-std
+            scaling of adapters saved before version 2 (still reload exactly). Other values raise ``ValueError``.
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in LoraConfig.
 
     Not supported: PEFT's ``sparse``/``very_sparse`` ternary bases (no speed or memory benefit there either).
@@ -62,7 +66,7 @@ class RandLoraConfig(SlimConfig):
         check_float("dora_eps", self.dora_eps, 0.0, 1.0)
         check_int("seed", self.seed, 0)
         check_choice("forward_mode", self.forward_mode, FORWARD_MODES)
-        check_int("generator_version", self.generator_version, GENERATOR_VERSION, GENERATOR_VERSION)
+        check_int("generator_version", self.generator_version, 1, GENERATOR_VERSION)
         self._check_common()
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.philox import philox_uniform
 from .._common import GENERATOR_VERSION, DeltaLayer, stable_seed, uniform_on_cpu
 from .config import RandLoraConfig
 
@@ -81,12 +82,28 @@ def randlora_delta(A, B, lam, gam, scaling: float) -> torch.Tensor:
     return (B.reshape(B.shape[0], n * r) @ scaled_bases(A, lam, gam)) * scaling
 
 
-def make_bases(seed: int, r: int, d_max: int, D_max: int, n_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared bases A (r, d_max) and B (D_max, n_max, r), fp32 on CPU, each rescaled to unit empirical std
-    (as PEFT does), drawn from generators seeded by (seed, name)."""
-    A = uniform_on_cpu((r, d_max), stable_seed("randlora", GENERATOR_VERSION, seed, "A"))
-    B = uniform_on_cpu((D_max, n_max, r), stable_seed("randlora", GENERATOR_VERSION, seed, "B"))
-    return A / A.std(), B / B.std()
+def make_bases(seed: int, r: int, d_max: int, D_max: int, n_max: int, *, generator_version: int = GENERATOR_VERSION,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared bases A (r, d_max) and B (D_max, n_max, r), fp32 on ``device``, with unit variance.
+
+    Version 2: U(-sqrt(3), sqrt(3)) from Philox on ``device`` (bit-identical on CPU and GPU; no CPU draw and
+    copy). PEFT instead rescales by the empirical std, whose last bits depend on the device's reduction
+    order; the exact variance of U(-sqrt(3), sqrt(3)) is 1, and the empirical std differs from it by
+    O(1/sqrt(numel)). Version 1 (adapters saved before): U(-1, 1) on a CPU generator over its empirical std.
+
+    These bases are kept in memory (one pair per adapter, shared by all layers: about one weight of the
+    largest targeted layer), not generated inside the kernels as NOLA's are: the factored and dense paths
+    use them as matmul operands, which would need Philox-operand matmul kernels for x B_f^T, g B_f and
+    B_f A_f, forward and backward.
+    """
+    seed_A, seed_B = (stable_seed("randlora", generator_version, seed, part) for part in ("A", "B"))
+    if generator_version == 1:
+        A, B = uniform_on_cpu((r, d_max), seed_A), uniform_on_cpu((D_max, n_max, r), seed_B)
+        return (A / A.std()).to(device), (B / B.std()).to(device)
+    bound = math.sqrt(3.0)
+    A = philox_uniform(seed_A, (r, d_max), -bound, bound, device=device)
+    B = philox_uniform(seed_B, (D_max, n_max, r), -bound, bound, device=device)
+    return A, B
 
 
 class RandLoraLayer(DeltaLayer):

@@ -1,5 +1,5 @@
-"""RandLoRA tuner: builds the shared bases once per adapter (from the seed, never saved) and wraps the
-targeted layers."""
+"""RandLoRA tuner: builds the shared bases once per adapter (from the seed, on the model's device, never
+saved) and wraps the targeted layers."""
 
 from __future__ import annotations
 
@@ -48,10 +48,11 @@ class RandLoraModel(SlimTuner):
             return  # no target: PEFT raises its own "target modules not found" error next
         if not hasattr(self, "slimrandlora_bases") or self.slimrandlora_bases is None:
             self.slimrandlora_bases = peft_api.BufferDict({}, persistent=False)
-        A, B = make_bases(config.seed, config.r, d_max, D_max, math.ceil(d_max / config.r))
         device = next((p.device for p in model.parameters()), None)
-        self.slimrandlora_bases[f"{adapter_name}_A"] = A.to(device)
-        self.slimrandlora_bases[f"{adapter_name}_B"] = B.to(device)
+        A, B = make_bases(config.seed, config.r, d_max, D_max, math.ceil(d_max / config.r),
+                          generator_version=config.generator_version, device=device)
+        self.slimrandlora_bases[f"{adapter_name}_A"] = A
+        self.slimrandlora_bases[f"{adapter_name}_B"] = B
 
     def _layer_extras(self, config, adapter_name: str) -> dict:
         self._ensure_bases(self.model, config, adapter_name)
