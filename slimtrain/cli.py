@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("slimtrain.recipes.pretrain", "pre-train a small LLaMA on Shakespeare with a low-rank optimizer"),
     "memory": ("slimtrain.memory", "weights, gradients and optimizer state in GB per model component"),
     "finetune": ("slimtrain.recipes.finetune", "fine-tune MiniLM with a PEFT adapter to tell Shakespeare's comedies, histories and tragedies apart"),
+    "deepspeed": ("slimtrain.recipes.deepspeed", "launch the pretrain recipe on N ranks under DeepSpeed ZeRO 1, 2 or 3"),
 }
 
 

@@ -26,8 +26,10 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--data", nargs="+", default=None, metavar="FILE",
       help="text files, one document each, split into train/validation by file (default: Shakespeare)")
     a("--out", required=True, help="output directory (must be new or empty unless --resume/--overwrite)")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt with the same arguments")
+    a("--resume", action="store_true", help="continue from the checkpoint in OUT, with the same arguments")
     a("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
     a("--stop-at", type=int, default=None, metavar="STEP",
       help="stop after STEP steps (checkpointing there) without changing the schedule; continue with --resume")
@@ -79,12 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return add_arguments(parser).parse_args(argv)
 
 
-def validate(cfg: argparse.Namespace, allowed_optimizers: tuple[str, ...] = OPTIMIZER_NAMES) -> argparse.Namespace:
+def validate(
+    cfg: argparse.Namespace, allowed_optimizers: tuple[str, ...] = OPTIMIZER_NAMES, checkpoint: str = CHECKPOINT
+) -> argparse.Namespace:
     """Check every argument before anything heavy; raise ``ValueError``/``FileNotFoundError`` naming it.
 
     Fills in ``cfg.rank`` and ``cfg.data`` (the Shakespeare files by default). Cheap: builds a config,
     not a model, and reads no data. ``allowed_optimizers`` lets the benchmarks add the reference
-    implementations, which the command line does not offer.
+    implementations, which the command line does not offer; ``checkpoint`` is the file under ``--out``
+    that ``--resume`` needs (the DeepSpeed recipe keeps a directory and its ``latest`` file instead).
     """
     check_optimizer_name(cfg.optimizer, allowed_optimizers)
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "threads"):
@@ -118,18 +123,18 @@ def validate(cfg: argparse.Namespace, allowed_optimizers: tuple[str, ...] = OPTI
     if cfg.update_proj_gap is not None and cfg.update_proj_gap < 1:
         raise ValueError(f"Invalid --update-proj-gap: {cfg.update_proj_gap} (expected an integer >= 1)")
     if cfg.out is not None:
-        _check_out(cfg)
+        _check_out(cfg, checkpoint)
     return cfg
 
 
-def _check_out(cfg: argparse.Namespace) -> None:
+def _check_out(cfg: argparse.Namespace, checkpoint: str) -> None:
     if cfg.resume and cfg.overwrite:
         raise ValueError("Invalid --resume with --overwrite: pick one (continue the run in --out, or replace it)")
     non_empty = os.path.isdir(cfg.out) and bool(os.listdir(cfg.out))
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"Invalid --out: {cfg.out!r} is a file (expected a directory)")
     if cfg.resume:
-        ckpt = os.path.join(cfg.out, CHECKPOINT)
+        ckpt = os.path.join(cfg.out, checkpoint)
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"Invalid --resume: no checkpoint at {ckpt}")
         with open(os.path.join(cfg.out, CONFIG)) as f:
@@ -176,88 +181,166 @@ def load_data(cfg: argparse.Namespace) -> tuple[Splits, BlockBatches]:
     return splits, batches
 
 
-def run(cfg: argparse.Namespace, data: tuple[Splits, BlockBatches] | None = None) -> dict:
-    """Train as ``cfg`` says (already validated) and return the summary; writes files if ``cfg.out``."""
-    torch.set_num_threads(cfg.threads)
-    splits, batches = load_data(cfg) if data is None else data
+def next_byte_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats per byte) of the model's next-byte predictions for inputs ``x``."""
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def build_model_and_optimizer(cfg: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The seeded model and its optimizer, as ``cfg`` (already validated) says."""
     model = build_model(model_config(cfg.model, VOCAB_SIZE, cfg.seq_len), cfg.seed)
     optimizer = build_optimizer(
         cfg.optimizer, model, lr=cfg.lr, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
         scale=cfg.scale, weight_decay=cfg.weight_decay, density=cfg.density,
     )
+    return model, optimizer
+
+
+def lr_schedule(cfg: argparse.Namespace) -> Callable[[int], float]:
+    """The ``LambdaLR`` factor for ``cfg``: warm-up (``--warmup``, default a tenth of the steps), then cosine."""
     warmup = cfg.steps // 10 if cfg.warmup is None else cfg.warmup
 
     def schedule(step: int) -> float:
         return lr_factor(step, warmup, cfg.steps)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return schedule
 
-    start, elapsed, train_time, rows = 0, 0.0, 0.0, []
-    if cfg.out is not None:
-        os.makedirs(cfg.out, exist_ok=True)
-        if cfg.resume:
-            ckpt = torch.load(os.path.join(cfg.out, CHECKPOINT), weights_only=True)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["rng"])
-            start, elapsed, train_time = ckpt["step"], ckpt["elapsed_s"], ckpt["train_s"]
-            rows = [r for r in _read_metrics(os.path.join(cfg.out, METRICS)) if int(r["step"]) <= start]
-        else:
-            for name in (CONFIG, METRICS, PLOT, CHECKPOINT, SUMMARY):  # --overwrite: no stale outputs
-                if os.path.exists(os.path.join(cfg.out, name)):
-                    os.remove(os.path.join(cfg.out, name))
-            with open(os.path.join(cfg.out, CONFIG), "w") as f:
-                json.dump(_run_args(cfg), f, indent=2)
-        _write_metrics(os.path.join(cfg.out, METRICS), rows)
 
+class LocalSteps:
+    """Training in this process: ``loss.backward()``, ``optimizer.step()`` and one ``checkpoint.pt``.
+
+    :func:`train` drives any object with this interface; ``recipes/deepspeed.py`` has the DeepSpeed
+    one (``engine.backward``/``engine.step``, DeepSpeed checkpoints, rank 0 writing the files).
+    """
+
+    is_main = True  # this process writes the files and shows the progress bar
+    checkpoint = CHECKPOINT  # what --overwrite removes under --out, with the other outputs
+
+    def __init__(self, cfg: argparse.Namespace):
+        self.model, self.optimizer = build_model_and_optimizer(cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
+
+    def lr(self) -> float:
+        """The learning rate the next step uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on the batch; returns its loss."""
+        loss = next_byte_loss(self.model, x, y)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def save(self, out: str, step: int, elapsed: float, train_time: float) -> None:
+        ckpt = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), rng=torch.get_rng_state(), step=step,
+                    elapsed_s=elapsed, train_s=train_time)
+        path = os.path.join(out, CHECKPOINT)
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a run killed mid-save keeps its previous checkpoint
+
+    def load(self, out: str) -> tuple[int, float, float]:
+        """Restore the checkpoint in ``out``; returns (step, elapsed seconds, training seconds) at the save."""
+        ckpt = torch.load(os.path.join(out, CHECKPOINT), weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        return ckpt["step"], ckpt["elapsed_s"], ckpt["train_s"]
+
+    def summary(self) -> dict:
+        """Fields of ``summary.json`` that only the training backend knows."""
+        return dict(optimizer_state_bytes=optimizer_state_bytes(self.optimizer))
+
+
+def run(cfg: argparse.Namespace, data: tuple[Splits, BlockBatches] | None = None) -> dict:
+    """Train as ``cfg`` says (already validated) and return the summary; writes files if ``cfg.out``."""
+    torch.set_num_threads(cfg.threads)
+    splits, batches = load_data(cfg) if data is None else data
+    return train(cfg, splits, batches, LocalSteps(cfg))
+
+
+def train(cfg: argparse.Namespace, splits: Splits, batches: BlockBatches, steps) -> dict:
+    """The training loop, metrics, progress bar, checkpoints and outputs, for one process or many.
+
+    ``steps`` is a :class:`LocalSteps` or the DeepSpeed recipe's counterpart, with the same members
+    (``model``, ``is_main``, ``checkpoint``, ``lr()``, ``step(x, y)``, ``save``, ``load``, ``summary()``).
+    Every process runs the same loop (under DeepSpeed, forward passes and checkpoints are collective);
+    only ``steps.is_main`` writes files and shows progress. Returns the summary.
+    """
+    start, elapsed, train_time = steps.load(cfg.out) if cfg.out is not None and cfg.resume else (0, 0.0, 0.0)
+    writes = cfg.out is not None and steps.is_main
+    rows = _open_outputs(cfg, start, steps.checkpoint) if writes else []
     stop = cfg.steps if cfg.stop_at is None else cfg.stop_at
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_run = time.perf_counter() - elapsed
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.optimizer} {cfg.model}", disable=not cfg.progress,
-               dynamic_ncols=True, leave=cfg.out is not None)
-    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.optimizer} {cfg.model}",
+               disable=not (cfg.progress and steps.is_main), dynamic_ncols=True, leave=cfg.out is not None)
+    steps.model.train()
     for step in range(start, stop):
         x, y = batches.batch(step)
+        lr = steps.lr()
         t0 = time.perf_counter()
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = steps.step(x, y)
         dt = time.perf_counter() - t0
         train_time += dt
         done = step + 1
         val_loss = None
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            val_loss = evaluate(model, splits.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        row = dict(step=done, train_loss=f"{loss.item():.6f}", val_loss="" if val_loss is None else f"{val_loss:.6f}",
+            val_loss = evaluate(steps.model, splits.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        row = dict(step=done, train_loss=f"{loss:.6f}", val_loss="" if val_loss is None else f"{val_loss:.6f}",
                    lr=f"{lr:.6g}", tokens=done * tokens_per_step, elapsed_s=f"{time.perf_counter() - t_run:.2f}",
                    tokens_per_s=f"{done * tokens_per_step / max(train_time, 1e-9):.0f}")
         rows.append(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=_last_val(rows), tok_s=f"{tokens_per_step / dt:.0f}")
-        if cfg.out is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", val=_last_val(rows), tok_s=f"{tokens_per_step / dt:.0f}")
+        save = cfg.out is not None and (val_loss is not None or done == stop)
+        if writes:
             _append_metric(os.path.join(cfg.out, METRICS), row)
-            if val_loss is not None or done == stop:
-                _save_checkpoint(cfg.out, model, optimizer, scheduler, done, time.perf_counter() - t_run, train_time)
-                _plot(rows, os.path.join(cfg.out, PLOT), f"{cfg.model} / {cfg.optimizer}")
+        if save:
+            steps.save(cfg.out, done, time.perf_counter() - t_run, train_time)
+        if writes and save:
+            _plot(rows, os.path.join(cfg.out, PLOT), f"{cfg.model} / {cfg.optimizer}")
     bar.close()
 
-    summary = _summary(cfg, rows, optimizer, time.perf_counter() - t_run, train_time)
-    if cfg.out is not None:
+    summary = _summary(cfg, rows, steps.summary(), time.perf_counter() - t_run, train_time)
+    if writes:
         with open(os.path.join(cfg.out, SUMMARY), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _open_outputs(cfg: argparse.Namespace, start: int, checkpoint: str) -> list[dict]:
+    """Create ``--out`` for a run starting at ``start``; returns the metric rows already there.
+
+    A resumed run keeps the rows up to its checkpoint; a new one removes what an earlier run left
+    (``--overwrite``) and records its arguments.
+    """
+    os.makedirs(cfg.out, exist_ok=True)
+    rows = []
+    if cfg.resume:
+        rows = [r for r in _read_metrics(os.path.join(cfg.out, METRICS)) if int(r["step"]) <= start]
+    else:
+        for name in (CONFIG, METRICS, PLOT, checkpoint, SUMMARY):  # --overwrite: no stale outputs
+            path = os.path.join(cfg.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        with open(os.path.join(cfg.out, CONFIG), "w") as f:
+            json.dump(_run_args(cfg), f, indent=2)
+    _write_metrics(os.path.join(cfg.out, METRICS), rows)
+    return rows
 
 
 def _last_val(rows: list[dict]) -> str:
     return next((r["val_loss"][:5] for r in reversed(rows) if r["val_loss"]), "-")
 
 
-def _summary(cfg, rows, optimizer, elapsed: float, train_time: float) -> dict:
+def _summary(cfg, rows, backend: dict, elapsed: float, train_time: float) -> dict:
     vals = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
     final_val = vals[-1][1] if vals else None
     return dict(
@@ -271,7 +354,7 @@ def _summary(cfg, rows, optimizer, elapsed: float, train_time: float) -> dict:
         elapsed_s=elapsed,
         train_s=train_time,
         tokens_per_s=float(rows[-1]["tokens_per_s"]) if rows else None,
-        optimizer_state_bytes=optimizer_state_bytes(optimizer),
+        **backend,
     )
 
 
@@ -290,14 +373,6 @@ def _write_metrics(path: str, rows: list[dict]) -> None:
 def _append_metric(path: str, row: dict) -> None:
     with open(path, "a", newline="") as f:
         csv.DictWriter(f, CSV_FIELDS).writerow(row)
-
-
-def _save_checkpoint(out, model, optimizer, scheduler, step: int, elapsed: float, train_time: float) -> None:
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                rng=torch.get_rng_state(), step=step, elapsed_s=elapsed, train_s=train_time)
-    path = os.path.join(out, CHECKPOINT)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a run killed mid-save keeps its previous checkpoint
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:
@@ -342,13 +417,18 @@ def run_cli(cfg: argparse.Namespace) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     summary = run(cfg, data)
+    print_summary(cfg, summary)
+    return summary
+
+
+def print_summary(cfg: argparse.Namespace, summary: dict) -> None:
+    """The run's one-line result: final validation loss, or where a stopped run stands."""
     if summary["steps"] == cfg.steps:
         print(f"final val loss {summary['final_val_loss']:.4f} (perplexity {summary['val_perplexity']:.2f}) "
               f"after {summary['steps']} steps, {summary['elapsed_s']:.0f} s; optimizer state "
               f"{summary['optimizer_state_bytes'] / 2**20:.2f} MiB; outputs in {cfg.out}")
     else:
         print(f"stopped after {summary['steps']} steps; continue with --resume (outputs in {cfg.out})")
-    return summary
 
 
 if __name__ == "__main__":

@@ -8,22 +8,9 @@ import torch
 
 from slimtrain.cli import main as cli_main
 from slimtrain.recipes import pretrain
-from slimtrain.recipes.data import shakespeare_files
 
-# A few steps of the tiny model on 2 x 32-byte sequences of a small corpus: about a second per run.
+# A few steps of the tiny model on 2 x 32-byte sequences of a small corpus (conftest.py): about a second per run.
 TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The first 20 kB of three plays, one file each (so the split is by play, as on the full corpus)."""
-    d = tmp_path_factory.mktemp("corpus")
-    paths = []
-    for src in shakespeare_files()[:3]:
-        with open(src) as f:
-            (d / os.path.basename(src)).write_text(f.read()[:20_000])
-        paths.append(str(d / os.path.basename(src)))
-    return paths
 
 
 def _run(out, corpus, *extra):

@@ -1,0 +1,188 @@
+"""The deepspeed recipe: refusals before any work, the launch command, and one real 2-rank run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import slimtrain
+from slimtrain.cli import main as cli_main
+from slimtrain.recipes import deepspeed as R
+from slimtrain.recipes import pretrain
+
+# The tiny model on 4 x 32-byte sequences: 2 per rank on 2 ranks.
+TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
+# Where the ranks import slimtrain from: this checkout, whatever the installed copy is.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(slimtrain.__file__)))
+
+
+def _config_file(tmp_path, config: dict | str) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv, config, world, message",
+    [
+        (["--optimizer", "adam"], None, 1, r"Invalid --optimizer: 'adam' \(expected one of adamw, galore"),
+        (["--zero", "4"], None, 1, r"Invalid --zero: 4 \(expected 1, 2 or 3\)"),
+        (["--zero", "0"], None, 1, r"Invalid --zero: 0 \(expected 1, 2 or 3\)"),
+        (["--ds-config", "/nonexistent/ds.json"], None, 1, r"Invalid --ds-config: file not found: /nonexistent/ds.json"),
+        (["--zero", "2", "--ds-config", "CONFIG"], {}, 1, r"Invalid --zero 2 with --ds-config: pick one"),
+        (["--ds-config", "CONFIG"], "{not json", 1, r"Invalid --ds-config: .*ds.json is not JSON"),
+        (["--ds-config", "CONFIG"], {"optimizer": {"type": "Adam"}}, 1,
+         r"Invalid --ds-config: .*ds.json sets 'optimizer', which the recipe builds from --optimizer, --lr"),
+        (["--ds-config", "CONFIG"], {"scheduler": {"type": "WarmupLR"}}, 1, r"sets 'scheduler', which the recipe builds"),
+        (["--ds-config", "CONFIG"], {"zero_optimization": {"stage": 5}}, 1,
+         r"Invalid --ds-config: zero_optimization.stage is 5 .*\(expected 0, 1, 2 or 3\)"),
+        (["--ds-config", "CONFIG", "--batch-size", "16"], {"train_micro_batch_size_per_gpu": 4}, 2,
+         r"Invalid --ds-config: train_micro_batch_size_per_gpu is 4, but --batch-size 16 on 2 ranks needs 8"),
+        (["--batch-size", "3"], None, 2,
+         r"Invalid --batch-size: 3 \(expected a multiple of 2 ranks x 1 accumulation steps = 2\)"),
+        (["--optimizer", "sst"], None, 1, r"Invalid --optimizer sst at ZeRO stage 2: SST rewrites whole matrices"),
+        (["--resume"], None, 1, r"Invalid --resume: no checkpoint at .*checkpoint/latest"),
+        (["--steps", "0"], None, 1, r"Invalid --steps: 0"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, config, world, message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    if config is not None:
+        argv = [_config_file(tmp_path, config) if a == "CONFIG" else a for a in argv]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        R.main(["--no-progress", "--out", str(out), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_non_empty_out_is_refused_without_resume(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("an earlier run")
+    with pytest.raises(SystemExit):
+        R.main(["--no-progress", "--out", str(tmp_path)])
+    assert "is not empty (pass --resume to continue it or --overwrite to replace it)" in capsys.readouterr().err
+
+
+def test_only_rank_0_reports_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        R.main(["--zero", "9", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("stage", R.STAGES)
+def test_shipped_configs_leave_batch_sizes_to_the_recipe(stage):
+    config = R.shipped_config(stage)
+    assert config["zero_optimization"]["stage"] == stage
+    assert not {"optimizer", "scheduler"} & set(config)
+    filled = R.with_batch_sizes(config, batch_size=16, world_size=2)
+    assert [filled[k] for k in R.BATCH_KEYS] == [16, 8, 1]  # global batch, per rank, accumulation
+
+
+def test_batch_is_split_over_ranks_then_accumulation_steps():
+    filled = R.with_batch_sizes({"gradient_accumulation_steps": 2, "train_batch_size": 16}, 16, world_size=2)
+    assert [filled[k] for k in R.BATCH_KEYS] == [16, 4, 2]
+    message = r"Invalid --batch-size: 12 \(expected a multiple of 2 ranks x 4 accumulation steps = 8\)"
+    with pytest.raises(ValueError, match=message):
+        R.with_batch_sizes({"gradient_accumulation_steps": 4}, batch_size=12, world_size=2)
+
+
+def test_slimtrain_deepspeed_prints_the_launcher_command(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli_main(["deepspeed", "--dry-run", "--ranks", "2", "--zero", "3", "--steps", "5", "--no-progress", "--out", str(out)])
+    printed = shlex.split(capsys.readouterr().out.strip())
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", "29500", "--module", "slimtrain.recipes.deepspeed"]
+    assert printed[: len(launcher)] == launcher
+    cfg = R.parse_args(printed[len(launcher):])  # what each rank will parse
+    assert (cfg.zero, cfg.steps, cfg.out, cfg.progress) == (3, 5, str(out), False)
+    assert not out.exists()
+
+
+def test_slimtrain_deepspeed_checks_arguments_before_launching(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["deepspeed", "--ranks", "2", "--batch-size", "5", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Invalid --batch-size: 5" in captured.err
+
+
+def test_running_the_file_as_a_script_says_how_to_launch():
+    done = subprocess.run([sys.executable, R.__file__], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "run this recipe as a module: deepspeed --num_gpus N --module slimtrain.recipes.deepspeed" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*argv: str) -> subprocess.CompletedProcess:
+    """The recipe on 2 CPU ranks through DeepSpeed's own launcher (what the ``deepspeed`` command runs)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+               "--module", R.MODULE, *argv]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _rows(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_ranks_match_one_process_across_a_resume(tmp_path, corpus):
+    """GaLore at ZeRO-2 on 2 CPU ranks, stopped after 2 of 4 steps and resumed, against the pretrain
+    recipe in one process with the same arguments.
+
+    Data order is the same by construction: each rank takes its half of the batch the one process
+    uses, and DeepSpeed averages the gradients. So the logged losses must match to fp32 rounding (the
+    CSV keeps 6 decimals; measured: identical). A lost or wrongly restored optimizer state at the
+    resume would move them by far more. The one projector refresh is at step 0: a later refresh of a
+    rank-8 SVD of a 4-sequence gradient amplifies the rounding difference between one mean and a mean
+    of two halves (measured 1e-3 after a refresh at step 2), which is the SVD's sensitivity, not the
+    recipe's; the exactness of ``--resume`` itself across refreshes is checked bit for bit by
+    ``tests/sharding/test_zero_checkpoint.py``.
+    """
+    pytest.importorskip("deepspeed")
+    args = [*TINY, "--data", *corpus, "--optimizer", "galore", "--rank", "8", "--steps", "4", "--eval-every", "2"]
+    single = pretrain.main([*args, "--out", str(tmp_path / "single")])
+
+    out = tmp_path / "zero2"
+    first = _launch(*args, "--zero", "2", "--out", str(out), "--stop-at", "2")
+    assert first.stdout.count("stopped after 2 steps; continue with --resume") == 1  # rank 0 alone prints
+    second = _launch(*args, "--zero", "2", "--out", str(out), "--resume")
+    assert second.stdout.count("final val loss") == 1
+
+    rows, ref = _rows(out), _rows(tmp_path / "single")
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]  # one writer: no duplicated rows
+    assert [r["lr"] for r in rows] == [r["lr"] for r in ref]
+    for key in ("train_loss", "val_loss"):
+        ours = [float(r[key]) for r in rows if r[key]]
+        theirs = [float(r[key]) for r in ref if r[key]]
+        assert ours == pytest.approx(theirs, abs=2e-6), key  # 6-decimal CSV: at most one unit of rounding apart
+
+    with open(out / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoint" / "latest").read_text() == "step4"
+    assert sorted(p.name for p in (out / "checkpoint").iterdir() if p.is_dir()) == ["step4"]  # older ones removed
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["zero_stage"], summary["world_size"], summary["steps"]) == (2, 2, 4)
+    assert summary["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=2e-6)
+    # The state is split: each rank holds about half of what the one process holds.
+    assert max(summary["optimizer_state_bytes_per_rank"]) < 0.6 * single["optimizer_state_bytes"]
