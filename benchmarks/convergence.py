@@ -12,8 +12,13 @@ steps, batches, order and initial weights with:
     python benchmarks/convergence.py                 # 10 runs x 250 steps: ~20 min on an idle core
                                                      # (0.4 s/step measured; far longer on a busy machine)
     python benchmarks/convergence.py --quick         # smoke run: 3 steps, seconds
+    python benchmarks/convergence.py --optimizers galore8bit fira8bit frugal8bit dct8bit sst8bit \
+        --adamw-lrs 0.001 --section "8-bit optimizer states"    # a second table, below the first
 
-Writes ``convergence.md`` (the command on top) and ``convergence.png`` into ``--out-dir``.
+Writes ``convergence.md`` (the command on top) and ``convergence.png`` into ``--out-dir``. With
+``--section TITLE`` the run's table becomes a section of ``convergence.md`` (its own command on top,
+curves in ``convergence-<title>.png``), replacing an earlier section of that title and keeping the
+rest of the file; a run without ``--section`` replaces the main table and keeps the sections.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import datetime
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -52,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--optimizers", nargs="+", default=SLIMTRAIN_LOW_RANK + list(REFERENCE_NAMES),
                    help="low-rank optimizers to compare with AdamW")
+    p.add_argument("--section", default=None, metavar="TITLE",
+                   help="write the table as a section of convergence.md, keeping the main table (e.g. 8-bit rows)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps of 2 x 32 bytes, one AdamW lr")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -130,8 +138,15 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
     config = model_config(args.model, 256, args.seq_len)
     n_params = sum(p.numel() for p in build_model(config, 0).parameters())
     tokens = args.steps * args.batch_size * args.seq_len
+    h = "#" if args.section is None else "##"  # a section sits one level below the main title
+    png = "convergence.png" if args.section is None else f"convergence-{_slug(args.section)}.png"
+    if len(args.adamw_lrs) > 1:
+        reference = (f"AdamW lr tuned over {', '.join(f'{lr:g}' for lr in args.adamw_lrs)} on this budget; the best "
+                     f"(lr {best['lr']:g}) is the reference for the ratio columns.")
+    else:
+        reference = f"AdamW at lr {best['lr']:g} (not tuned in this run) is the reference for the ratio columns."
     lines = [
-        "# Convergence: low-rank optimizers vs AdamW on Shakespeare",
+        f"{h} {args.section or 'Convergence: low-rank optimizers vs AdamW on Shakespeare'}",
         "",
         *(["**Partial: the benchmark is still running or was stopped; rows below are the runs finished so far.**", ""]
           if partial else []),
@@ -150,10 +165,10 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
         f"attention and MLP matrices (rank {args.rank or default_rank(smallest_matrix_dim(config))}, "
         f"T = {args.update_proj_gap or 200}); embeddings, norms and lm_head get AdamW inside the same optimizer.",
         "",
-        f"AdamW lr tuned over {', '.join(f'{lr:g}' for lr in args.adamw_lrs)} on this budget; the best "
-        f"(lr {best['lr']:g}) is the reference for the ratio columns. Other optimizers use their papers' "
-        "defaults, untuned: GaLore/Fira/DCT/galore-torch lr 0.01 scale 0.25; FRUGAL lr 1e-3 density 0.25; "
-        "SST lr 1e-3; APOLLO lr 0.01 scale 1 (channel-wise, random projection).",
+        f"{reference} Other optimizers use their papers' defaults, untuned: GaLore/Fira/DCT/galore-torch lr 0.01 "
+        "scale 0.25; FRUGAL lr 1e-3 density 0.25; SST lr 1e-3; APOLLO lr 0.01 scale 1 (channel-wise, random "
+        "projection). An `8bit` form takes its fp32 twin's defaults and keeps moments of >= 4096 elements in "
+        "8 bits (blockwise, 256 per block).",
         "",
         "| optimizer | implementation | lr | final val loss | val ppl | loss / AdamW | state bytes | state / AdamW | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -163,24 +178,51 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
         if not r["available"]:
             lines.append(f"| {r['name']} | {impl} | - | not available | - | - | - | - | - |")
             continue
-        tag = " (best)" if r is best else (" (grid)" if r["name"] == "adamw" else "")
+        tag = (" (best)" if r is best else " (grid)") if r["name"] == "adamw" and len(adamw) > 1 else ""
         lines.append(
             f"| {r['name']}{tag} | {impl} | {r['lr']:g} | {r['final_val_loss']:.4f} | {r['val_perplexity']:.3f} | "
             f"{r['final_val_loss'] / best['final_val_loss']:.3f} | {r['optimizer_state_bytes']:,} | "
             f"{r['optimizer_state_bytes'] / best['optimizer_state_bytes']:.3f} | {r['elapsed_s']:.0f} |"
         )
-    lines += ["", "![validation loss curves](convergence.png)", "", "## Notes", "", *_notes(args, best), ""]
-    with open(os.path.join(args.out_dir, "convergence.md"), "w") as f:
-        f.write("\n".join(lines))
+    lines += ["", f"![validation loss curves]({png})", "", f"{h}# Notes", "", *_notes(args, best), ""]
+    path = os.path.join(args.out_dir, "convergence.md")
+    existing = open(path).read() if os.path.exists(path) else ""
+    with open(path, "w") as f:
+        f.write(merge_sections(existing, args.section, "\n".join(lines)))
     curves = {}
     for r in rows:
         if r["available"] and (r["name"] != "adamw" or r is best):
             steps, losses = zip(*r["val_history"]) if r["val_history"] else ((), ())
             curves[f"{r['name']} (lr {r['lr']:g})"] = (list(steps), list(losses))
-    pretrain.plot_curves(curves, os.path.join(args.out_dir, "convergence.png"),
+    pretrain.plot_curves(curves, os.path.join(args.out_dir, png),
                          f"validation loss, {args.model} LLaMA on Shakespeare, {args.steps} steps")
     if not partial:
         print("\n".join(lines))
+
+
+_SECTION = re.compile(r"^<!-- section: (.+?) -->\n", re.M)
+
+
+def merge_sections(existing: str, section: str | None, body: str) -> str:
+    """``convergence.md`` with ``body`` as its main table (``section=None``) or as the section ``section``.
+
+    Sections follow the main table, each opened by an HTML comment naming it, so a rerun of one table
+    replaces that table alone and every table keeps the command that produced it.
+    """
+    parts = _SECTION.split(existing)
+    main, sections = parts[0], dict(zip(parts[1::2], parts[2::2]))
+    if section is None:
+        main = body
+    else:
+        sections[section] = body
+    text = main.rstrip("\n") + "\n"
+    for title, part in sections.items():
+        text += f"\n<!-- section: {title} -->\n{part.strip()}\n"
+    return text
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,34 @@ def test_refresh_cost_quick(tmp_path):
     for shape in {k[0] for k in energy}:
         # The exact SVD captures the most energy of any rank-r subspace (Eckart-Young).
         assert energy[(shape, "svd")] >= max(energy[(shape, p)] for p in ("randomized", "dct", "random")) - 1e-6
+
+
+def test_convergence_section_keeps_the_main_table(tmp_path):
+    convergence = _load("convergence")
+    convergence.main(["--quick", "--optimizers", "galore", "--out-dir", str(tmp_path)])
+    main_table = (tmp_path / "convergence.md").read_text()
+    for optimizer in ("galore8bit", "dct8bit"):  # the second run replaces the first one's section
+        convergence.main(["--quick", "--optimizers", optimizer, "--section", "8-bit states", "--out-dir", str(tmp_path)])
+    report = (tmp_path / "convergence.md").read_text()
+    assert report.startswith(main_table.rstrip("\n"))
+    section = report[len(main_table):]
+    assert section.count("<!-- section: 8-bit states -->") == 1 and section.count("## 8-bit states") == 1
+    assert "--section '8-bit states'" in section and "| dct8bit |" in section and "| galore8bit |" not in section
+    assert (tmp_path / "convergence-8-bit-states.png").read_bytes()[:4] == b"\x89PNG"
+    convergence.main(["--quick", "--optimizers", "fira", "--out-dir", str(tmp_path)])  # a new main table
+    report = (tmp_path / "convergence.md").read_text()
+    assert "| fira |" in report and "| galore |" not in report and "| dct8bit |" in report
+
+
+def test_step_time_quick(tmp_path):
+    names = ["adamw", "galore-torch", "galore", "dct8bit"]
+    rows = _load("step_time").main(["--quick", "--optimizers", *names, "--out-dir", str(tmp_path)])
+    assert [r["name"] for r in rows] == names
+    report = (tmp_path / "step_time.md").read_text()
+    assert "python benchmarks/step_time.py --quick" in report and "cores, torch" in report
+    assert sum(line.startswith("|") for line in report.splitlines()) == 2 + len(names)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["adamw"]["refresh"] is None and all(by_name[n]["refresh"] > 0 for n in names[1:])
+    # Same shapes, same rank: slimtrain's GaLore state is galore-torch's plus a few counters.
+    assert 0 <= by_name["galore"]["state"] - by_name["galore-torch"]["state"] < 4096
+    assert by_name["dct8bit"]["state"] < by_name["galore"]["state"] < by_name["adamw"]["state"]
