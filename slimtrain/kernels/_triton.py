@@ -45,7 +45,18 @@ def require(device: torch.device, op: str) -> None:
         raise RuntimeError(f"The Triton backend for {op} does not run on {device.type} tensors; use the torch backend")
 
 
-def tile(interpreted: int, compiled: int) -> int:
-    """A block size: large under the interpreter, which runs one program at a time (about 2 ms each),
-    the tuned value when compiled."""
+def tile(interpreted, compiled):
+    """A block size (or a dict of them): large under the interpreter, which runs one program at a time
+    (about 2 ms each), the tuned value when compiled."""
     return interpreted if interpreting() else compiled
+
+
+# The one tile of the matmul kernels under the interpreter, where there is no device to autotune on
+# (tl.dot needs every dimension >= 16).
+INTERPRETED_MATMUL_TILE = {"BM": 32, "BN": 32, "BK": 16}
+
+
+def matmul_precision() -> str:
+    """``tl.dot``'s input precision for fp32 operands, by torch's own rule for fp32 matmuls, so a fused
+    kernel is as exact as the torch code it replaces."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"

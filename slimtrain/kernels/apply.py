@@ -188,19 +188,11 @@ if _triton.HAS_TRITON:
         [triton.Config({"BM": bm, "BN": 64, "BK": 32}, num_warps=4) for bm in (32, 64, 128)], key=["M", "N", "K"]
     )(_residual_row_sq_norms_kernel)
 
-# Under the interpreter there is no device to autotune on: one fixed tile (tl.dot needs dims >= 16).
-_INTERPRETED_TILE = {"BM": 32, "BN": 32, "BK": 16}
-
-
-def _precision() -> str:
-    # Follow torch's own rule for fp32 matmuls, so the fused path is as exact as the one it replaces.
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _launch(tuned, plain, grid_dims, *args, **constexprs):
     if _triton.interpreting():
-        grid = tuple(triton.cdiv(d, _INTERPRETED_TILE[k]) for k, d in grid_dims)
-        plain[grid](*args, **constexprs, **_INTERPRETED_TILE)
+        tile = _triton.INTERPRETED_MATMUL_TILE
+        grid = tuple(triton.cdiv(d, tile[k]) for k, d in grid_dims)
+        plain[grid](*args, **constexprs, **tile)
     else:
         tuned[lambda meta: tuple(triton.cdiv(d, meta[k]) for k, d in grid_dims)](*args, **constexprs)
 
@@ -217,7 +209,7 @@ def _lowrank_apply_triton(weight, direction, basis, alpha, residual, decay_befor
         M, N, K, weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         alpha, res.scale if res else 0.0, res.coef if res else 0.0, decay_before, decay_after,
         RESIDUAL=res is not None, SIGN=res is not None and res.rule == "sign",
-        ROW_SCALE=res is not None and res.row_scale is not None, PRECISION=_precision(),
+        ROW_SCALE=res is not None and res.row_scale is not None, PRECISION=_triton.matmul_precision(),
     )
 
 
@@ -226,7 +218,8 @@ def _residual_row_sq_norms_triton(grad, low, basis, coef) -> Tensor:
     out = torch.empty(M, dtype=torch.float32, device=grad.device)
     _launch(
         _residual_row_sq_norms_tuned, _residual_row_sq_norms_kernel, (("BM", M),),
-        out, grad, low, basis, M, N, low.shape[1], grad.stride(0), grad.stride(1), coef, PRECISION=_precision(),
+        out, grad, low, basis, M, N, low.shape[1], grad.stride(0), grad.stride(1), coef,
+        PRECISION=_triton.matmul_precision(),
     )
     return out
 

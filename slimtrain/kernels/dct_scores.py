@@ -58,19 +58,16 @@ if _triton.HAS_TRITON:
 
 def _dct_scores_triton(grad: Tensor, dct: Tensor, norm: int, splits: int | None = None) -> Tensor:
     M, N = grad.shape
-    if _triton.interpreting():
-        tile, meta = {"BM": 32, "BN": 32, "BK": 16}, {}
-    else:
-        tile, meta = {"BM": 64, "BN": 64, "BK": 32}, {"num_warps": 4, "num_stages": 3}
+    tile = _triton.tile(_triton.INTERPRETED_MATMUL_TILE, {"BM": 64, "BN": 64, "BK": 32})
+    meta = _triton.tile({}, {"num_warps": 4, "num_stages": 3})
     if splits is None:
         splits = 1 if _triton.interpreting() else max(1, min(8, M // 512))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), tile["BM"]) * tile["BM"]
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty(splits, N, dtype=torch.float32, device=grad.device)
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     _dct_scores_kernel[(triton.cdiv(N, tile["BN"]), splits)](
         partial, grad, dct, M, N, grad.stride(0), grad.stride(1), rows_per_split,
-        L1=norm == 1, PRECISION=precision, **tile, **meta,
+        L1=norm == 1, PRECISION=_triton.matmul_precision(), **tile, **meta,
     )
     return partial.sum(0)
 
