@@ -8,7 +8,9 @@ One file per op (Triton kernel, torch reference, launcher):
   residual, in place, never building the full-size update; the residual's row norms;
 - :mod:`.dct_scores`: the DCT projector's selection scores without the ``m x n`` product;
 - :mod:`.philox`: seeded random bases (Philox4x32-10) generated inside the kernels that use them:
-  materialize, combine (NOLA's forward), project (NOLA's backward); bit-identical to the torch reference.
+  materialize, combine (NOLA's forward), project (NOLA's backward); bit-identical to the torch reference;
+- :mod:`.basis_matmul`: ``x U^T`` and ``x U`` with such a basis generated inside the matmul (RandLoRA's
+  shared basis when it is not stored).
 
 Every op dispatches through :mod:`._dispatch`: the kernel for CUDA tensors when Triton is installed,
 the reference elsewhere, either one forceable with :func:`set_backend` / :func:`use_backend` or the
@@ -23,6 +25,7 @@ from .adam import adam_direction_
 from .adam8bit import adam8bit_direction_
 from .apply import Residual, lowrank_apply_, residual_row_sq_norms
 from .philox import philox_bits, philox_combine, philox_project, philox_uniform
+from .basis_matmul import philox_linear, philox_matmul
 
 __all__ = [
     "BACKENDS",
@@ -34,6 +37,8 @@ __all__ = [
     "lowrank_apply_",
     "philox_bits",
     "philox_combine",
+    "philox_linear",
+    "philox_matmul",
     "philox_project",
     "philox_uniform",
     "residual_row_sq_norms",

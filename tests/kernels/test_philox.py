@@ -31,7 +31,8 @@ needs_triton = pytest.mark.skipif(
     not (HAS_TRITON and (interpreting() or torch.cuda.is_available())),
     reason="needs Triton and a GPU or TRITON_INTERPRET=1",
 )
-UNIT_ROUNDOFF = {dtype: torch.finfo(dtype).eps / 2 for dtype in (torch.float32, torch.float64, torch.bfloat16)}
+UNIT_ROUNDOFF = {dtype: torch.finfo(dtype).eps / 2
+                 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 
 def reference(fn, *args, **kwargs):
