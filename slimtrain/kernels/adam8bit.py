@@ -22,27 +22,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch, _triton
+from . import _bnb, _dispatch, _triton
 from ._triton import tl, triton
 from .adam import adam_direction_reference
 
 OP = "adam8bit_direction"
 
 
-def _bnb():
-    try:
-        import bitsandbytes.functional as F
-    except ImportError as err:  # pragma: no cover - bitsandbytes is in the dev extra
-        raise ImportError("8-bit optimizer states need bitsandbytes: pip install 'slimtrain[bnb]'") from err
-    return F
-
-
-def _refuse_nonfinite(values: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(
-            f"Invalid {name}: the updated moment holds NaN or inf (an fp32 overflow); 8-bit optimizer state "
-            "never stores non-finite values, so nothing was written"
-        )
+_OVERFLOW = " (an fp32 overflow)"
 
 
 def adam8bit_direction_reference(
@@ -52,13 +39,13 @@ def adam8bit_direction_reference(
     beta1: float, beta2: float, eps: float, block_size: int,
 ) -> Tensor:
     """Dequantize, run :func:`~slimtrain.kernels.adam.adam_direction_reference`, requantize (bitsandbytes)."""
-    F = _bnb()
+    F = _bnb.functional()
     m = F.dequantize_blockwise(m_codes, absmax=m_absmax, code=m_map, blocksize=block_size)
     v = F.dequantize_blockwise(v_codes, absmax=v_absmax, code=v_map, blocksize=block_size)
     direction = adam_direction_reference(grad, m, v, beta1, beta2, eps)
     encoded = []
     for name, value, code in (("exp_avg", m, m_map), ("exp_avg_sq", v, v_map)):
-        _refuse_nonfinite(value, name)
+        _bnb.refuse_nonfinite(value, name, "values of the updated moment", _OVERFLOW)
         codes, qstate = F.quantize_blockwise(value.contiguous(), code=code, blocksize=block_size)
         encoded.append((codes, qstate.absmax))
     for (codes, absmax), (dst_codes, dst_absmax) in zip(encoded, ((m_codes, m_absmax), (v_codes, v_absmax))):
@@ -118,8 +105,8 @@ def _adam8bit_triton(grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, b
         grad.numel(), beta1, beta2, eps, BLOCK=block_size,
     )
     new_m_codes, new_m_absmax, new_v_codes, new_v_absmax = new
-    _refuse_nonfinite(new_m_absmax, "exp_avg")
-    _refuse_nonfinite(new_v_absmax, "exp_avg_sq")
+    for name, absmax in (("exp_avg", new_m_absmax), ("exp_avg_sq", new_v_absmax)):
+        _bnb.refuse_nonfinite(absmax, name, "block absmaxes of the updated moment", _OVERFLOW)
     for dst, src in zip((m_codes, m_absmax, v_codes, v_absmax), new):
         dst.copy_(src)
     return direction

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from ..kernels import _bnb
 from ..kernels.adam import adam_direction_
 from ..kernels.adam8bit import adam8bit_direction_
 
@@ -47,25 +48,15 @@ ABSMAX_SUFFIX = "_absmax"
 SECOND_MOMENT_PREFIX = "exp_avg_sq"
 
 
-def _bnb_functional():
-    try:
-        import bitsandbytes.functional as F
-    except ImportError as err:  # pragma: no cover - bitsandbytes is in the dev extra
-        raise ImportError(
-            "8-bit optimizer states need bitsandbytes: pip install 'slimtrain[bnb]' (or state_bits=32)"
-        ) from err
-    return F
-
-
 def require_bitsandbytes() -> None:
     """Raise the ``ImportError`` naming the extra now, at construction, rather than at the first step."""
-    _bnb_functional()
+    _bnb.functional()
 
 
 @functools.cache
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
     """bitsandbytes' 256-entry dynamic quantization map (sorted, fp32) on ``device``, built once."""
-    return _bnb_functional().create_dynamic_map(signed=signed).to(device)
+    return _bnb.functional().create_dynamic_map(signed=signed).to(device)
 
 
 def is_second_moment(key: str) -> bool:
@@ -88,13 +79,8 @@ def quantize_blockwise(
     """
     if not x.is_floating_point():
         raise ValueError(f"Invalid tensor to quantize: dtype {x.dtype} (expected a floating-point tensor)")
-    bad = (~torch.isfinite(x)).sum()
-    if bool(bad):
-        raise ValueError(
-            f"Invalid tensor to quantize: {int(bad)} of {x.numel()} values are NaN or inf; "
-            "8-bit optimizer state never stores non-finite values (nothing was written)"
-        )
-    F = _bnb_functional()
+    _bnb.refuse_nonfinite(x, "tensor to quantize")
+    F = _bnb.functional()
     codes, qstate = F.quantize_blockwise(
         x.float().contiguous(), code=dynamic_map(signed, x.device), blocksize=block_size, out=out, absmax=absmax
     )
@@ -103,7 +89,7 @@ def quantize_blockwise(
 
 def dequantize_blockwise(codes: Tensor, absmax: Tensor, *, signed: bool, block_size: int = 256) -> Tensor:
     """The fp32 tensor that ``codes``/``absmax`` encode (a new tensor of ``codes``' shape)."""
-    F = _bnb_functional()
+    F = _bnb.functional()
     return F.dequantize_blockwise(codes, absmax=absmax, code=dynamic_map(signed, codes.device), blocksize=block_size)
 
 
