@@ -18,6 +18,10 @@ read, updated in fp32 and rounded once to nearest.
 
 Fira also needs the residual's norm before its limiter can scale it; :func:`residual_row_sq_norms`
 computes the per-row squares ``sum_j (G - c R B)_{ij}^2`` the same way, again never storing ``R B``.
+Two passes over ``R B`` is the price of never storing it, and only the kernel has that to gain: the
+torch reference stores the residual anyway, so :func:`residual_with_row_sq_norms` hands it back
+there, and a :class:`Residual` carrying it (``materialized``) is applied without computing ``R B``
+a second time.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class Residual:
         coef: ``c`` (1 for the orthogonal residual; Fira's code uses its ``scale``).
         scale: ``beta``, the residual's step size in weight units.
         row_scale: ``s``, one fp32 factor per row, or ``None``.
+        materialized: ``G - c R B`` already computed, as :func:`residual_with_row_sq_norms` returns it
+            on the torch backend (fp32 ``m' x n'``), or ``None``. The torch reference then uses it
+            instead of computing ``R B`` again and overwrites it (it is scratch, for one apply); the
+            Triton kernel ignores it and recomputes its tiles.
     """
 
     grad: Tensor
@@ -55,13 +63,20 @@ class Residual:
     coef: float = 1.0
     scale: float = 1.0
     row_scale: Tensor | None = None
+    materialized: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------- reference
-def residual_from_back(residual: Residual, back_low: Tensor) -> Tensor:
-    """``s * f(G - c * back_low)`` as a new fp32 ``m' x n'`` tensor (without ``beta``), given the
-    back-projection ``back_low = R B`` however it was computed (consumed in place)."""
-    out = residual.grad.float() - back_low.mul_(residual.coef)
+def residual_from_back(residual: Residual, back_low: Tensor | None) -> Tensor:
+    """``s * f(G - c * back_low)`` as an fp32 ``m' x n'`` tensor (without ``beta``), given the
+    back-projection ``back_low = R B`` however it was computed (consumed in place), or ``None`` to
+    start from ``residual.materialized`` (consumed in place instead: no new tensor)."""
+    if back_low is not None:
+        out = residual.grad.float() - back_low.mul_(residual.coef)
+    elif residual.materialized is not None:
+        out = residual.materialized
+    else:
+        raise ValueError("Invalid back_low: None, and the residual has no materialized G - c R B to start from")
     if residual.rule == "sign":
         out.sign_()
     if residual.row_scale is not None:
@@ -70,8 +85,9 @@ def residual_from_back(residual: Residual, back_low: Tensor) -> Tensor:
 
 
 def residual_reference(residual: Residual, basis: Tensor) -> Tensor:
-    """``s * f(G - c R B)`` as a new fp32 ``m' x n'`` tensor (without ``beta``)."""
-    return residual_from_back(residual, residual.low @ basis)
+    """``s * f(G - c R B)`` as an fp32 ``m' x n'`` tensor (without ``beta``): a new one, or
+    ``residual.materialized`` updated in place when the residual carries it."""
+    return residual_from_back(residual, None if residual.materialized is not None else residual.low @ basis)
 
 
 def lowrank_apply_reference(
@@ -97,9 +113,14 @@ def lowrank_apply_reference(
         weight.copy_(target)
 
 
+def _materialize_residual(grad: Tensor, low: Tensor, basis: Tensor, coef: float) -> Tensor:
+    """``G - c R B`` as a new fp32 ``m' x n'`` tensor (what :func:`residual_from_back` computes first)."""
+    return grad.float() - (low @ basis).mul_(coef)
+
+
 def residual_row_sq_norms_reference(grad: Tensor, low: Tensor, basis: Tensor, coef: float) -> Tensor:
     """``sum_j (G - c R B)_{ij}^2`` per row, fp32."""
-    return (grad.float() - (low @ basis).mul_(coef)).square().sum(1)
+    return _materialize_residual(grad, low, basis, coef).square().sum(1)
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -246,6 +267,11 @@ def _check_residual(residual: Residual, m: int, n: int, basis: Tensor) -> None:
     s = residual.row_scale
     if s is not None and (s.shape != (m,) or s.dtype != torch.float32):
         raise ValueError(f"Invalid residual row_scale: {s.dtype} of shape {tuple(s.shape)} (expected torch.float32 ({m},))")
+    d = residual.materialized
+    if d is not None and (d.shape != (m, n) or d.dtype != torch.float32):
+        raise ValueError(
+            f"Invalid residual materialized: {d.dtype} of shape {tuple(d.shape)} (expected torch.float32 ({m}, {n}))"
+        )
 
 
 def lowrank_apply_(
@@ -283,12 +309,24 @@ def lowrank_apply_(
         lowrank_apply_reference(weight, direction, basis, alpha, residual, decay_before, decay_after)
 
 
-def residual_row_sq_norms(grad: Tensor, low: Tensor, basis: Tensor, coef: float = 1.0) -> Tensor:
-    """``sum_j (G - c R B)_{ij}^2`` for each row ``i`` (fp32, length ``m'``), never storing ``R B``."""
+def residual_with_row_sq_norms(
+    grad: Tensor, low: Tensor, basis: Tensor, coef: float = 1.0
+) -> tuple[Tensor | None, Tensor]:
+    """``(residual, row_sq)``: ``row_sq`` as :func:`residual_row_sq_norms` computes it, and ``residual``
+    the fp32 ``m' x n'`` ``G - c R B`` that the torch reference materializes on the way (pass it on as
+    :attr:`Residual.materialized` so the apply reuses it), or ``None`` under the Triton kernel, which
+    never stores it."""
     if grad.dim() != 2:
         raise ValueError(f"Invalid grad: {grad.dim()}-D (expected the 2-D oriented gradient)")
     m, n = grad.shape
     _check_factors(m, n, low, basis, "low")
     if _dispatch.choose(NORMS_OP, grad.device) == "triton":
-        return _residual_row_sq_norms_triton(grad, low.contiguous(), basis.contiguous(), coef)
-    return residual_row_sq_norms_reference(grad, low, basis, coef)
+        return None, _residual_row_sq_norms_triton(grad, low.contiguous(), basis.contiguous(), coef)
+    residual = _materialize_residual(grad, low, basis, coef)
+    return residual, residual.square().sum(1)
+
+
+def residual_row_sq_norms(grad: Tensor, low: Tensor, basis: Tensor, coef: float = 1.0) -> Tensor:
+    """``sum_j (G - c R B)_{ij}^2`` for each row ``i`` (fp32, length ``m'``), never storing ``R B``
+    under the Triton kernel."""
+    return residual_with_row_sq_norms(grad, low, basis, coef)[1]

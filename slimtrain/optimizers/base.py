@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.apply import Residual, lowrank_apply_, residual_from_back, residual_row_sq_norms
+from ..kernels.apply import Residual, lowrank_apply_, residual_from_back, residual_with_row_sq_norms
 from . import _validation as V
 from . import quantized as Q
 from .functional import adam_step_size, rotate_moments_
@@ -446,9 +446,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         projector = self._projectors[group["projector"]]
         n = step.grad_t.shape[1]
         update = projector.project_back(step.direction, state, n).mul_(step.alpha)
-        if step.residual is not None:
-            back_low = projector.project_back(step.residual.low, state, n)
-            update.add_(residual_from_back(step.residual, back_low), alpha=step.residual.scale)
+        residual = step.residual
+        if residual is not None:
+            back_low = None if residual.materialized is not None else projector.project_back(residual.low, state, n)
+            update.add_(residual_from_back(residual, back_low), alpha=residual.scale)
         return update.T if step.transposed else update
 
     def _rank_for(self, group: dict, shape_t: torch.Size) -> int:
@@ -463,12 +464,18 @@ class LowRankAdamW(torch.optim.Optimizer):
         Adam's bias-corrected learning rate for this step."""
         return None
 
-    def _residual_row_sq_norms(self, step: LowRankStep, projector: Projector, state: dict, coef: float) -> Tensor:
-        """``sum_j (G' - c R B)_ij^2`` per row, through the fused kernel when the basis is dense."""
+    def _residual_with_row_sq_norms(
+        self, step: LowRankStep, projector: Projector, state: dict, coef: float
+    ) -> tuple[Tensor | None, Tensor]:
+        """``(residual, row_sq)``: ``sum_j (G' - c R B)_ij^2`` per row, through the fused kernel when the
+        basis is dense, and ``G' - c R B`` itself wherever it had to be materialized for that (the torch
+        backend, projectors without a dense basis), ``None`` where the kernel did without. Put it in
+        :attr:`Residual.materialized`: applying the step then reuses it instead of computing it again."""
         if step.basis is not None:
-            return residual_row_sq_norms(step.grad_t, step.low, step.basis, coef)
+            return residual_with_row_sq_norms(step.grad_t, step.low, step.basis, coef)
         back_low = projector.project_back(step.low, state, step.grad_t.shape[1])
-        return (step.grad_t.float() - back_low.mul_(coef)).square().sum(1)
+        residual = step.grad_t.float() - back_low.mul_(coef)
+        return residual, residual.square().sum(1)
 
     @staticmethod
     def _decay_factors(group: dict) -> tuple[float, float]:

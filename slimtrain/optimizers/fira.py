@@ -48,10 +48,12 @@ class FiraAdamW(LowRankAdamW):
 
     def _residual(self, group: dict, state: dict, projector: Projector, step: LowRankStep, step_size: float) -> Residual:
         coef = group["scale"] if group["residual"] == "fira_code" else 1.0
-        row_sq = self._residual_row_sq_norms(step, projector, state, coef)
+        # On the torch backend the norms need G' - c R B in full: keep it for the apply (materialized)
+        # rather than computing it twice. The Triton kernels compute it twice and never store it.
+        materialized, row_sq = self._residual_with_row_sq_norms(step, projector, state, coef)
         row_scale, norm = fira_row_scale(step.low, step.direction, row_sq, state.get("residual_norm"), group["gamma"])
         state["residual_norm"] = norm
-        return Residual(step.grad_t, step.low, "identity", coef, step_size, row_scale)
+        return Residual(step.grad_t, step.low, "identity", coef, step_size, row_scale, materialized)
 
 
 class FiraAdamW8bit(EightBitStates, FiraAdamW):

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from slimtrain import kernels
 from slimtrain.kernels.apply import (
     Residual,
     lowrank_apply_,
@@ -14,6 +15,7 @@ from slimtrain.kernels.apply import (
     residual_reference,
     residual_row_sq_norms,
     residual_row_sq_norms_reference,
+    residual_with_row_sq_norms,
 )
 
 from .conftest import DEVICE
@@ -95,6 +97,35 @@ def test_row_norms_match_reference(shape, g_dtype, triton_backend, poison):
     torch.testing.assert_close(got, residual_row_sq_norms_reference(grad_t, low, basis, 0.75), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_reuses_the_materialized_residual_bit_for_bit(shape, w_dtype):
+    """On the torch backend the row norms hand back the residual they materialized; applying a Residual
+    that carries it gives exactly what recomputing R B gives, and consumes it (it is scratch)."""
+    m, n, r = shape
+    weight, grad, basis, low, direction = _case(m, n, r, w_dtype, w_dtype, transposed=True)
+    grad_t = grad.T.contiguous().T
+    with kernels.use_backend("torch"):
+        materialized, row_sq = residual_with_row_sq_norms(grad_t, low, basis, 0.75)
+        assert torch.equal(row_sq, residual_row_sq_norms_reference(grad_t, low, basis, 0.75))
+        assert torch.equal(row_sq, residual_row_sq_norms(grad_t, low, basis, 0.75))
+        kept = materialized.clone()
+        residual = dataclasses.replace(_residual(grad_t, low, "identity", True, m), materialized=materialized)
+        expected = weight.clone()
+        lowrank_apply_(expected, direction, basis, alpha=0.1, residual=dataclasses.replace(residual, materialized=None),
+                       decay_before=0.99)
+        lowrank_apply_(weight, direction, basis, alpha=0.1, residual=residual, decay_before=0.99)
+    assert torch.equal(weight, expected)
+    assert not torch.equal(materialized, kept)  # used, in place, rather than recomputed
+
+
+def test_triton_path_keeps_no_residual(triton_backend):
+    _, grad, basis, low, _ = _case(37, 53, 5, torch.float32, torch.float32, transposed=False)
+    materialized, row_sq = residual_with_row_sq_norms(grad, low, basis, 0.75)
+    assert materialized is None
+    torch.testing.assert_close(row_sq, residual_row_sq_norms_reference(grad, low, basis, 0.75), rtol=1e-5, atol=1e-6)
+
+
 def test_reference_is_the_formula_in_float64():
     m, n, r = SHAPES[0]
     weight, grad, basis, low, direction = _case(m, n, r, torch.float32, torch.float32, transposed=False)
@@ -114,11 +145,14 @@ def test_reference_is_the_formula_in_float64():
         ({"weight": torch.zeros(37)}, r"Invalid weight: 1-D"),
         ({"rule": "relu"}, r"Invalid residual rule: 'relu'"),
         ({"row_scale": torch.ones(36)}, r"Invalid residual row_scale: torch.float32 of shape \(36,\)"),
+        ({"materialized": torch.zeros(53, 37)},
+         r"Invalid residual materialized: torch.float32 of shape \(53, 37\) \(expected torch.float32 \(37, 53\)\)"),
     ],
 )
 def test_bad_inputs_name_the_parameter(change, message):
     weight, grad, basis, low, direction = _case(37, 53, 5, torch.float32, torch.float32, transposed=False)
-    residual = Residual(grad, low, change.get("rule", "identity"), row_scale=change.get("row_scale"))
+    residual = Residual(grad, low, change.get("rule", "identity"), row_scale=change.get("row_scale"),
+                        materialized=change.get("materialized"))
     with pytest.raises(ValueError, match=message):
         lowrank_apply_(change.get("weight", weight), change.get("direction", direction), change.get("basis", basis),
                        alpha=0.1, residual=residual)

@@ -3,10 +3,13 @@ references: the code above the kernels is one path, and only the backend differs
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from slimtrain import kernels
+from slimtrain.optimizers import FiraAdamW
 
 from ..optimizers.helpers import CONFIGS, groups, mlp, train
 
@@ -40,3 +43,44 @@ def test_kernels_were_really_used():
     used = kernels.backends_used()
     for op in ("adam_direction", "lowrank_apply", "residual_row_sq_norms"):
         assert used[(op, "cpu")] == "triton", used
+
+
+class _RecordingFira(FiraAdamW):
+    """Fira that records whether each residual it hands the apply carries the materialized ``G - c R B``,
+    and with ``two_pass`` drops it, so the apply recomputes ``R B`` as the torch path did before it kept it."""
+
+    def __init__(self, *args, two_pass: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.two_pass, self.kept = two_pass, []
+
+    def _residual(self, *args):
+        residual = super()._residual(*args)
+        self.kept.append(residual.materialized is not None)
+        return dataclasses.replace(residual, materialized=None) if self.two_pass else residual
+
+
+@pytest.mark.parametrize("dtype, kwargs", [
+    (torch.float32, {"weight_decay": 0.01}),  # the fused apply
+    (torch.float32, {"projector": "dct", "residual": "fira_code"}),
+    (torch.float32, {"projector": "columns"}),  # no dense basis: the materialized update
+    (torch.bfloat16, {"bf16_stochastic_round": True}),  # dense basis, materialized update
+], ids=["svd", "dct-fira_code", "columns", "bf16-sr"])
+def test_fira_on_the_torch_backend_computes_its_residual_once_and_the_same(dtype, kwargs):
+    runs = []
+    for two_pass in (False, True):
+        model = mlp(dtype=dtype)
+        opt = _RecordingFira(groups(model), lr=1e-2, two_pass=two_pass, **kwargs)
+        with kernels.use_backend("torch"):
+            train(model, opt, STEPS)
+        assert opt.kept and all(opt.kept)
+        runs.append(model)
+    for p, q in zip(*(m.parameters() for m in runs)):
+        assert torch.equal(p, q)
+
+
+def test_fira_on_the_triton_backend_keeps_no_residual():
+    model = mlp()
+    opt = _RecordingFira(groups(model), lr=1e-2)
+    with kernels.use_backend("triton"):
+        train(model, opt, 2)
+    assert opt.kept and not any(opt.kept)
