@@ -1,6 +1,7 @@
 """slimtrain RandLoRA: same math as peft's RandLora (checked on its own bases), full rank, bases never saved
 and regenerated from the seed (Philox, unit variance; generator version 1 still reloads exactly), every
-forward path agrees with every other."""
+forward path agrees with every other, and with ``cache_bases=False`` B is never stored yet gives the same
+outputs and gradients on both kernel backends."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from torch import nn
 
 from slimtrain.adapters import RandLoraConfig
 from slimtrain.adapters._common import stable_seed
-from slimtrain.adapters.randlora import make_bases, randlora_delta, scaled_bases
+from slimtrain.adapters.randlora import generated_basis, make_bases, randlora_delta, scaled_bases
+from slimtrain.kernels import backends_used, use_backend
+from slimtrain.kernels._triton import HAS_TRITON, interpreting
 from slimtrain.kernels.philox import philox_uniform
 
 
@@ -217,3 +220,63 @@ def test_bases_built_on_the_gpu_equal_the_cpu_ones():
     for key in ("default_A", "default_B"):
         assert gpu[key].is_cuda
         assert torch.equal(gpu[key].cpu(), cpu[key])
+
+
+def test_generated_basis_is_the_stored_one():
+    """cache_bases=False describes exactly the B that cache_bases=True stores (same stream, same view)."""
+    _, B = make_bases(3, 8, 36, 48, 5)
+    assert torch.equal(generated_basis(3, 8, 48, 5).materialize().view(48, 5, 8), B)
+
+
+def train_outputs(cache_bases, mode, use_dora, backend, device="cpu"):
+    pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, randlora_alpha=8, forward_mode=mode,
+                                              use_dora=use_dora, cache_bases=cache_bases))
+    randomize(pm, "slimrandlora_", std=0.1)
+    pm.to(device)
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(7)).to(device)
+    with use_backend(backend):
+        y = pm(x)
+        y.pow(2).sum().backward()
+    return pm, y.detach().cpu(), {n: p.grad.cpu() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+needs_triton = pytest.mark.skipif(not (HAS_TRITON and (interpreting() or torch.cuda.is_available())),
+                                  reason="needs Triton and a GPU or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("use_dora", [False, True], ids=["plain", "dora"])
+@pytest.mark.parametrize("mode", ["factored", "dense"])
+def test_generated_B_is_never_stored_and_trains_the_same(mode, use_dora, backend):
+    """Both orientations (lin0: in < out; lin1, lin2: in > out), forward and backward: the same outputs and
+    gradients as the stored basis up to summation order, through the basis-matmul ops, with no B buffer.
+    The Triton run is on the GPU when there is one (interpreted on CPU otherwise)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    _, y_ref, g_ref = train_outputs(True, mode, use_dora, "torch")
+    generated, y, grads = train_outputs(False, mode, use_dora, backend, device)
+    assert set(generated.base_model.slimrandlora_bases.keys()) == {"default_A"}
+    assert not any(t.numel() >= 48 * 5 * 8 for t in generated.buffers())  # nothing the size of B
+    for op in ("philox_linear", "philox_matmul"):
+        assert backends_used()[(op, device)] == backend
+
+    def close(a, b):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+    close(y, y_ref)
+    assert grads.keys() == g_ref.keys()
+    for n, g in grads.items():
+        close(g, g_ref[n])
+
+
+def test_generated_B_saves_and_reloads_exactly(tmp_path):
+    pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, seed=4, cache_bases=False))
+    randomize(pm, "slimrandlora_", std=0.1)
+    x = torch.randn(3, 20)
+    y = pm(x)
+    pm.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(MLP(), tmp_path)
+    assert reloaded.peft_config["default"].cache_bases is False
+    assert "default_B" not in reloaded.base_model.slimrandlora_bases
+    torch.testing.assert_close(reloaded(x), y, rtol=0, atol=0)
+    merged = reloaded.merge_and_unload()
+    assert (merged(x) - y).abs().max() <= 1e-5 * y.abs().max()  # merging rounds W + dW once per layer

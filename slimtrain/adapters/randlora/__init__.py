@@ -2,10 +2,10 @@
 
 from ..registry import register_method
 from .config import RandLoraConfig, SlimRandLoraConfig
-from .layer import Linear, RandLoraLayer, make_bases, randlora_delta, scaled_bases
+from .layer import GeneratedBasis, Linear, RandLoraLayer, generated_basis, make_bases, randlora_delta, scaled_bases
 from .model import RandLoraModel
 
 register_method("slimrandlora", RandLoraConfig, RandLoraModel, prefix="slimrandlora_")
 
-__all__ = ["RandLoraConfig", "SlimRandLoraConfig", "RandLoraModel", "RandLoraLayer", "Linear", "make_bases",
-           "randlora_delta", "scaled_bases"]
+__all__ = ["RandLoraConfig", "SlimRandLoraConfig", "RandLoraModel", "RandLoraLayer", "Linear", "GeneratedBasis",
+           "generated_basis", "make_bases", "randlora_delta", "scaled_bases"]

@@ -36,6 +36,12 @@ class RandLoraConfig(SlimConfig):
             20 x r; lower it, or the learning rate, if training is unstable).
         randlora_dropout (float, default 0.0): dropout on the adapter input (disables the fused path).
         seed (int, default 0): seed of the shared bases.
+        cache_bases (bool, default True): keep the shared basis B (D_max x n_max x r fp32, about one weight of
+            the largest targeted layer, once per adapter) in memory. False never stores it: every product
+            with B runs in a kernel that generates the tiles of B it reads from the seed
+            (``slimtrain.kernels.basis_matmul``), in forward and backward; the same bases and results up to
+            summation order, for the cost of regenerating B on every use (docs/kernels.md gives the measured
+            cost). The small A (r x d_max) is kept either way. Needs generator_version 2.
         forward_mode ("auto" | "factored" | "dense", default "auto").
         use_dora (bool, default False), dora_eps (float, default 1e-12): DoRA re-scaling on top (+out params).
         init_weights (bool, default True): False draws non-zero lambda (tests only).
@@ -52,6 +58,8 @@ class RandLoraConfig(SlimConfig):
     randlora_dropout: float = field(default=0.0)
     seed: int = field(default=0, metadata={"help": "Seed of the shared random bases."})
     forward_mode: str = field(default="auto", metadata={"help": "auto | factored | dense"})
+    cache_bases: bool = field(default=True, metadata={"help": "Keep the shared basis B in memory (False: "
+                                                              "generate it inside the matmul kernels)."})
     use_dora: bool = field(default=False)
     dora_eps: float = field(default=1e-12)
     init_weights: bool = field(default=True)
@@ -67,6 +75,13 @@ class RandLoraConfig(SlimConfig):
         check_int("seed", self.seed, 0)
         check_choice("forward_mode", self.forward_mode, FORWARD_MODES)
         check_int("generator_version", self.generator_version, 1, GENERATOR_VERSION)
+        if not isinstance(self.cache_bases, bool):
+            raise ValueError(f"Invalid cache_bases: {self.cache_bases!r} (expected True or False)")
+        if not self.cache_bases and self.generator_version < 2:
+            raise ValueError(
+                f"Invalid cache_bases: False with generator_version {self.generator_version} (version-1 bases "
+                "come from a CPU generator that no kernel can reproduce: keep cache_bases=True)"
+            )
         self._check_common()
 
 

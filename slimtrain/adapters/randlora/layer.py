@@ -4,11 +4,13 @@ tests can hold them against PEFT's implementation; the layer picks a factored or
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.basis_matmul import philox_linear, philox_matmul
 from ...kernels.philox import philox_uniform
 from .._common import GENERATOR_VERSION, DeltaLayer, stable_seed, uniform_on_cpu
 from .config import RandLoraConfig
@@ -82,6 +84,13 @@ def randlora_delta(A, B, lam, gam, scaling: float) -> torch.Tensor:
     return (B.reshape(B.shape[0], n * r) @ scaled_bases(A, lam, gam)) * scaling
 
 
+_BOUND = math.sqrt(3.0)  # U(-sqrt(3), sqrt(3)) has variance 1
+
+
+def _basis_seed(seed: int, part: str, generator_version: int) -> int:
+    return stable_seed("randlora", generator_version, seed, part)
+
+
 def make_bases(seed: int, r: int, d_max: int, D_max: int, n_max: int, *, generator_version: int = GENERATOR_VERSION,
                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared bases A (r, d_max) and B (D_max, n_max, r), fp32 on ``device``, with unit variance.
@@ -91,25 +100,77 @@ def make_bases(seed: int, r: int, d_max: int, D_max: int, n_max: int, *, generat
     order; the exact variance of U(-sqrt(3), sqrt(3)) is 1, and the empirical std differs from it by
     O(1/sqrt(numel)). Version 1 (adapters saved before): U(-1, 1) on a CPU generator over its empirical std.
 
-    These bases are kept in memory (one pair per adapter, shared by all layers: about one weight of the
-    largest targeted layer), not generated inside the kernels as NOLA's are: the factored and dense paths
-    use them as matmul operands, which would need Philox-operand matmul kernels for x B_f^T, g B_f and
-    B_f A_f, forward and backward.
+    With ``cache_bases=False`` the tuner stores only A (:func:`make_basis_A`) and describes B by
+    :func:`generated_basis`: the same stream, never materialized.
     """
-    seed_A, seed_B = (stable_seed("randlora", generator_version, seed, part) for part in ("A", "B"))
+    A = make_basis_A(seed, r, d_max, generator_version=generator_version, device=device)
     if generator_version == 1:
-        A, B = uniform_on_cpu((r, d_max), seed_A), uniform_on_cpu((D_max, n_max, r), seed_B)
-        return (A / A.std()).to(device), (B / B.std()).to(device)
-    bound = math.sqrt(3.0)
-    A = philox_uniform(seed_A, (r, d_max), -bound, bound, device=device)
-    B = philox_uniform(seed_B, (D_max, n_max, r), -bound, bound, device=device)
-    return A, B
+        B = uniform_on_cpu((D_max, n_max, r), _basis_seed(seed, "B", 1))
+        return A, (B / B.std()).to(device)
+    return A, generated_basis(seed, r, D_max, n_max).materialize(device).view(D_max, n_max, r)
+
+
+def make_basis_A(seed: int, r: int, d_max: int, *, generator_version: int = GENERATOR_VERSION,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """A of :func:`make_bases` alone (what ``cache_bases=False`` stores)."""
+    seed_A = _basis_seed(seed, "A", generator_version)
+    if generator_version == 1:
+        A = uniform_on_cpu((r, d_max), seed_A)
+        return (A / A.std()).to(device)
+    return philox_uniform(seed_A, (r, d_max), -_BOUND, _BOUND, device=device)
+
+
+def generated_basis(seed: int, r: int, D_max: int, n_max: int) -> GeneratedBasis:
+    """B of :func:`make_bases` (generator version 2) as a :class:`GeneratedBasis`, never materialized."""
+    return GeneratedBasis(_basis_seed(seed, "B", 2), (D_max, n_max * r), _BOUND)
+
+
+@dataclass(frozen=True)
+class GeneratedBasis:
+    """RandLoRA's shared B when it is not stored (``cache_bases=False``): the Philox stream of
+    :func:`make_bases`' B (D_max, n_max, r), viewed as the (D_max, n_max * r) matrix it is used as. It holds
+    no tensor: every product with a leading block ``B_f = B[:rows, :cols]`` runs in a kernel of
+    :mod:`slimtrain.kernels.basis_matmul` that generates the tiles it reads, forward and backward."""
+
+    seed: int
+    shape: tuple[int, int]
+    bound: float
+
+    def linear(self, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """``x @ B_f^T`` (differentiable in ``x``)."""
+        return _GeneratedProduct.apply(x, self, rows, cols, False)
+
+    def matmul(self, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """``x @ B_f`` (differentiable in ``x``)."""
+        return _GeneratedProduct.apply(x, self, rows, cols, True)
+
+    def product(self, x: torch.Tensor, rows: int, cols: int, adjoint: bool) -> torch.Tensor:
+        op = philox_matmul if adjoint else philox_linear
+        return op(x, self.seed, self.shape, -self.bound, self.bound, rows=rows, cols=cols)
+
+    def materialize(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The whole (D_max, n_max * r) matrix in fp32 on ``device``."""
+        return philox_uniform(self.seed, self.shape, -self.bound, self.bound, device=device)
+
+
+class _GeneratedProduct(torch.autograd.Function):
+    """``x B_f^T`` (or ``x B_f`` when ``adjoint``) with B_f frozen: the backward is the other product."""
+
+    @staticmethod
+    def forward(ctx, x, basis: GeneratedBasis, rows: int, cols: int, adjoint: bool):
+        ctx.spec = (basis, rows, cols, adjoint)
+        return basis.product(x, rows, cols, adjoint)
+
+    @staticmethod
+    def backward(ctx, grad):
+        basis, rows, cols, adjoint = ctx.spec
+        return basis.product(grad, rows, cols, not adjoint), None, None, None, None
 
 
 class RandLoraLayer(DeltaLayer):
     adapter_layer_names = ("slimrandlora_lambda", "slimrandlora_gamma", "slimrandlora_magnitude")
-    other_param_names = ("slimrandlora_bases", "slimrandlora_dropout", "r", "scaling", "forward_mode",
-                         "use_dora", "dora_eps")
+    other_param_names = ("slimrandlora_bases", "slimrandlora_generated", "slimrandlora_dropout", "r", "scaling",
+                         "forward_mode", "use_dora", "dora_eps")
     magnitude_name = "slimrandlora_magnitude"
     method_name = "slimrandlora"
 
@@ -122,18 +183,21 @@ class RandLoraLayer(DeltaLayer):
         self.slimrandlora_magnitude = nn.ParameterDict({})
         self.slimrandlora_dropout = nn.ModuleDict({})
         self.slimrandlora_bases = None  # the tuner's shared, non-persistent BufferDict
+        self.slimrandlora_generated = None  # the tuner's {adapter: GeneratedBasis} for cache_bases=False
         self.d_small = min(self.in_features, self.out_features)
         self.d_large = max(self.in_features, self.out_features)
 
-    def update_layer(self, adapter_name: str, config: RandLoraConfig, key: str, bases=None,
+    def update_layer(self, adapter_name: str, config: RandLoraConfig, key: str, bases=None, generated=None,
                      inference_mode: bool = False):
         r = config.r
         n = math.ceil(self.d_small / r)
-        self.slimrandlora_bases = bases
-        A, B = bases[f"{adapter_name}_A"], bases[f"{adapter_name}_B"]
-        if A.shape[1] < self.d_small or B.shape[0] < self.d_large or B.shape[1] < n:
+        self.slimrandlora_bases, self.slimrandlora_generated = bases, generated
+        A = bases[f"{adapter_name}_A"]
+        B_gen = (generated or {}).get(adapter_name)
+        B_shape = tuple(bases[f"{adapter_name}_B"].shape) if B_gen is None else B_gen.shape
+        if A.shape[1] < self.d_small or B_shape[0] < self.d_large or math.prod(B_shape[1:]) < n * r:
             raise ValueError(
-                f"Invalid shared bases for {key!r}: A {tuple(A.shape)}, B {tuple(B.shape)} are smaller than this "
+                f"Invalid shared bases for {key!r}: A {tuple(A.shape)}, B {B_shape} are smaller than this "
                 f"layer needs (d={self.d_small}, D={self.d_large}, n={n}); the tuner sizes them over all targets."
             )
         self.r[adapter_name] = r
@@ -153,24 +217,28 @@ class RandLoraLayer(DeltaLayer):
     def dropout_for(self, adapter: str) -> nn.Module:
         return self.slimrandlora_dropout[adapter]
 
-    def _factors(self, adapter: str):
-        """(A_f (n*r, d), B_f (D, n*r)) for this layer, in the adapter's dtype and device."""
-        lam, gam = self.slimrandlora_lambda[adapter], self.slimrandlora_gamma[adapter]
-        n, r = lam.shape[1], lam.shape[0]
-        A = self.slimrandlora_bases[f"{adapter}_A"][:, : self.d_small].to(lam.device, lam.dtype)
-        B = self.slimrandlora_bases[f"{adapter}_B"][: self.d_large, :n, :].to(lam.device, lam.dtype)
-        return scaled_bases(A, lam, gam), B.reshape(self.d_large, n * r)
+    def _basis_A(self, adapter: str, lam: torch.Tensor) -> torch.Tensor:
+        return self.slimrandlora_bases[f"{adapter}_A"][:, : self.d_small].to(lam.device, lam.dtype)
+
+    def _basis_B(self, adapter: str, lam: torch.Tensor) -> torch.Tensor | None:
+        """This layer's block of the stored B, (D, n, r) in lam's dtype; None when B is generated."""
+        if self.slimrandlora_generated and adapter in self.slimrandlora_generated:
+            return None
+        return self.slimrandlora_bases[f"{adapter}_B"][: self.d_large, : lam.shape[1], :].to(lam.device, lam.dtype)
 
     def _delta(self, adapter: str) -> torch.Tensor:
         """Differentiable dW in (out, in) orientation."""
         return self._delta_from(adapter, self.slimrandlora_lambda[adapter], self.slimrandlora_gamma[adapter])
 
     def _delta_from(self, adapter: str, lam: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
-        n, r = lam.shape[1], lam.shape[0]
-        A = self.slimrandlora_bases[f"{adapter}_A"][:, : self.d_small].to(lam.device, lam.dtype)
-        B = self.slimrandlora_bases[f"{adapter}_B"][: self.d_large, :n, :].to(lam.device, lam.dtype)
-        delta = randlora_delta(A, B, lam, gam, self.scaling[adapter])
-        return delta if self.in_features == self.d_small else delta.T
+        A, B = self._basis_A(adapter, lam), self._basis_B(adapter, lam)
+        if B is not None:
+            delta = randlora_delta(A, B, lam, gam, self.scaling[adapter])  # (D, d)
+            return delta if self.in_features == self.d_small else delta.T
+        # generated B: dW^T = A_f^T B_f^T, one product with the generated basis
+        B_gen = self.slimrandlora_generated[adapter]
+        delta_t = B_gen.linear(scaled_bases(A, lam, gam).T, self.d_large, lam.numel()) * self.scaling[adapter]
+        return delta_t.T if self.in_features == self.d_small else delta_t
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         with torch.no_grad():
@@ -205,8 +273,15 @@ class RandLoraLayer(DeltaLayer):
         if want_delta or self._use_dense(adapter, x, fused=False):
             delta = self._delta(adapter)
             return F.linear(x, delta), (delta.detach() if want_delta else None)
-        A_f, B_f = self._factors(adapter)
-        s = self.scaling[adapter]
+        lam, gam = self.slimrandlora_lambda[adapter], self.slimrandlora_gamma[adapter]
+        A_f, B = scaled_bases(self._basis_A(adapter, lam), lam, gam), self._basis_B(adapter, lam)
+        s, D, R = self.scaling[adapter], self.d_large, lam.numel()
+        if B is None:  # generated: x B_f^T and x B_f run in the basis-matmul kernels
+            B_gen = self.slimrandlora_generated[adapter]
+            if self.in_features == self.d_small:
+                return B_gen.linear(F.linear(x, A_f), D, R) * s, None
+            return F.linear(B_gen.matmul(x, D, R), A_f.T) * s, None
+        B_f = B.reshape(D, R)
         if self.in_features == self.d_small:
             return F.linear(F.linear(x, A_f), B_f) * s, None
         return F.linear(F.linear(x, B_f.T), A_f.T) * s, None
@@ -234,11 +309,11 @@ class Linear(nn.Module, RandLoraLayer):
     """RandLoRA around an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes ``Linear8bitLt``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: RandLoraConfig, key: str, bases=None,
-                 **kwargs):
+                 generated=None, **kwargs):
         super().__init__()
         RandLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, key, bases=bases)
+        self.update_layer(adapter_name, config, key, bases=bases, generated=generated)
 
     forward = RandLoraLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly
     __repr__ = RandLoraLayer.__repr__

@@ -10,7 +10,7 @@ from torch import nn
 from .._common import BaseTunerLayer, SlimTuner, base_layer_kind, in_out_features
 from ..registry import peft_api
 from .config import RandLoraConfig
-from .layer import Linear, RandLoraLayer, make_bases
+from .layer import Linear, RandLoraLayer, generated_basis, make_bases, make_basis_A
 
 
 class RandLoraModel(SlimTuner):
@@ -18,7 +18,9 @@ class RandLoraModel(SlimTuner):
 
     The shared bases live in ``self.slimrandlora_bases``, a non-persistent ``BufferDict`` (keys
     ``"<adapter>_A"``, ``"<adapter>_B"``), sized to the largest targeted layer and sliced per layer; they never
-    reach ``state_dict`` or the saved adapter, and are regenerated from ``config.seed`` on load.
+    reach ``state_dict`` or the saved adapter, and are regenerated from ``config.seed`` on load. With
+    ``cache_bases=False`` B is not stored: ``self.slimrandlora_generated[adapter]`` describes it (a
+    :class:`~.layer.GeneratedBasis`) and the layers' products with it generate it inside the kernels.
     """
 
     prefix: str = "slimrandlora_"
@@ -48,12 +50,19 @@ class RandLoraModel(SlimTuner):
             return  # no target: PEFT raises its own "target modules not found" error next
         if not hasattr(self, "slimrandlora_bases") or self.slimrandlora_bases is None:
             self.slimrandlora_bases = peft_api.BufferDict({}, persistent=False)
+        if getattr(self, "slimrandlora_generated", None) is None:
+            self.slimrandlora_generated = {}
         device = next((p.device for p in model.parameters()), None)
-        A, B = make_bases(config.seed, config.r, d_max, D_max, math.ceil(d_max / config.r),
-                          generator_version=config.generator_version, device=device)
+        n_max = math.ceil(d_max / config.r)
+        if config.cache_bases:
+            A, B = make_bases(config.seed, config.r, d_max, D_max, n_max,
+                              generator_version=config.generator_version, device=device)
+            self.slimrandlora_bases[f"{adapter_name}_B"] = B
+        else:  # generator version 2 (the config checks it): A alone is stored, r/D of B's size
+            A = make_basis_A(config.seed, config.r, d_max, device=device)
+            self.slimrandlora_generated[adapter_name] = generated_basis(config.seed, config.r, D_max, n_max)
         self.slimrandlora_bases[f"{adapter_name}_A"] = A
-        self.slimrandlora_bases[f"{adapter_name}_B"] = B
 
     def _layer_extras(self, config, adapter_name: str) -> dict:
         self._ensure_bases(self.model, config, adapter_name)
-        return {"bases": self.slimrandlora_bases}
+        return {"bases": self.slimrandlora_bases, "generated": self.slimrandlora_generated}

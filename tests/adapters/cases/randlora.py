@@ -27,6 +27,10 @@ BAD = [
      r"Invalid forward_mode: 'fast' \(expected one of \('auto', 'factored', 'dense'\)\)"),
     (lambda: RandLoraConfig(target_modules=MLP, randlora_dropout=-0.1), ValueError, r"Invalid randlora_dropout"),
     (lambda: RandLoraConfig(target_modules=MLP, seed=-1), ValueError, r"Invalid seed: -1"),
+    (lambda: RandLoraConfig(target_modules=MLP, cache_bases="no"), ValueError,
+     r"Invalid cache_bases: 'no' \(expected True or False\)"),
+    (lambda: RandLoraConfig(target_modules=MLP, cache_bases=False, generator_version=1), ValueError,
+     r"Invalid cache_bases: False with generator_version 1"),
 ]
 
 # randlora_alpha = r keeps the scaling at 1 so the perturbed adapters give O(1) outputs in fp16
@@ -40,4 +44,7 @@ CASES = [
                 config=lambda: RandLoraConfig(target_modules=LLAMA_RE, r=8, randlora_alpha=8.0, forward_mode="dense")),
     AdapterCase(id="randlora-bert-dora", model="bert", trainable=randlora_count,
                 config=lambda: RandLoraConfig(target_modules=BERT, r=8, randlora_alpha=8.0, use_dora=True)),
+    # B generated inside the basis-matmul kernels, never stored
+    AdapterCase(id="randlora-mlp-generated", model="mlp", supports_bnb8bit=True, trainable=randlora_count,
+                config=lambda: RandLoraConfig(target_modules=MLP, r=4, randlora_alpha=4.0, cache_bases=False)),
 ]
