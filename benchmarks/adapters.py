@@ -58,6 +58,8 @@ def methods() -> dict[str, callable]:
                                                                                  forward_mode="factored"),
         "slimtrain RandLoRA r32 (fused fwd)": lambda: adapters.RandLoraConfig(r=32, target_modules=TARGETS,
                                                                               forward_mode="dense"),
+        "slimtrain RandLoRA r32 (B generated)": lambda: adapters.RandLoraConfig(r=32, target_modules=TARGETS,
+                                                                                cache_bases=False),
     }
     if hasattr(adapters, "LoLDUConfig"):
         rows["slimtrain LoLDU r8"] = lambda: adapters.LoLDUConfig(r=8, target_modules=TARGETS)
@@ -179,6 +181,7 @@ COUNTERPART = {
     "slimtrain RandLoRA r32": "PEFT RandLora r32",
     "slimtrain RandLoRA r32 (factored fwd)": "PEFT RandLora r32",
     "slimtrain RandLoRA r32 (fused fwd)": "PEFT RandLora r32",
+    "slimtrain RandLoRA r32 (B generated)": "PEFT RandLora r32",
 }
 
 

@@ -31,6 +31,7 @@ from slimtrain import kernels
 from slimtrain.kernels.adam import adam_direction_
 from slimtrain.kernels.adam8bit import adam8bit_direction_
 from slimtrain.kernels.apply import Residual, lowrank_apply_, residual_row_sq_norms
+from slimtrain.kernels.basis_matmul import philox_linear, philox_matmul
 from slimtrain.kernels.dct_scores import dct_scores
 from slimtrain.optimizers.projectors.dct import dct_matrix
 
@@ -90,6 +91,18 @@ def cases(m: int, n: int, r: int, device: torch.device):
            lambda: residual_row_sq_norms(grad, low, basis))
     dct = dct_matrix(n, device)
     yield ("dct_scores (matmul backend)", f"{m}x{n}", (m * n + n * n) * F32, lambda: dct_scores(grad, dct, 1))
+    # RandLoRA's products with a generated m x n basis, for 512 tokens. Bytes: x and the output only (the
+    # basis is never read), so these rows are bound by arithmetic, not bandwidth; the "stored basis" row is
+    # the plain torch matmul they replace, whose time is the price of storing nothing.
+    tokens = 512
+    x_in, x_out = (torch.randn(tokens, k, generator=g, device=device) for k in (n, m))
+    stored = torch.empty(m, n, device=device).uniform_(-1.7, 1.7, generator=g)
+    yield ("x U^T, stored basis (plain torch matmul)", f"{tokens}x{n} @ ({m}x{n})^T", (m * n + tokens * (m + n)) * F32,
+           lambda: x_in @ stored.T)
+    yield ("philox_linear (x U^T, U generated)", f"{tokens}x{n} @ ({m}x{n})^T", tokens * (m + n) * F32,
+           lambda: philox_linear(x_in, 7, (m, n), -1.7, 1.7))
+    yield ("philox_matmul (x U, U generated)", f"{tokens}x{m} @ {m}x{n}", tokens * (m + n) * F32,
+           lambda: philox_matmul(x_out, 7, (m, n), -1.7, 1.7))
 
 
 def main(argv=None):
