@@ -126,8 +126,9 @@ def peak_step_bytes(model, opt, batch) -> int:
 
 
 def persistent_bytes(model, opt) -> int:
-    """Adapter state that lives across steps: trainable parameters, AdamW state, and frozen buffers a method
-    adds (e.g. RandLoRA's shared bases); the base model's own weights are excluded (same for all)."""
+    """Adapter state that lives across steps: trainable parameters, AdamW state, and frozen tensors a method
+    adds (RandLoRA's shared bases, NOLA's cached bases); the base model's own weights are excluded (same for
+    all). Measured after the warm-up step, so caches filled on first use are counted."""
     total = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     for state in opt.state.values():
         total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
@@ -140,6 +141,9 @@ def persistent_bytes(model, opt) -> int:
         if any(tag in name for tag in ("randlora", "slimrandlora", "vera", "loldu", "s2ft")):
             seen.add(buf.data_ptr())
             total += buf.numel() * buf.element_size()
+    for module in model.modules():  # NOLA's cache_bases=True keeps its bases in a dict, not in buffers
+        for cache in (getattr(module, "basis_cache", None) or {}).values():
+            total += sum(t.numel() * t.element_size() for t in (cache or {}).values())
     return total
 
 
