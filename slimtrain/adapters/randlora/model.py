@@ -65,4 +65,4 @@ class RandLoraModel(SlimTuner):
 
     def _layer_extras(self, config, adapter_name: str) -> dict:
         self._ensure_bases(self.model, config, adapter_name)
-        return {"bases": self.slimrandlora_bases, "generated": self.slimrandlora_generated}
+        return {"bases": self.slimrandlora_bases, "generated": getattr(self, "slimrandlora_generated", None)}
