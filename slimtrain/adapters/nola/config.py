@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._common import GENERATOR_VERSION, SlimConfig, check_float, check_int
+from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_float, check_int
 
 
 @dataclass
@@ -68,4 +68,5 @@ class NolaConfig(SlimConfig):
         check_float("dora_eps", self.dora_eps, 0.0, 1.0)
         check_int("seed", self.seed, 0)
         check_int("generator_version", self.generator_version, 1, GENERATOR_VERSION)
+        check_bool("cache_bases", self.cache_bases)
         self._check_common()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._common import GENERATOR_VERSION, SlimConfig, check_choice, check_float, check_int
+from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_choice, check_float, check_int
 
 FORWARD_MODES = ("auto", "factored", "dense")
 
@@ -75,8 +75,7 @@ class RandLoraConfig(SlimConfig):
         check_int("seed", self.seed, 0)
         check_choice("forward_mode", self.forward_mode, FORWARD_MODES)
         check_int("generator_version", self.generator_version, 1, GENERATOR_VERSION)
-        if not isinstance(self.cache_bases, bool):
-            raise ValueError(f"Invalid cache_bases: {self.cache_bases!r} (expected True or False)")
+        check_bool("cache_bases", self.cache_bases)
         if not self.cache_bases and self.generator_version < 2:
             raise ValueError(
                 f"Invalid cache_bases: False with generator_version {self.generator_version} (version-1 bases "

@@ -21,6 +21,8 @@ BAD = [
     (lambda: NolaConfig(target_modules=MLP, nola_dropout=1.0), ValueError, r"Invalid nola_dropout: 1.0"),
     (lambda: NolaConfig(target_modules=[]), ValueError, r"Invalid target_modules: \[\]"),
     (lambda: NolaConfig(target_modules=MLP, generator_version=99), ValueError, r"Invalid generator_version: 99"),
+    (lambda: NolaConfig(target_modules=MLP, cache_bases="yes"), ValueError,
+     r"Invalid cache_bases: 'yes' \(expected True or False\)"),
 ]
 
 CASES = [
