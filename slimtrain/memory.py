@@ -19,10 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
+from .optimizers import _validation as V
 from .optimizers import quantized as Q
 from .optimizers.base import matrix_shape, projects_left
 from .optimizers.groups import low_rank_param_groups
@@ -176,8 +179,11 @@ def load_config(config_or_name):
             f"Invalid model: {config_or_name!r} (expected one of {', '.join(LLAMA_SHAPES)} or an existing config.json path)"
         )
     with open(path) as f:
-        raw = json.load(f)
-    if "model_type" not in raw:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Invalid model: {path} is not JSON ({e})") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
         raise ValueError(f"Invalid model: {path} has no 'model_type' (expected a transformers config.json)")
     raw = dict(raw)
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
@@ -329,6 +335,17 @@ def estimate_memory(
     projector = projector or DEFAULT_PROJECTOR.get(optimizer)
     if optimizer not in ("adamw", "sst"):
         _check("projector", projector, PROJECTORS)
+    # The optimizers' own checks (what their constructors would refuse is not estimated).
+    V.check_choice("proj_type", proj_type, V.PROJ_TYPES)
+    V.check_int("min_8bit_size", min_8bit_size, minimum=0)
+    V.check_int_choice("block_size", block_size, Q.BLOCK_SIZES)
+    V.check_bool("bf16_stochastic_round", bf16_stochastic_round)
+    if density is not None:
+        V.check_unit_interval("density", density)
+    elif optimizer == "frugal" and frugal_mode == "block":
+        raise ValueError("Invalid density: None (block mode needs a density in [0, 1])")
+    if rank is not None:
+        V.check_int("rank", rank, minimum=1)
     name = config_or_name if isinstance(config_or_name, str) else type(config_or_name).__name__
     size = name.upper() if isinstance(name, str) and name.upper() in LLAMA_SHAPES else None
     if rank is None:
@@ -457,15 +474,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> MemoryEstimate:
+    """Estimate and print; bad input is one line on stderr naming the option, exit status 2."""
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    est = estimate_memory(
-        args.model, args.optimizer, rank=args.rank, state_bits=args.state_bits, weight_dtype=args.weight_dtype,
-        target_modules=targets, projector=args.projector, density=args.density, frugal_mode=args.frugal_mode,
-        min_8bit_size=args.min_8bit_size, block_size=args.block_size,
-        bf16_stochastic_round=args.stochastic_round, layerwise=args.layerwise,
-    )
+    try:
+        est = estimate_memory(
+            args.model, args.optimizer, rank=args.rank, state_bits=args.state_bits, weight_dtype=args.weight_dtype,
+            target_modules=targets, projector=args.projector, density=args.density, frugal_mode=args.frugal_mode,
+            min_8bit_size=args.min_8bit_size, block_size=args.block_size,
+            bf16_stochastic_round=args.stochastic_round, layerwise=args.layerwise,
+        )
+    except (ValueError, OSError) as e:
+        print(f"error: {_as_option(str(e), set(vars(args)) - {'model'})}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(est.as_dict(), indent=2) if args.json else est.table())
     return est
+
+
+def _as_option(message: str, options: set[str]) -> str:
+    """``Invalid block_size: 7 ...`` (the optimizers' wording) as ``Invalid --block-size: 7 ...``."""
+    name = re.match(r"Invalid (\w+):", message)
+    if name is None or name[1] not in options:
+        return message
+    return f"Invalid --{name[1].replace('_', '-')}:{message[name.end():]}"
 
 
 def main(argv: list[str] | None = None) -> MemoryEstimate:

@@ -1,6 +1,7 @@
 """The memory calculator counts exactly what the optimizers allocate, and its command line works."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -135,3 +136,39 @@ def test_slimtrain_memory_subcommand(capsys):
 
     cli_main(["memory", "60M", "--optimizer", "galore", "--state-bits", "8"])
     assert "60M: galore rank 128, 8-bit states" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"optimizer": "frugal", "density": -1.0}, r"Invalid density: -1.0 \(expected 0 <= density <= 1\)"),
+        ({"optimizer": "frugal", "density": 5.0}, r"Invalid density: 5.0"),
+        ({"optimizer": "frugal", "density": float("nan")}, r"Invalid density: nan"),
+        ({"optimizer": "frugal", "frugal_mode": "block", "density": None}, r"Invalid density: None \(block mode"),
+        ({"state_bits": 8, "block_size": 7}, r"Invalid block_size: 7 \(expected one of 64, 128, 256"),
+        ({"min_8bit_size": -1}, r"Invalid min_8bit_size: -1"),
+        ({"rank": 0}, r"Invalid rank: 0 \(expected an integer >= 1\)"),
+        ({"proj_type": "sideways"}, r"Invalid proj_type: 'sideways'"),
+    ],
+)
+def test_settings_the_optimizers_refuse_are_not_estimated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_memory("60M", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["60M", "--optimizer", "frugal", "--density", "-1"], r"^error: Invalid --density: -1.0 \(expected 0 <= density <= 1\)$"),
+        (["60M", "--block-size", "7"], r"^error: Invalid --block-size: 7 \(expected one of 64, "),
+        (["60M", "--density", "nan"], r"^error: Invalid --density: nan"),
+        (["13B"], r"^error: Invalid model: '13B' \(expected one of 60M"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert re.search(message, captured.err.strip()), captured.err
