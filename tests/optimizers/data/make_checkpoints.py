@@ -1,0 +1,40 @@
+"""Write the checkpoints that ``test_state_dict.py::test_checkpoint_of_earlier_version_resumes`` loads.
+
+Run from the repository root (``python -m tests.optimizers.data.make_checkpoints``) with the code whose
+checkpoint format must keep loading. The files in this folder were written at commit e556968 (before
+state dicts recorded their method): each holds the model and optimizer after 7 steps of
+``helpers.train`` and the parameters 11 steps later, computed by that code on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ..helpers import CONFIGS, groups, mlp, train
+from slimtrain.optimizers import FiraAdamW8bit
+
+HERE = Path(__file__).parent
+# One row per class (and the random projector's seed state); FiraAdamW8bit has no CONFIGS row.
+CASES = {name: factory for name, factory in CONFIGS if name in {
+    "galore-svd", "galore-random", "fira-svd", "frugal-svd", "frugal-block", "dct", "sst",
+    "galore8bit-svd-sr", "dct8bit-rotate", "frugal8bit-columns-reset", "sst8bit",
+}}
+CASES["fira8bit"] = lambda g: FiraAdamW8bit(g, lr=1e-2, min_8bit_size=0)
+
+
+def main() -> None:
+    for name, factory in CASES.items():
+        model = mlp()
+        opt = factory(groups(model))
+        train(model, opt, steps=7)
+        saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+        train(model, opt, steps=11, start=7)
+        saved["after"] = [p.detach().clone() for p in model.parameters()]
+        torch.save(saved, HERE / f"{name}.pt")
+
+
+if __name__ == "__main__":
+    main()
