@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch, _triton
+from . import _device, _dispatch, _triton
 from ._triton import tl, triton
 
 OP = "adam_direction"
@@ -34,17 +34,27 @@ def adam_direction_reference(
 if _triton.HAS_TRITON:
 
     @triton.jit
-    def _adam_direction_kernel(g_ptr, m_ptr, v_ptr, out_ptr, numel, beta1, beta2, eps, BLOCK: tl.constexpr):
+    def adam_moments(m, v, g, beta1, one_minus_beta1, beta2, one_minus_beta2, eps):
+        """fp32 moments and direction in registers. Every coefficient arrives rounded once from the host's
+        double (fp32(1 - beta2), never 1 - fp32(beta2), which is 1.3e-5 off for beta2 = 0.999), and the
+        square root and division round to nearest, as torch's do (``tl.sqrt`` and ``/`` are approximate
+        on a GPU; the interpreter hides both)."""
+        m = beta1 * m + one_minus_beta1 * g
+        v = beta2 * v + one_minus_beta2 * g * g
+        return m, v, tl.div_rn(m, tl.sqrt_rn(v) + eps)
+
+    @triton.jit
+    def _adam_direction_kernel(g_ptr, m_ptr, v_ptr, out_ptr, numel, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                               eps, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask)
         v = tl.load(v_ptr + offs, mask=mask)
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
+        m, v, direction = adam_moments(m, v, g, beta1, one_minus_beta1, beta2, one_minus_beta2, eps)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
-        tl.store(out_ptr + offs, m / (tl.sqrt(v) + eps), mask=mask)
+        tl.store(out_ptr + offs, direction, mask=mask)
 
 
 def _adam_direction_triton(grad, exp_avg, exp_avg_sq, beta1, beta2, eps) -> Tensor:
@@ -52,12 +62,20 @@ def _adam_direction_triton(grad, exp_avg, exp_avg_sq, beta1, beta2, eps) -> Tens
     numel = exp_avg.numel()
     block = _triton.tile(16384, 1024)
     _adam_direction_kernel[(triton.cdiv(numel, block),)](
-        grad, exp_avg, exp_avg_sq, out, numel, beta1, beta2, eps, BLOCK=block
+        grad, exp_avg, exp_avg_sq, out, numel, *coefficients(beta1, beta2), eps, BLOCK=block
     )
     return out
 
 
+def coefficients(beta1: float, beta2: float) -> tuple[float, float, float, float]:
+    """``(beta1, 1 - beta1, beta2, 1 - beta2)`` formed in double on the host; the launch rounds each to fp32
+    once, as torch does with the ``alpha``/``value`` of the reference's ``add_``/``addcmul_``."""
+    beta1, beta2 = float(beta1), float(beta2)
+    return beta1, 1.0 - beta1, beta2, 1.0 - beta2
+
+
 def _check(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    _device.check_same_device(OP, "grad", {"grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.dtype != torch.float32:
             raise ValueError(f"Invalid {name}: dtype {t.dtype} (expected torch.float32)")

@@ -22,9 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _bnb, _dispatch, _triton
+from . import _bnb, _device, _dispatch, _triton
 from ._triton import tl, triton
-from .adam import adam_direction_reference
+from .adam import adam_direction_reference, coefficients
+
+if _triton.HAS_TRITON:
+    from .adam import adam_moments
 
 OP = "adam8bit_direction"
 
@@ -73,14 +76,15 @@ if _triton.HAS_TRITON:
     def _requantize(x, mask, absmax_ptr, codes_ptr, map_ptr, offs, pid):
         absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
         tl.store(absmax_ptr + pid, absmax)
-        normalized = tl.where(absmax > 0, x / absmax, 0.0)
+        # Rounded division: an approximate one could move a value across the midpoint of two codes.
+        normalized = tl.where(absmax > 0, tl.div_rn(x, absmax), 0.0)
         tl.store(codes_ptr + offs, _nearest_code(normalized, map_ptr).to(tl.uint8), mask=mask)
 
     @triton.jit
     def _adam8bit_kernel(
         g_ptr, m_codes_ptr, m_absmax_ptr, m_map_ptr, v_codes_ptr, v_absmax_ptr, v_map_ptr,
         m_codes_out, m_absmax_out, v_codes_out, v_absmax_out, dir_ptr,
-        numel, beta1, beta2, eps, BLOCK: tl.constexpr,
+        numel, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -90,29 +94,33 @@ if _triton.HAS_TRITON:
         v_code = tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
         m = tl.load(m_map_ptr + m_code) * tl.load(m_absmax_ptr + pid)
         v = tl.load(v_map_ptr + v_code) * tl.load(v_absmax_ptr + pid)
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        tl.store(dir_ptr + offs, m / (tl.sqrt(v) + eps), mask=mask)
+        m, v, direction = adam_moments(m, v, g, beta1, one_minus_beta1, beta2, one_minus_beta2, eps)
+        tl.store(dir_ptr + offs, direction, mask=mask)
         _requantize(m, mask, m_absmax_out, m_codes_out, m_map_ptr, offs, pid)
         _requantize(v, mask, v_absmax_out, v_codes_out, v_map_ptr, offs, pid)
 
 
-def _adam8bit_triton(grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, beta1, beta2, eps, block_size):
+def _adam8bit_triton(grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, beta1, beta2, eps, block_size,
+                     check_finite):
     new = [torch.empty_like(t) for t in (m_codes, m_absmax, v_codes, v_absmax)]
     direction = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
     _adam8bit_kernel[(m_absmax.numel(),)](
         grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, *new, direction,
-        grad.numel(), beta1, beta2, eps, BLOCK=block_size,
+        grad.numel(), *coefficients(beta1, beta2), eps, BLOCK=block_size,
     )
-    new_m_codes, new_m_absmax, new_v_codes, new_v_absmax = new
-    for name, absmax in (("exp_avg", new_m_absmax), ("exp_avg_sq", new_v_absmax)):
-        _bnb.refuse_nonfinite(absmax, name, "block absmaxes of the updated moment", _OVERFLOW)
+    if check_finite:  # one host read; the optimizers bound their gradients instead (check_finite=False)
+        for name, absmax in (("exp_avg", new[1]), ("exp_avg_sq", new[3])):
+            _bnb.refuse_nonfinite(absmax, name, "block absmaxes of the updated moment", _OVERFLOW)
     for dst, src in zip((m_codes, m_absmax, v_codes, v_absmax), new):
         dst.copy_(src)
     return direction
 
 
 def _check(grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, block_size) -> None:
+    _device.check_same_device(OP, "grad", {
+        "grad": grad, "exp_avg": m_codes, "exp_avg absmax": m_absmax, "exp_avg map": m_map,
+        "exp_avg_sq": v_codes, "exp_avg_sq absmax": v_absmax, "exp_avg_sq map": v_map,
+    })
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"Invalid block_size: {block_size} (expected a power of two)")
     blocks = -(-grad.numel() // block_size)
@@ -135,7 +143,7 @@ def adam8bit_direction_(
     grad: Tensor,
     m_codes: Tensor, m_absmax: Tensor, m_map: Tensor,
     v_codes: Tensor, v_absmax: Tensor, v_map: Tensor,
-    beta1: float, beta2: float, eps: float, block_size: int,
+    beta1: float, beta2: float, eps: float, block_size: int, *, check_finite: bool = True,
 ) -> Tensor:
     """One Adam step on 8-bit moments, in place; returns the fp32 direction ``m / (sqrt(v) + eps)``
     computed from the moments before they are requantized.
@@ -143,9 +151,14 @@ def adam8bit_direction_(
     ``*_codes`` are uint8 of ``grad``'s shape, ``*_absmax`` fp32 with one entry per block of
     ``block_size`` flattened elements, ``*_map`` the 256-entry sorted maps (signed for ``m``, unsigned
     for ``v``). Triton on CUDA, :func:`adam8bit_direction_reference` elsewhere.
+
+    ``check_finite=False`` skips the Triton path's refusal of an overflowing moment, the one read of a GPU
+    value here (a host synchronization). Only for a caller that has bounded the gradient already: the
+    optimizers step only when every ``|g| <= 2**63``, so ``g**2 <= 2**126`` and both moments, convex
+    combinations of such values, stay finite. The reference (CPU) path always checks.
     """
     args = (grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map)
     _check(*args, block_size)
     if _dispatch.choose(OP, grad.device) == "triton":
-        return _adam8bit_triton(grad.contiguous(), *args[1:], beta1, beta2, eps, block_size)
+        return _adam8bit_triton(grad.contiguous(), *args[1:], beta1, beta2, eps, block_size, check_finite)
     return adam8bit_direction_reference(*args, beta1, beta2, eps, block_size)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _dispatch, _triton
+from . import _device, _dispatch, _triton
 from ._triton import tl, triton
 
 OP = "lowrank_apply"
@@ -300,6 +300,13 @@ def lowrank_apply_(
     _check_factors(m, n, direction, basis, "direction")
     if residual is not None:
         _check_residual(residual, m, n, basis)
+    _device.check_same_device(OP, "weight", {
+        "weight": weight, "direction": direction, "basis": basis,
+        **({} if residual is None else {
+            "residual grad": residual.grad, "residual low": residual.low, "residual row_scale": residual.row_scale,
+            "residual materialized": residual.materialized,
+        }),
+    })
     if _dispatch.choose(OP, weight.device) == "triton":
         if residual is not None:
             residual = dataclasses.replace(residual, low=residual.low.contiguous())
@@ -320,6 +327,7 @@ def residual_with_row_sq_norms(
         raise ValueError(f"Invalid grad: {grad.dim()}-D (expected the 2-D oriented gradient)")
     m, n = grad.shape
     _check_factors(m, n, low, basis, "low")
+    _device.check_same_device(NORMS_OP, "grad", {"grad": grad, "low": low, "basis": basis})
     if _dispatch.choose(NORMS_OP, grad.device) == "triton":
         return None, _residual_row_sq_norms_triton(grad, low.contiguous(), basis.contiguous(), coef)
     residual = _materialize_residual(grad, low, basis, coef)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch, _triton
+from . import _device, _dispatch, _triton
 from ._triton import tl, triton
 
 OP = "dct_scores"
@@ -83,6 +83,7 @@ def dct_scores(grad: Tensor, dct: Tensor, norm: int = 1) -> Tensor:
     n = grad.shape[1]
     if dct.shape != (n, n) or dct.dtype != torch.float32:
         raise ValueError(f"Invalid dct: {dct.dtype} of shape {tuple(dct.shape)} (expected torch.float32 ({n}, {n}))")
+    _device.check_same_device(OP, "grad", {"grad": grad, "dct": dct})
     if _dispatch.choose(OP, grad.device) == "triton":
         return _dct_scores_triton(grad, dct.contiguous(), norm)
     return dct_scores_reference(grad, dct, norm)

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _dispatch, _triton
+from . import _device, _dispatch, _triton
 from ._triton import tl, triton
 
 __all__ = ["philox_bits", "philox_uniform", "philox_combine", "philox_project", "philox4x32_reference"]
@@ -140,11 +140,11 @@ def _output(out, shape, dtype, device) -> torch.Tensor:
     """``out`` if it fits the result exactly, a new tensor if it is None; anything else is an error."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    if (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device)
+    if (tuple(out.shape) != tuple(shape) or out.dtype != dtype or not _device.same_device(out.device, device)
             or not out.is_contiguous()):
         raise ValueError(
             f"Invalid out: shape {tuple(out.shape)}, dtype {out.dtype} on {out.device} (expected a contiguous "
-            f"tensor of shape {tuple(shape)}, dtype {dtype} on {torch.device(device)})"
+            f"tensor of shape {tuple(shape)}, dtype {dtype} on {_device.canonical(device)})"
         )
     return out
 
@@ -183,8 +183,13 @@ def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32_reference(c0, c1, c2, c3, k0: int, k1: int, rounds: int = _ROUNDS):
     """Philox4x32 in int64 torch arithmetic: counters ``c0..c3`` (int64 tensors of uint32 values, or ints)
     and key ``(k0, k1)`` to four int64 tensors of uint32 values. The same rounds as Random123's
-    ``philox4x32`` and Triton's ``philox_impl`` (checked against Random123's known-answer vectors)."""
-    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    ``philox4x32`` and Triton's ``philox_impl`` (checked against Random123's known-answer vectors).
+    Runs on the device of the tensor counters (CPU if all four are ints); int counters are filled in there."""
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), torch.device("cpu"))
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(
+        c.to(torch.int64) if isinstance(c, torch.Tensor) else torch.full((), c, dtype=torch.int64, device=device)
+        for c in (c0, c1, c2, c3)
+    ))
     for _ in range(rounds):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
@@ -371,7 +376,7 @@ def philox_bits(seed: int, shape: Sequence[int], *, num_basis: int | None = None
         device: where to generate (default CPU). out (Tensor, optional): int64 result tensor to fill.
     """
     s = _stream(seed, shape, -1.0, 1.0, 1 if num_basis is None else num_basis, offset)
-    device = torch.device(device if device is not None else "cpu")
+    device = _device.canonical(device if device is not None else "cpu")
     out = _output(out, _result_shape(s, num_basis), torch.int64, device)
     if _dispatch.choose("philox_bits", device) == "triton":
         _stream_triton(s, out, raw=True)
@@ -400,7 +405,7 @@ def philox_uniform(seed: int, shape: Sequence[int], low: float = -1.0, high: flo
         device (default CPU), dtype (default float32), out (optional result tensor of that shape and dtype).
     """
     s = _stream(seed, shape, low, high, 1 if num_basis is None else num_basis, offset)
-    device = torch.device(device if device is not None else "cpu")
+    device = _device.canonical(device if device is not None else "cpu")
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"Invalid dtype: {dtype} (expected one of {', '.join(map(str, _FLOAT_DTYPES))})")
     out = _output(out, _result_shape(s, num_basis), dtype, device)

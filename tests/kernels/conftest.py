@@ -8,9 +8,10 @@ import torch
 
 from slimtrain import kernels
 
+from .._device import DEVICE  # noqa: F401  (re-exported: the kernel tests import it from here)
+
 pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INT_POISON = 0x5A  # not special in any code map: an unwritten code shows up as a wrong value
 
 

@@ -23,7 +23,8 @@ from slimtrain.kernels._triton import HAS_TRITON, interpreting
 from slimtrain.kernels.philox import _stream, philox_bits, philox_uniform
 from slimtrain.kernels.basis_matmul import philox_elements_reference, philox_linear, philox_matmul
 
-from .test_philox import assert_within_sum_bound, needs_triton, TRITON_DEVICE
+from .._device import DEVICE as TRITON_DEVICE, needs_triton
+from .test_philox import assert_within_sum_bound
 
 SEED, LOW, HIGH = (1 << 40) + 77, -1.7, 1.7
 

@@ -23,7 +23,7 @@ def _grad(m, n, dtype, transposed, seed=0):
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed-view"])
 def test_kernel_matches_reference(shape, dtype, norm, transposed, triton_backend, poison):
     grad = _grad(*shape, dtype, transposed)
-    dct = dct_matrix(shape[1], torch.device(DEVICE))
+    dct = dct_matrix(shape[1], DEVICE)
     got = D.dct_scores(grad, dct, norm)
     # A sum over m rows of fp32 dot products: relative error a few ulps times sqrt(m).
     torch.testing.assert_close(got, D.dct_scores_reference(grad, dct, norm), rtol=1e-5, atol=1e-6)
@@ -32,14 +32,14 @@ def test_kernel_matches_reference(shape, dtype, norm, transposed, triton_backend
 @pytest.mark.parametrize("splits", [2, 3])
 def test_row_splits_sum_to_the_same_scores(splits):
     grad = _grad(100, 40, torch.float32, transposed=False)
-    dct = dct_matrix(40, torch.device(DEVICE))
+    dct = dct_matrix(40, DEVICE)
     got = D._dct_scores_triton(grad, dct, 1, splits=splits)
     torch.testing.assert_close(got, D.dct_scores_reference(grad, dct, 1), rtol=1e-5, atol=1e-6)
 
 
 def test_scores_pick_the_directions_the_gradient_lies_in():
-    dct = dct_matrix(64, torch.device(DEVICE))
-    grad = torch.randn(30, 3) @ dct[[3, 17, 40]]  # rows in the span of three DCT directions
+    dct = dct_matrix(64, DEVICE)
+    grad = torch.randn(30, 3, device=DEVICE) @ dct[[3, 17, 40]]  # rows in the span of three DCT directions
     assert set(torch.topk(D.dct_scores(grad, dct, 1), 3).indices.tolist()) == {3, 17, 40}
 
 

@@ -12,14 +12,17 @@ import torch
 from slimtrain import kernels
 from slimtrain.kernels import _dispatch, adam
 
+from .._device import DEVICE
 
-def _step(n: int = 7) -> torch.Tensor:
-    return adam.adam_direction_(torch.ones(n), torch.zeros(n), torch.zeros(n), 0.9, 0.999, 1e-8)
+
+def _step(n: int = 7, device=DEVICE) -> torch.Tensor:
+    t = lambda fill: torch.full((n,), fill, device=device)  # noqa: E731
+    return adam.adam_direction_(t(1.0), t(0.0), t(0.0), 0.9, 0.999, 1e-8)
 
 
 def test_cpu_tensors_run_the_torch_reference_by_default():
     assert kernels.get_backend() == "auto"
-    _step()
+    _step(device="cpu")
     assert kernels.backends_used()[("adam_direction", "cpu")] == "torch"
 
 
@@ -29,11 +32,13 @@ def test_forcing_a_backend_is_scoped_and_recorded(caplog):
             assert kernels.get_backend() == "triton"
             forced = _step()
         assert kernels.get_backend() == "auto"
-        reference = _step()
+        with kernels.use_backend("torch"):
+            reference = _step()
     assert torch.equal(forced, reference)  # g = 1 from zero moments: exact in both
     lines = [r.getMessage() for r in caplog.records]
-    assert any("adam_direction on cpu runs the triton implementation" in line for line in lines), lines
-    assert any("adam_direction on cpu runs the torch implementation" in line for line in lines), lines
+    on = f"adam_direction on {DEVICE.type} runs the"
+    assert any(f"{on} triton implementation" in line for line in lines), lines
+    assert any(f"{on} torch implementation" in line for line in lines), lines
 
 
 def test_set_backend_is_process_wide():
@@ -58,7 +63,7 @@ def test_unknown_backend_names_the_value(bad):
 def test_forced_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1"):
-        _step()
+        _step(device="cpu")
 
 
 def test_environment_variable_chooses_and_is_checked():

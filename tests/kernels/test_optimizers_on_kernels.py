@@ -11,13 +11,14 @@ import torch
 from slimtrain import kernels
 from slimtrain.optimizers import FiraAdamW
 
+from .._device import DEVICE
 from ..optimizers.helpers import CONFIGS, groups, mlp, train
 
 STEPS = 12  # crosses two projector refreshes (gap 5)
 
 
 def _train(factory, backend: str, dtype=torch.float32):
-    model = mlp(dtype=dtype)
+    model = mlp(dtype=dtype).to(DEVICE)
     opt = factory(groups(model))
     with kernels.use_backend(backend):
         loss = train(model, opt, STEPS)
@@ -42,7 +43,7 @@ def test_kernels_were_really_used():
     _train(CONFIGS[4][1], "triton")  # Fira: Adam, the fused apply with a residual, its row norms
     used = kernels.backends_used()
     for op in ("adam_direction", "lowrank_apply", "residual_row_sq_norms"):
-        assert used[(op, "cpu")] == "triton", used
+        assert used[(op, DEVICE.type)] == "triton", used
 
 
 class _RecordingFira(FiraAdamW):
@@ -68,7 +69,7 @@ class _RecordingFira(FiraAdamW):
 def test_fira_on_the_torch_backend_computes_its_residual_once_and_the_same(dtype, kwargs):
     runs = []
     for two_pass in (False, True):
-        model = mlp(dtype=dtype)
+        model = mlp(dtype=dtype).to(DEVICE)
         opt = _RecordingFira(groups(model), lr=1e-2, two_pass=two_pass, **kwargs)
         with kernels.use_backend("torch"):
             train(model, opt, STEPS)
@@ -79,7 +80,7 @@ def test_fira_on_the_torch_backend_computes_its_residual_once_and_the_same(dtype
 
 
 def test_fira_on_the_triton_backend_keeps_no_residual():
-    model = mlp()
+    model = mlp().to(DEVICE)
     opt = _RecordingFira(groups(model), lr=1e-2)
     with kernels.use_backend("triton"):
         train(model, opt, 2)

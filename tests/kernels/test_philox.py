@@ -26,11 +26,7 @@ from slimtrain.kernels import philox
 from slimtrain.kernels._triton import HAS_TRITON, interpreting
 from slimtrain.kernels.philox import philox_bits, philox_combine, philox_project, philox_uniform
 
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not (HAS_TRITON and (interpreting() or torch.cuda.is_available())),
-    reason="needs Triton and a GPU or TRITON_INTERPRET=1",
-)
+from .._device import DEVICE as TRITON_DEVICE, needs_triton
 UNIT_ROUNDOFF = {dtype: torch.finfo(dtype).eps / 2
                  for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
@@ -243,9 +239,9 @@ def test_choice_is_visible():
     with use_backend("auto"):
         philox_uniform(1, (3,))
     assert backends_used()[("philox_uniform", "cpu")] == "torch"
-    if HAS_TRITON and interpreting():
-        kernel(philox_uniform, 1, (3,))
-        assert backends_used()[("philox_uniform", "cpu")] == "triton"
+    if HAS_TRITON and (interpreting() or TRITON_DEVICE.type == "cuda"):
+        kernel(philox_uniform, 1, (3,), device=TRITON_DEVICE)
+        assert backends_used()[("philox_uniform", TRITON_DEVICE.type)] == "triton"
 
 
 BAD_INPUTS = [

@@ -45,8 +45,8 @@ def train(model: nn.Module, opt, steps: int, seed: int = 1, start: int = 0) -> f
         if i < start:
             continue
         opt.zero_grad()
-        dtype = next(model.parameters()).dtype
-        loss = ((model(x.to(dtype)).float() - y) ** 2).mean()
+        weight = next(model.parameters())  # the batches follow the model's device and dtype
+        loss = ((model(x.to(weight.device, weight.dtype)).float() - y.to(weight.device)) ** 2).mean()
         loss.backward()
         opt.step()
     return float(loss.detach())
