@@ -23,6 +23,7 @@ from .groups import low_rank_param_groups
 from .layerwise import LayerwiseStepper
 from .projectors import PROJECTORS, make_projector
 from .sst import SSTAdamW, SSTAdamW8bit
+from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, to_spectral
 
 OPTIMIZERS = {
     "galore": GaLoreAdamW,
@@ -52,6 +53,10 @@ __all__ = [
     "LowRankAdamW",
     "SSTAdamW",
     "SSTAdamW8bit",
+    "SpectralLinear",
+    "SpectralSSTAdamW",
+    "merge_spectral",
+    "to_spectral",
     "low_rank_param_groups",
     "make_projector",
 ]

@@ -51,6 +51,7 @@ class SSTAdamW(LowRankAdamW):
 
     default_projector = "svd"
     default_moments = "reset"
+    method_options = ("iterations_per_round", "uniform_mix")
 
     def __init__(self, params, lr: float = 1e-3, *args, iterations_per_round: int | None = None, uniform_mix: float = 0.0, **kwargs):
         if kwargs.get("projector") not in (None, "svd"):
@@ -104,7 +105,7 @@ class SSTAdamW(LowRankAdamW):
                 self._decompose(p, group, state)  # end of round: re-SVD restores orthogonal factors
             self._resample(group, state)
         u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
-        grad = p.grad.reshape(matrix_shape(p)).float()
+        grad = self._descent(p.grad.reshape(matrix_shape(p)).float(), group)
         grad_s, grad_u, grad_v = sst_factor_grads(grad, u, v, idx)
 
         beta1, beta2 = group["betas"]
@@ -134,3 +135,7 @@ class SSTAdamW8bit(Q.EightBitStates, SSTAdamW):
     of their fp32 bytes. Smaller ones stay fp32. The factors ``U``, ``Σ``, ``V`` stay fp32:
     they are the weight itself, not a running statistic. See ``docs/low_bit.md``.
     """
+
+
+# The paper's form: the weight replaced by its factors, state for the sampled vectors only.
+from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, to_spectral  # noqa: E402, F401
