@@ -1,16 +1,41 @@
 """Every check on user input for the optimizer family, in one place so messages never drift.
 
-Each check raises ``ValueError`` naming the parameter, the value it got and what is allowed.
+Each check raises ``ValueError`` naming the parameter, the value it got and what is allowed; a keyword
+or param-group key that no optimizer understands is a ``TypeError``, as Python's own for an
+unexpected keyword argument.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+_KERNELS = (
+    "slimtrain picks its kernels itself (Triton on CUDA, torch elsewhere); force one with "
+    "slimtrain.kernels.set_backend(...) or SLIMTRAIN_KERNELS"
+)
+# Keywords of torch.optim.AdamW and galore_torch.GaLoreAdamW that a drop-in replacement must take, with
+# the values that mean what slimtrain does; any other value is refused rather than ignored. ``maximize``
+# is not here: it is an option of every slimtrain optimizer.
+DROP_IN_OPTIONS: dict[str, tuple[tuple, str]] = {
+    "amsgrad": ((False,), "AMSGrad's running max of v is not implemented"),
+    "capturable": ((False,), "the step counters live on the host, so a step cannot be captured in a CUDA graph"),
+    "differentiable": ((False,), "the step runs under torch.no_grad()"),
+    "foreach": ((None,), _KERNELS),
+    "fused": ((None,), _KERNELS),
+    "decoupled_weight_decay": ((True,), "weight decay is always decoupled, as in AdamW"),
+    "correct_bias": ((True,), "Adam's bias correction is always on"),
+    "no_deprecation_warning": ((False, True), ""),
+}
+# Param-group keys that torch itself writes (LR schedulers, named parameters).
+TORCH_GROUP_KEYS = ("initial_lr", "param_names")
+# Keys of other low-rank packages whose meaning slimtrain spells differently.
+RENAMED = {"alpha": "'scale' (fira's 'alpha')", "proj": "'projector' (APOLLO's 'proj')"}
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -92,3 +117,34 @@ def check_grad(p: torch.Tensor) -> None:
             "Sparse gradients are not supported by slimtrain optimizers "
             "(use torch.optim.SparseAdam or a dense embedding)"
         )
+
+
+def check_drop_in_option(name: str, value) -> None:
+    """A torch/galore-torch keyword (:data:`DROP_IN_OPTIONS`) is accepted only where it means what we do."""
+    allowed, why = DROP_IN_OPTIONS[name]
+    if not any(value is a for a in allowed):
+        reason = f": {why}" if why else ""
+        raise ValueError(f"Invalid {name}: {value!r} (expected {' or '.join(map(repr, allowed))}{reason})")
+
+
+def refuse_unknown(owner: str, what: str, unknown: Iterable[str], known: Iterable[str], owners: Mapping[str, str]) -> None:
+    """``TypeError`` naming every key in ``unknown`` (``what``: "keyword argument" or "param group key"),
+    with the likely intended spelling or the class that does take it (``owners``: key -> class name)."""
+    unknown = sorted(unknown)
+    if not unknown:
+        return
+    known = sorted(known)
+    notes = []
+    for key in unknown:
+        if key in owners:
+            notes.append(f"{key!r} is an option of {owners[key]}")
+        elif key in RENAMED:
+            notes.append(f"for {key!r} use {RENAMED[key]}")
+        else:
+            close = difflib.get_close_matches(key, known + sorted(owners), n=1, cutoff=0.75)
+            if close:
+                where = f", an option of {owners[close[0]]}" if close[0] in owners else ""
+                notes.append(f"{key!r}: did you mean {close[0]!r}{where}?")
+    s = "s" if len(unknown) > 1 else ""
+    hint = f" ({'; '.join(notes)})" if notes else f" (accepted: {', '.join(known)})"
+    raise TypeError(f"{owner} got unexpected {what}{s} {', '.join(map(repr, unknown))}{hint}")

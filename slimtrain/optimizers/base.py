@@ -7,6 +7,7 @@ the part of the gradient outside the subspace (:meth:`LowRankAdamW._residual`). 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -104,11 +105,19 @@ class LowRankAdamW(torch.optim.Optimizer):
         bf16_stochastic_round: round bf16 parameters' updates stochastically (unbiased) instead of to
             nearest, so updates below bf16's spacing still move the weights in expectation (default
             False; no effect on fp32 or fp16 parameters).
+        maximize: maximize the objective: step on ``-grad``, as ``torch.optim.AdamW(maximize=True)``
+            (default False).
+        amsgrad, foreach, fused, capturable, differentiable, decoupled_weight_decay, correct_bias,
+            no_deprecation_warning: accepted for drop-in compatibility with ``torch.optim.AdamW`` and
+            galore-torch at the values that mean what these optimizers do (``amsgrad=False``,
+            ``foreach=None``, ...), refused otherwise. Any other keyword is a ``TypeError``.
     """
 
     #: Subclasses set their method's defaults for these.
     default_projector: str = "svd"
     default_moments: str = "keep"
+    #: The keyword options a subclass adds (stored in every param group, like ``lr``).
+    method_options: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -132,8 +141,14 @@ class LowRankAdamW(torch.optim.Optimizer):
         min_8bit_size: int = 4096,
         block_size: int = 256,
         bf16_stochastic_round: bool = False,
-        **extra_defaults,
+        maximize: bool = False,
+        **options,
     ):
+        method = {k: options.pop(k) for k in self.method_options if k in options}
+        V.refuse_unknown(type(self).__name__, "keyword argument", set(options) - set(V.DROP_IN_OPTIONS),
+                         self._constructor_keywords(), self._option_owners())
+        for k, v in options.items():
+            V.check_drop_in_option(k, v)
         V.check_choice("nonfinite", nonfinite, V.NONFINITE_POLICIES)
         V.check_int("seed", seed, minimum=0)
         projector = self.default_projector if projector is None else projector
@@ -155,7 +170,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             min_8bit_size=min_8bit_size,
             block_size=block_size,
             bf16_stochastic_round=bf16_stochastic_round,
-            **extra_defaults,
+            maximize=maximize,
+            **method,
         )
         if rank is not None:
             defaults["rank"] = rank
@@ -173,7 +189,30 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._projectors[proj.name] = proj
         return proj.name
 
+    @classmethod
+    def _constructor_keywords(cls) -> set[str]:
+        names = set(inspect.signature(LowRankAdamW.__init__).parameters) - {"self", "params", "options"}
+        return names | set(cls.method_options) | set(V.DROP_IN_OPTIONS)
+
+    @classmethod
+    def _option_owners(cls) -> dict[str, str]:
+        """Each other method's own options -> that method's class name (for the hint in a refusal)."""
+        owners, todo = {}, [LowRankAdamW]
+        while todo:
+            c = todo.pop()
+            todo.extend(c.__subclasses__())
+            if not issubclass(cls, c):
+                for k in c.method_options:
+                    owners.setdefault(k, c.__name__)
+        return {k: v for k, v in owners.items() if k not in cls.method_options}
+
     def add_param_group(self, param_group: dict) -> None:
+        # Before torch fills in the defaults: a misspelt key would otherwise sit beside the real one.
+        known = set(self.defaults) | {"params", "rank"} | set(V.TORCH_GROUP_KEYS) | set(V.DROP_IN_OPTIONS)
+        V.refuse_unknown(type(self).__name__, "param group key", set(param_group) - known, known - {"params"},
+                         self._option_owners())
+        for k in set(param_group) & set(V.DROP_IN_OPTIONS):
+            V.check_drop_in_option(k, param_group[k])
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
         self.__dict__.setdefault("_known_params", set()).update(id(p) for p in self.param_groups[-1]["params"])
@@ -188,6 +227,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         V.check_int("min_8bit_size", group["min_8bit_size"], minimum=0)
         V.check_int_choice("block_size", group["block_size"], Q.BLOCK_SIZES)
         V.check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
+        V.check_bool("maximize", group["maximize"])
         if group["state_bits"] == 8:
             Q.require_bitsandbytes()
         if group["projector"] not in self._projectors:
@@ -344,9 +384,16 @@ class LowRankAdamW(torch.optim.Optimizer):
         direction, step_size = self._dense_update(p.grad.float(), group, state)
         self._apply(p, group, direction, step_size)
 
+    @staticmethod
+    def _descent(grad: Tensor, group: dict) -> Tensor:
+        """The gradient the step descends: ``-grad`` when the group maximizes (a new tensor: the
+        caller's, often ``p.grad`` itself, is never written)."""
+        return -grad if group["maximize"] else grad
+
     def _dense_update(self, grad: Tensor, group: dict, state: dict) -> tuple[Tensor, float]:
         """Plain AdamW on any fp32 gradient (a whole parameter or a shard of one): returns the
         direction and its step size. Creates the state on first use."""
+        grad = self._descent(grad, group)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
             Q.init_moments(state, group, ("exp_avg", "exp_avg_sq"), grad.shape, grad.device)
@@ -414,6 +461,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _low_rank_step(self, grad: Tensor, group: dict, state: dict, index: int) -> LowRankStep:
         """Refresh the subspace if due, project, run Adam in the subspace and ask the method for its
         residual rule: everything but touching the weight."""
+        grad = self._descent(grad, group)
         projector = self._projectors[group["projector"]]
         transposed = projects_left(grad.shape, group["proj_type"])
         grad_t = grad.T if transposed else grad

@@ -39,6 +39,7 @@ class FiraAdamW(LowRankAdamW):
 
     default_projector = "svd"
     default_moments = "keep"
+    method_options = ("gamma", "residual")
 
     def __init__(self, params, lr: float = 1e-3, *args, gamma: float = 1.01, residual: str = "orthogonal", **kwargs):
         if not (isinstance(gamma, (int, float)) and gamma >= 1.0):

@@ -53,6 +53,7 @@ class FrugalAdamW(LowRankAdamW):
 
     default_projector = "svd"
     default_moments = "reset"
+    method_options = ("density", "inactive_update_rule", "inactive_lr_scale")
 
     def __init__(
         self,
@@ -104,7 +105,7 @@ class FrugalAdamW(LowRankAdamW):
             return
         shape = matrix_shape(p)
         transposed = projects_left(shape, group["proj_type"])
-        grad = p.grad.reshape(shape).float()
+        grad = self._descent(p.grad.reshape(shape).float(), group)
         grad_t = grad.T if transposed else grad
         if self._rank_for(group, grad_t.shape) == 0:
             # density 0: nothing is state-full; the whole gradient takes the state-free rule.
@@ -175,15 +176,15 @@ class FrugalAdamW(LowRankAdamW):
         self._block_iters += 1
 
     def _step_block(self, p: Tensor, group: dict, state: dict) -> None:
+        grad = self._descent(p.grad.float(), group)
         if bool(state["active"]):
-            grad = p.grad.float()
             beta1, beta2 = group["betas"]
             state["step"] += 1
             direction = Q.adam_direction(state, group, grad)
             step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"]
             self._apply(p, group, direction, step_size)
             return
-        update = state_free_residual(p.grad.float(), torch.zeros((), device=p.device), group["inactive_update_rule"])
+        update = state_free_residual(grad, torch.zeros((), device=p.device), group["inactive_update_rule"])
         if update is not None:
             self._apply(p, group, update, group["lr"] * group["inactive_lr_scale"])
 

@@ -62,6 +62,25 @@ ERROR_CASES = [
     ("block_size", GaLoreAdamW, {}, {"block_size": 100}, ValueError, r"Invalid block_size: 100 \(expected one of 64, 128, 256"),
     ("min_8bit_size", DCTAdamW, {}, {"min_8bit_size": -1}, ValueError, r"Invalid min_8bit_size: -1 \(expected an integer >= 0\)"),
     ("bf16_stochastic_round", GaLoreAdamW, {}, {"bf16_stochastic_round": "yes"}, ValueError, r"Invalid bf16_stochastic_round: 'yes' \(expected True or False\)"),
+    ("maximize", GaLoreAdamW, {}, {"maximize": 1}, ValueError, r"Invalid maximize: 1 \(expected True or False\)"),
+    # Keywords no method understands are refused as Python refuses an unexpected keyword argument.
+    ("misspelt-kwarg", GaLoreAdamW, {}, {"maximize": True, "weigth_decay": 0.5}, TypeError, r"GaLoreAdamW got unexpected keyword argument 'weigth_decay' \('weigth_decay': did you mean 'weight_decay'\?\)"),
+    ("misspelt-rank", FiraAdamW, {}, {"ranks": 8}, TypeError, r"FiraAdamW got unexpected keyword argument 'ranks' \('ranks': did you mean 'rank'\?\)"),
+    ("other-method-option", GaLoreAdamW, {}, {"density": 0.25}, TypeError, r"GaLoreAdamW got unexpected keyword argument 'density' \('density' is an option of FrugalAdamW\)"),
+    ("other-method-misspelt", GaLoreAdamW, {}, {"denisty": 0.25}, TypeError, r"'denisty': did you mean 'density', an option of FrugalAdamW\?"),
+    ("frugal-misspelt", FrugalAdamW, {}, {"denisty": 0.25}, TypeError, r"FrugalAdamW got unexpected keyword argument 'denisty' \('denisty': did you mean 'density'\?\)"),
+    ("two-unknown", DCTAdamW, {}, {"foo": 1, "bar": 2}, TypeError, r"DCTAdamW got unexpected keyword arguments 'bar', 'foo' \(accepted: amsgrad, betas, "),
+    # torch.optim.AdamW's own keywords: accepted where they mean what we do, refused otherwise.
+    ("amsgrad", GaLoreAdamW, {}, {"amsgrad": True}, ValueError, r"Invalid amsgrad: True \(expected False: AMSGrad's running max of v is not implemented\)"),
+    ("fused", GaLoreAdamW, {}, {"fused": True}, ValueError, r"Invalid fused: True \(expected None: slimtrain picks its kernels itself .*set_backend"),
+    ("foreach", FiraAdamW, {}, {"foreach": False}, ValueError, r"Invalid foreach: False \(expected None"),
+    ("capturable", SSTAdamW, {}, {"capturable": True}, ValueError, r"Invalid capturable: True \(expected False"),
+    ("correct_bias", GaLoreAdamW, {}, {"correct_bias": False}, ValueError, r"Invalid correct_bias: False \(expected True: Adam's bias correction is always on\)"),
+    # Param-group keys: the same refusal (galore-torch's rank/update_proj_gap/scale/proj_type are ours).
+    ("group-misspelt", GaLoreAdamW, {"rnak": 8}, {}, TypeError, r"GaLoreAdamW got unexpected param group key 'rnak' \('rnak': did you mean 'rank'\?\)"),
+    ("group-fira-alpha", FiraAdamW, {"alpha": 0.25}, {}, TypeError, r"FiraAdamW got unexpected param group key 'alpha' \(for 'alpha' use 'scale' \(fira's 'alpha'\)\)"),
+    ("group-other-method", GaLoreAdamW, {"gamma": 1.1}, {}, TypeError, r"'gamma' is an option of FiraAdamW"),
+    ("group-amsgrad", GaLoreAdamW, {"amsgrad": True}, {}, ValueError, r"Invalid amsgrad: True"),
 ]
 
 
@@ -116,3 +135,13 @@ def test_flat_partitions_swapped_in_are_refused():
     for p in clone.param_groups[0]["params"]:
         p.grad = torch.zeros_like(p)
     clone.step()
+
+
+def test_drop_in_keywords_at_their_meaning_are_accepted():
+    """What torch.optim.AdamW and galore-torch users spell out, at the values that mean our behaviour."""
+    m = mlp()
+    GaLoreAdamW(m.parameters(), amsgrad=False, foreach=None, fused=None, capturable=False, differentiable=False,
+                decoupled_weight_decay=True, correct_bias=True, no_deprecation_warning=True, maximize=False)
+    FrugalAdamW(_groups(initial_lr=0.1, amsgrad=False), density=0.5, inactive_lr_scale=0.1)
+    SSTAdamW(_groups(), uniform_mix=0.1, iterations_per_round=2)
+    FiraAdamW(_groups(), gamma=1.02, residual="fira_code")
