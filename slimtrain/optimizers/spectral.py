@@ -14,8 +14,8 @@ gradients               ``m n``                ``(m + n) r + d``
 optimizer state         ``2 m n``              ``2 (m + n) r + 2 d``
 ======================  =====================  ======================================
 
-so at ``r = d / 4`` a square matrix needs ``3.5 n^2`` floats against AdamW's ``4 n^2``, and a
-``4 : 1`` rectangle about 0.4x (``benchmarks/results/sst_memory.md`` measures whole models).
+so at ``r = d / 4`` a square matrix needs ``3.5 n^2`` floats against AdamW's ``4 n^2`` (0.875x), and a
+``4 : 1`` rectangle ``8.75 n^2`` against ``16 n^2`` (0.55x); ``benchmarks/results/sst_memory.md`` measures whole models.
 
 Three pieces:
 
