@@ -144,9 +144,22 @@ def register_method(name: str, config_cls, model_cls, prefix: str) -> None:
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
 
 
+def peft_type_member(value: str) -> PeftType:
+    """The ``PeftType`` member ``value`` of a registered method, for ``config.peft_type``.
+
+    PEFT reads ``config.peft_type.value`` in many places (saving helpers, pickling, FSDP, hotswap, mixed
+    models, error messages), so a plain ``str`` there breaks them; configs set this member in
+    ``__post_init__``, which also turns the plain string of a loaded ``adapter_config.json`` into it.
+    """
+    member = PeftType._value2member_map_.get(value)
+    if member is None:
+        raise ValueError(f"Invalid peft_type: {value!r} (expected a registered PeftType value; import slimtrain.adapters)")
+    return member
+
+
 def is_registered(name: str) -> bool:
     member = PeftType._value2member_map_.get(name.upper())
     return member is not None and member in PEFT_TYPE_TO_CONFIG_MAPPING
 
 
-__all__ = ["register_method", "is_registered", "check_peft_version", "peft_api", "SUPPORTED_PEFT_SPEC"]
+__all__ = ["register_method", "is_registered", "peft_type_member", "check_peft_version", "peft_api", "SUPPORTED_PEFT_SPEC"]

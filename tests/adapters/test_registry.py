@@ -3,7 +3,9 @@ loudly when the PEFT internals slimtrain.adapters.registry relies on move."""
 
 from __future__ import annotations
 
+import collections
 import inspect
+import pickle
 import json
 import os
 import subprocess
@@ -23,7 +25,27 @@ OURS = {
     "NOLA": (adapters.NolaConfig, adapters.NolaModel, "nola_"),
     "SLIMRANDLORA": (adapters.RandLoraConfig, adapters.RandLoraModel, "slimrandlora_"),
     "DORA": (adapters.DoraConfig, adapters.DoraModel, "dora_"),
+    "LOLDU": (adapters.LoLDUConfig, adapters.LoLDUModel, "loldu_"),
+    "S2FT": (adapters.S2FTConfig, adapters.S2FTModel, "s2ft_"),
 }
+# one working config per method on a 2-layer MLP (lin0 16 -> 32, lin1 32 -> 8)
+MLP_CONFIGS = {
+    "NOLA": lambda: adapters.NolaConfig(target_modules=["lin0"], r=2, num_basis_A=4, num_basis_B=4),
+    "SLIMRANDLORA": lambda: adapters.RandLoraConfig(target_modules=["lin0"], r=4),
+    "DORA": lambda: adapters.DoraConfig(target_modules=["lin0"], r=2),
+    "LOLDU": lambda: adapters.LoLDUConfig(target_modules=["lin0"], r=2),
+    "S2FT": lambda: adapters.S2FTConfig(target_modules=["lin0", "lin1"], num_heads_per_block=0,
+                                        num_channels_per_block=4,
+                                        module_roles={"lin0": "ffn_rows", "lin1": "ffn_cols"}),
+}
+
+
+def _mlp():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(collections.OrderedDict(
+        lin0=torch.nn.Linear(16, 32), act=torch.nn.ReLU(), lin1=torch.nn.Linear(32, 8)))
 
 
 def test_installed_peft_is_in_supported_range():
@@ -52,6 +74,7 @@ def test_methods_are_registered(value):
     assert PEFT_TYPE_TO_TUNER_MAPPING[member] is model_cls
     assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == prefix == model_cls.prefix
     assert config_cls(target_modules=["x"]).peft_type == member
+    assert MLP_CONFIGS[value]().peft_type is member  # a member, not a plain str: PEFT reads .value
     assert registry.is_registered(value.lower())
 
 
@@ -77,6 +100,39 @@ def test_config_json_round_trip(tmp_path):
     assert raw["peft_type"] == "NOLA" and raw["seed"] == 5
     loaded = peft.PeftConfig.from_pretrained(tmp_path)
     assert type(loaded) is adapters.NolaConfig and loaded.seed == 5
+
+
+@pytest.mark.parametrize("value", sorted(OURS))
+def test_peft_type_is_a_member_for_peft_code_paths(value, tmp_path):
+    """PEFT reads ``config.peft_type.value`` (mixed models, hotswap, gradient checkpointing, error messages):
+    a plain str there raised AttributeError instead of PEFT's own error. Pickling and saving round trip."""
+    import torch
+
+    with pytest.raises(ValueError, match=f"The provided `peft_type` '{value}' is not compatible with the `PeftMixedModel`"):
+        peft.get_peft_model(_mlp(), MLP_CONFIGS[value](), mixed=True)
+
+    model = peft.get_peft_model(_mlp(), MLP_CONFIGS[value]())
+    assert model.peft_config["default"].peft_type.value == value
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_mlp(), tmp_path)
+    assert loaded.peft_config["default"].peft_type is PeftType(value)
+
+
+@pytest.mark.parametrize("value", sorted(OURS))
+def test_adapter_config_with_plain_string_peft_type_loads(value, tmp_path):
+    """adapter_config.json files written before peft_type was a member hold the same plain string (json
+    writes a str enum as its value), and load into the member."""
+    cfg = MLP_CONFIGS[value]()
+    cfg.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == value
+    raw["peft_type"] = str.__str__(value)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
+    loaded = peft.PeftConfig.from_pretrained(tmp_path)
+    assert type(loaded) is OURS[value][0] and loaded.peft_type is PeftType(value)
 
 
 def test_registration_on_import_and_stable_seeds_in_a_fresh_process():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._common import SlimConfig, check_float, check_int
+from ..registry import peft_type_member
 
 
 @dataclass
@@ -41,7 +42,7 @@ class DoraConfig(SlimConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = "DORA"
+        self.peft_type = peft_type_member("DORA")
         check_int("r", self.r, 1)
         check_float("dora_alpha", self.dora_alpha, -1e30, 1e30)
         check_float("dora_dropout", self.dora_dropout, 0.0, 1.0, high_open=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._common import SlimConfig, check_choice, check_float, check_int
+from ..registry import peft_type_member
 
 _BIAS_CHOICES = ("none", "all", "loldu_only")
 
@@ -53,7 +54,7 @@ class LoLDUConfig(SlimConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = "LOLDU"
+        self.peft_type = peft_type_member("LOLDU")
         check_int("r", self.r, 1)
         check_float("alpha", self.alpha, 1e-30, 1e30)
         check_choice("bias", self.bias, _BIAS_CHOICES)

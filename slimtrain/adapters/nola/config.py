@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_float, check_int
+from ..registry import peft_type_member
 
 
 @dataclass
@@ -59,7 +60,7 @@ class NolaConfig(SlimConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = "NOLA"
+        self.peft_type = peft_type_member("NOLA")
         check_int("r", self.r, 1)
         check_int("num_basis_A", self.num_basis_A, 1)
         check_int("num_basis_B", self.num_basis_B, 1)

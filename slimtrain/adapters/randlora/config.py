@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_choice, check_float, check_int
+from ..registry import peft_type_member
 
 FORWARD_MODES = ("auto", "factored", "dense")
 
@@ -67,7 +68,7 @@ class RandLoraConfig(SlimConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = "SLIMRANDLORA"
+        self.peft_type = peft_type_member("SLIMRANDLORA")
         check_int("r", self.r, 1)
         check_float("randlora_alpha", self.randlora_alpha, -1e30, 1e30)
         check_float("randlora_dropout", self.randlora_dropout, 0.0, 1.0, high_open=True)

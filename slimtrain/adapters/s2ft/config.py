@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .._common import SlimConfig, check_choice, check_int
+from ..registry import peft_type_member
 
 SELECTIONS = ("random", "weight_norm")
 ROLES = ("attn_rows", "attn_cols", "ffn_rows", "ffn_cols")
@@ -88,7 +89,7 @@ class S2FTConfig(SlimConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = "S2FT"
+        self.peft_type = peft_type_member("S2FT")
         check_int("num_heads_per_block", self.num_heads_per_block, 0)
         check_int("num_channels_per_block", self.num_channels_per_block, 0)
         if self.num_heads_per_block == 0 and self.num_channels_per_block == 0:
