@@ -16,7 +16,7 @@ from torch import nn
 
 from slimtrain.adapters import RandLoraConfig
 from slimtrain.adapters._common import stable_seed
-from slimtrain.adapters.randlora import generated_basis, make_bases, randlora_delta, scaled_bases
+from slimtrain.adapters.randlora import RandLoraLayer, generated_basis, make_bases, randlora_delta, scaled_bases
 from slimtrain.kernels import backends_used, use_backend
 from slimtrain.kernels._triton import HAS_TRITON, interpreting
 from slimtrain.kernels.philox import philox_uniform
@@ -129,7 +129,7 @@ def test_auto_mode_switches_on_token_count():
 def test_bases_are_not_saved_and_regenerate(tmp_path):
     ours = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, seed=3))
     randomize(ours, "slimrandlora_")
-    assert not any("slimrandlora_bases" in k for k in ours.state_dict())
+    assert not any("slimrandlora_basis" in k for k in ours.state_dict())
     x = torch.randn(3, 20)
     y = ours(x)
     ours.save_pretrained(tmp_path / "ours")
@@ -156,8 +156,9 @@ def test_global_rng_untouched_and_bases_deterministic():
     a = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False))
     torch.set_rng_state(state)
     b = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False))
-    for key in ("default_A", "default_B"):
-        assert torch.equal(a.base_model.slimrandlora_bases[key], b.base_model.slimrandlora_bases[key])
+    for part in ("A", "B"):
+        assert torch.equal(getattr(a.base_model, f"slimrandlora_basis_{part}")["default"],
+                           getattr(b.base_model, f"slimrandlora_basis_{part}")["default"])
     state = torch.get_rng_state()
     a(torch.ones(2, 20)).sum().backward()
     assert torch.equal(torch.get_rng_state(), state)
@@ -183,12 +184,12 @@ def test_fused_path_runs_one_matmul(monkeypatch):
 
 def test_shared_bases_are_philox_with_unit_variance():
     pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, seed=3))
-    bases = pm.base_model.slimrandlora_bases
+    bases = {part: getattr(pm.base_model, f"slimrandlora_basis_{part}")["default"] for part in ("A", "B")}
     # sized over all targets: d_max = 36 (lin1), D_max = 48 (lin0, lin1), n_max = ceil(36 / 8) = 5
     bound = math.sqrt(3)
     for part, shape in (("A", (8, 36)), ("B", (48, 5, 8))):
         expected = philox_uniform(stable_seed("randlora", 2, 3, part), shape, -bound, bound)
-        assert torch.equal(bases[f"default_{part}"], expected)
+        assert torch.equal(bases[part], expected)
     # U(-sqrt(3), sqrt(3)): mean 0, variance 1; the sample variance of n draws has std sqrt(0.8 / n)
     A, B = make_bases(0, 8, 512, 512, 64)
     for basis in (A, B):
@@ -205,7 +206,7 @@ def test_generator_version_1_keeps_its_bases_and_reloads(tmp_path):
         legacy = torch.empty(shape).uniform_(-1, 1, generator=g)
         assert torch.equal(basis, legacy / legacy.std())
     pm = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8, seed=3, generator_version=1))
-    assert torch.equal(pm.base_model.slimrandlora_bases["default_A"], A)
+    assert torch.equal(pm.base_model.slimrandlora_basis_A["default"], A)
     randomize(pm, "slimrandlora_")
     x = torch.randn(3, 20)
     y = pm(x)
@@ -215,11 +216,11 @@ def test_generator_version_1_keeps_its_bases_and_reloads(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_bases_built_on_the_gpu_equal_the_cpu_ones():
-    cpu = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model.slimrandlora_bases
-    gpu = get_peft_model(MLP().cuda(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model.slimrandlora_bases
-    for key in ("default_A", "default_B"):
-        assert gpu[key].is_cuda
-        assert torch.equal(gpu[key].cpu(), cpu[key])
+    cpu = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model
+    gpu = get_peft_model(MLP().cuda(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model
+    for name in ("slimrandlora_basis_A", "slimrandlora_basis_B"):
+        assert getattr(gpu, name)["default"].is_cuda
+        assert torch.equal(getattr(gpu, name)["default"].cpu(), getattr(cpu, name)["default"])
 
 
 def test_generated_basis_is_the_stored_one():
@@ -254,7 +255,8 @@ def test_generated_B_is_never_stored_and_trains_the_same(mode, use_dora, backend
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     _, y_ref, g_ref = train_outputs(True, mode, use_dora, "torch")
     generated, y, grads = train_outputs(False, mode, use_dora, backend, device)
-    assert set(generated.base_model.slimrandlora_bases.keys()) == {"default_A"}
+    assert set(generated.base_model.slimrandlora_basis_A.keys()) == {"default"}
+    assert not generated.base_model.slimrandlora_basis_B.keys()
     assert not any(t.numel() >= 48 * 5 * 8 for t in generated.buffers())  # nothing the size of B
     for op in ("philox_linear", "philox_matmul"):
         assert backends_used()[(op, device)] == backend
@@ -276,7 +278,33 @@ def test_generated_B_saves_and_reloads_exactly(tmp_path):
     pm.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(MLP(), tmp_path)
     assert reloaded.peft_config["default"].cache_bases is False
-    assert "default_B" not in reloaded.base_model.slimrandlora_bases
+    assert "default" not in reloaded.base_model.slimrandlora_basis_B
     torch.testing.assert_close(reloaded(x), y, rtol=0, atol=0)
     merged = reloaded.merge_and_unload()
     assert (merged(x) - y).abs().max() <= 1e-5 * y.abs().max()  # merging rounds W + dW once per layer
+
+
+def test_delete_adapter_frees_its_bases_and_never_activates_a_basis_key():
+    """The bases were keyed "<adapter>_A"/"_B" in other_param_names, so PEFT took those keys for adapter
+    names: deleting the last adapter left active_adapters == ['default_A'], deleting the active one made
+    'other_A' active (KeyError on the next forward), and the bases were never freed."""
+    x = torch.randn(3, 20)
+    base = MLP()
+    with torch.no_grad():
+        y_base = base(x)
+    pm = get_peft_model(base, RandLoraConfig(target_modules=TARGETS, r=8, init_weights=False))
+    pm.add_adapter("other", RandLoraConfig(target_modules=TARGETS, r=8, seed=1, init_weights=False))
+    y_default = pm(x)
+    pm.delete_adapter("default")
+    assert pm.active_adapters == ["other"]
+    for module in pm.modules():
+        if isinstance(module, RandLoraLayer):
+            assert module.active_adapters == ["other"]
+    assert set(pm.base_model.slimrandlora_basis_A.keys()) == {"other"}
+    assert set(pm.base_model.slimrandlora_basis_B.keys()) == {"other"}
+    y_other = pm(x)  # raised KeyError: 'other_A' was the "adapter" chosen
+    assert not torch.allclose(y_other, y_default)
+    pm.delete_adapter("other")
+    assert pm.active_adapters == []
+    assert not pm.base_model.slimrandlora_basis_A.keys() and not pm.base_model.slimrandlora_basis_B.keys()
+    torch.testing.assert_close(pm.base_model(x), y_base, rtol=0, atol=0)

@@ -169,8 +169,10 @@ class _GeneratedProduct(torch.autograd.Function):
 
 class RandLoraLayer(DeltaLayer):
     adapter_layer_names = ("slimrandlora_lambda", "slimrandlora_gamma", "slimrandlora_magnitude")
-    other_param_names = ("slimrandlora_bases", "slimrandlora_generated", "slimrandlora_dropout", "r", "scaling",
-                         "forward_mode", "use_dora", "dora_eps")
+    # The shared bases are keyed by adapter name like everything here, so that PEFT's delete_adapter frees
+    # them with the adapter and never takes a key of theirs for an adapter name.
+    other_param_names = ("slimrandlora_basis_A", "slimrandlora_basis_B", "slimrandlora_generated",
+                         "slimrandlora_dropout", "r", "scaling", "forward_mode", "use_dora", "dora_eps")
     magnitude_name = "slimrandlora_magnitude"
     method_name = "slimrandlora"
 
@@ -182,19 +184,21 @@ class RandLoraLayer(DeltaLayer):
         self.slimrandlora_gamma = nn.ParameterDict({})
         self.slimrandlora_magnitude = nn.ParameterDict({})
         self.slimrandlora_dropout = nn.ModuleDict({})
-        self.slimrandlora_bases = None  # the tuner's shared, non-persistent BufferDict
+        self.slimrandlora_basis_A = None  # the tuner's shared, non-persistent BufferDicts {adapter: basis}
+        self.slimrandlora_basis_B = None
         self.slimrandlora_generated = None  # the tuner's {adapter: GeneratedBasis} for cache_bases=False
         self.d_small = min(self.in_features, self.out_features)
         self.d_large = max(self.in_features, self.out_features)
 
-    def update_layer(self, adapter_name: str, config: RandLoraConfig, key: str, bases=None, generated=None,
-                     inference_mode: bool = False):
+    def update_layer(self, adapter_name: str, config: RandLoraConfig, key: str, basis_A=None, basis_B=None,
+                     generated=None, inference_mode: bool = False):
         r = config.r
         n = math.ceil(self.d_small / r)
-        self.slimrandlora_bases, self.slimrandlora_generated = bases, generated
-        A = bases[f"{adapter_name}_A"]
+        self.slimrandlora_basis_A, self.slimrandlora_basis_B = basis_A, basis_B
+        self.slimrandlora_generated = generated
+        A = basis_A[adapter_name]
         B_gen = (generated or {}).get(adapter_name)
-        B_shape = tuple(bases[f"{adapter_name}_B"].shape) if B_gen is None else B_gen.shape
+        B_shape = tuple(basis_B[adapter_name].shape) if B_gen is None else B_gen.shape
         if A.shape[1] < self.d_small or B_shape[0] < self.d_large or math.prod(B_shape[1:]) < n * r:
             raise ValueError(
                 f"Invalid shared bases for {key!r}: A {tuple(A.shape)}, B {B_shape} are smaller than this "
@@ -218,13 +222,13 @@ class RandLoraLayer(DeltaLayer):
         return self.slimrandlora_dropout[adapter]
 
     def _basis_A(self, adapter: str, lam: torch.Tensor) -> torch.Tensor:
-        return self.slimrandlora_bases[f"{adapter}_A"][:, : self.d_small].to(lam.device, lam.dtype)
+        return self.slimrandlora_basis_A[adapter][:, : self.d_small].to(lam.device, lam.dtype)
 
     def _basis_B(self, adapter: str, lam: torch.Tensor) -> torch.Tensor | None:
         """This layer's block of the stored B, (D, n, r) in lam's dtype; None when B is generated."""
         if self.slimrandlora_generated and adapter in self.slimrandlora_generated:
             return None
-        return self.slimrandlora_bases[f"{adapter}_B"][: self.d_large, : lam.shape[1], :].to(lam.device, lam.dtype)
+        return self.slimrandlora_basis_B[adapter][: self.d_large, : lam.shape[1], :].to(lam.device, lam.dtype)
 
     def _delta(self, adapter: str) -> torch.Tensor:
         """Differentiable dW in (out, in) orientation."""
@@ -308,12 +312,12 @@ class RandLoraLayer(DeltaLayer):
 class Linear(nn.Module, RandLoraLayer):
     """RandLoRA around an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes ``Linear8bitLt``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RandLoraConfig, key: str, bases=None,
-                 generated=None, **kwargs):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RandLoraConfig, key: str, basis_A=None,
+                 basis_B=None, generated=None, **kwargs):
         super().__init__()
         RandLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, key, bases=bases, generated=generated)
+        self.update_layer(adapter_name, config, key, basis_A=basis_A, basis_B=basis_B, generated=generated)
 
     forward = RandLoraLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly
     __repr__ = RandLoraLayer.__repr__

@@ -16,10 +16,10 @@ from .layer import Linear, RandLoraLayer, generated_basis, make_bases, make_basi
 class RandLoraModel(SlimTuner):
     """Creates a RandLoRA model (use ``peft.get_peft_model(model, slimtrain.adapters.RandLoraConfig(...))``).
 
-    The shared bases live in ``self.slimrandlora_bases``, a non-persistent ``BufferDict`` (keys
-    ``"<adapter>_A"``, ``"<adapter>_B"``), sized to the largest targeted layer and sliced per layer; they never
-    reach ``state_dict`` or the saved adapter, and are regenerated from ``config.seed`` on load. With
-    ``cache_bases=False`` B is not stored: ``self.slimrandlora_generated[adapter]`` describes it (a
+    The shared bases live in ``self.slimrandlora_basis_A`` and ``self.slimrandlora_basis_B``, non-persistent
+    ``BufferDict``s keyed by adapter name (shared with every layer, so ``delete_adapter`` frees them), sized to
+    the largest targeted layer and sliced per layer; they never reach ``state_dict`` or the saved adapter, and
+    are regenerated from ``config.seed`` on load. With ``cache_bases=False`` B is not stored: ``self.slimrandlora_generated[adapter]`` describes it (a
     :class:`~.layer.GeneratedBasis`) and the layers' products with it generate it inside the kernels.
     """
 
@@ -33,8 +33,8 @@ class RandLoraModel(SlimTuner):
     def _ensure_bases(self, model: nn.Module, config: RandLoraConfig, adapter_name: str) -> None:
         """Build ``adapter_name``'s bases once (PEFT runs the pre-injection hook only for the first adapter,
         not for ``add_adapter``, so layer creation calls this too)."""
-        bases = getattr(self, "slimrandlora_bases", None)
-        if bases is not None and f"{adapter_name}_A" in bases:
+        bases = getattr(self, "slimrandlora_basis_A", None)
+        if bases is not None and adapter_name in bases:
             return
         model_config = self.get_model_config(model)
         config = self._prepare_adapter_config(config, model_config)
@@ -48,8 +48,9 @@ class RandLoraModel(SlimTuner):
             d_max, D_max = max(d_max, min(fin, fout)), max(D_max, max(fin, fout))
         if d_max == 0:
             return  # no target: PEFT raises its own "target modules not found" error next
-        if not hasattr(self, "slimrandlora_bases") or self.slimrandlora_bases is None:
-            self.slimrandlora_bases = peft_api.BufferDict({}, persistent=False)
+        if getattr(self, "slimrandlora_basis_A", None) is None:
+            self.slimrandlora_basis_A = peft_api.BufferDict({}, persistent=False)
+            self.slimrandlora_basis_B = peft_api.BufferDict({}, persistent=False)
         if getattr(self, "slimrandlora_generated", None) is None:
             self.slimrandlora_generated = {}
         device = next((p.device for p in model.parameters()), None)
@@ -57,12 +58,14 @@ class RandLoraModel(SlimTuner):
         if config.cache_bases:
             A, B = make_bases(config.seed, config.r, d_max, D_max, n_max,
                               generator_version=config.generator_version, device=device)
-            self.slimrandlora_bases[f"{adapter_name}_B"] = B
+            self.slimrandlora_basis_B[adapter_name] = B
         else:  # generator version 2 (the config checks it): A alone is stored, r/D of B's size
             A = make_basis_A(config.seed, config.r, d_max, device=device)
             self.slimrandlora_generated[adapter_name] = generated_basis(config.seed, config.r, D_max, n_max)
-        self.slimrandlora_bases[f"{adapter_name}_A"] = A
+        self.slimrandlora_basis_A[adapter_name] = A
 
     def _layer_extras(self, config, adapter_name: str) -> dict:
         self._ensure_bases(self.model, config, adapter_name)
-        return {"bases": self.slimrandlora_bases, "generated": getattr(self, "slimrandlora_generated", None)}
+        return {"basis_A": getattr(self, "slimrandlora_basis_A", None),
+                "basis_B": getattr(self, "slimrandlora_basis_B", None),
+                "generated": getattr(self, "slimrandlora_generated", None)}
