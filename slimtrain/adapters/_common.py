@@ -205,7 +205,9 @@ class DeltaLayer(BaseTunerLayer):
     * ``delta_weight(adapter) -> Tensor``: dense ``ΔW`` (out, in) in fp32, for merging.
 
     Adapter parameters are kept in fp32 whatever the base dtype; their output is cast to the base output
-    dtype (the same contract as PEFT's ``autocast_adapter_dtype=True``, the default).
+    dtype (the same contract as PEFT's ``autocast_adapter_dtype=True``, the default). With
+    ``autocast_adapter_dtype=False`` the trainable tensors (``adapter_layer_names``) take the base weight's
+    floating dtype instead (:meth:`cast_adapter_to_base_dtype`), as PEFT's LoRA does.
     """
 
     magnitude_name: str = ""
@@ -261,6 +263,18 @@ class DeltaLayer(BaseTunerLayer):
             elif isinstance(container, nn.ModuleDict) and adapter_name in container:
                 container[adapter_name].to(device)
 
+    def cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
+        """Give ``adapter_name``'s trainable tensors the base weight's dtype when it is a floating type below
+        fp32 (``autocast_adapter_dtype=False``); frozen factors and buffers keep their precision."""
+        dtype = self.get_base_layer().weight.dtype
+        if not dtype.is_floating_point or dtype.itemsize >= 4:
+            return
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].dtype != dtype:
+                item = container[adapter_name]
+                container[adapter_name] = nn.Parameter(item.detach().to(dtype), requires_grad=item.requires_grad)
+
     def _init_dora(self, adapter_name: str, use_dora: bool, eps: float) -> None:
         self.use_dora[adapter_name] = use_dora
         self.dora_eps[adapter_name] = eps
@@ -268,9 +282,15 @@ class DeltaLayer(BaseTunerLayer):
             # m = ‖W + ΔW‖_row at init (ΔW is usually 0 here; including it keeps init output-preserving anyway)
             with peft_api.gather_params_ctx(self.get_base_layer().weight):
                 w = self.dense_base_weight()
-                delta = self.delta_weight(adapter_name).to(w.device)
+                delta = self.delta_weight(adapter_name)
+                if delta.is_meta:
+                    # PeftModel.from_pretrained(low_cpu_mem_usage=True): the adapter weights are still on the
+                    # meta device, and the magnitude, a saved parameter, is about to be loaded over this one.
+                    magnitude = torch.empty(self.out_features, dtype=torch.float32, device="meta")
+                else:
+                    magnitude = dora_row_norm(w, delta.to(w.device))
             magnitudes = getattr(self, self.magnitude_name)
-            magnitudes[adapter_name] = nn.Parameter(dora_row_norm(w, delta))
+            magnitudes[adapter_name] = nn.Parameter(magnitude)
 
     # -- to implement ---------------------------------------------------------------------------------
     def adapter_output(self, adapter: str, x: torch.Tensor, want_delta: bool):  # pragma: no cover
@@ -296,14 +316,33 @@ class DeltaLayer(BaseTunerLayer):
         return delta.T if self.kind == "conv1d" else delta
 
     def _merged_weight(self, adapter: str, w: torch.Tensor) -> torch.Tensor:
+        """``w`` with ``adapter`` merged: ``w + ΔW``, or ``g (w + ΔW)`` with DoRA.
+
+        With several active adapters the forward composes them in order, each DoRA one rescaling what came
+        before it (``result`` already holds the earlier adapters' outputs), but every ``g`` is taken from the
+        norm of the *unmerged* base weight, ``‖W + ΔW‖_row``, as in the forward. ``w`` holds the adapters
+        merged before this one, so the norm is taken from :meth:`_unmerged_base_weight`, not from ``w`` (as
+        PEFT's LoRA DoRA variant does).
+        """
         delta = self.delta_weight(adapter).to(w.device)
         merged = w.float() + delta
         if self.use_dora.get(adapter, False):
-            g = dora_scale(getattr(self, self.magnitude_name)[adapter].detach(), dora_row_norm(w, delta),
-                           self.dora_eps[adapter])
+            norm = dora_row_norm(self._unmerged_base_weight(w), delta)
+            g = dora_scale(getattr(self, self.magnitude_name)[adapter].detach(), norm, self.dora_eps[adapter])
             self._dora_merge_scale[adapter] = g
             merged = g[:, None] * merged
         return merged
+
+    def _unmerged_base_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (out, in) with every merged adapter of this layer undone, latest first, in fp32."""
+        restored = w.float()
+        for adapter in reversed(self.merged_adapters):
+            if adapter not in self.scaling:
+                continue
+            if self.use_dora.get(adapter, False):
+                restored = restored / self._dora_merge_scale[adapter][:, None]
+            restored = restored - self.delta_weight(adapter).to(w.device)
+        return restored
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = peft_api.check_adapters_to_merge(self, adapter_names)
@@ -393,6 +432,15 @@ class SlimTuner(BaseTuner):
 
     def _layer_extras(self, config, adapter_name: str) -> dict:
         return {}
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT's hook (run after injection and loading) only ever upcasts; our layers create fp32 adapters,
+        # so honouring autocast_adapter_dtype=False means casting down to the base dtype here.
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            for module in self.model.modules():
+                if isinstance(module, DeltaLayer):
+                    module.cast_adapter_to_base_dtype(adapter_name)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from slimtrain.adapters import DoraConfig
+from slimtrain.adapters import DoraConfig, LoLDUConfig, NolaConfig, RandLoraConfig, S2FTConfig
 from slimtrain.adapters._common import DeltaLayer
 
 TARGETS = ["lin0", "lin1"]
@@ -110,3 +110,118 @@ def test_refuses_bnb_4bit():
     model.lin0 = bnb.nn.Linear4bit(12, 40)
     with pytest.raises(TypeError, match="dora does not support bitsandbytes 4-bit"):
         get_peft_model(model, DoraConfig(target_modules=["lin0"]))
+
+
+# ------------------------------------------------------------------ every DoRA-style adapter (DeltaLayer)
+DORA_STYLE = {
+    "dora": lambda seed: DoraConfig(target_modules=TARGETS, r=4, dora_alpha=8, init_weights=False),
+    "nola-dora": lambda seed: NolaConfig(target_modules=TARGETS, r=4, num_basis_A=8, num_basis_B=8, seed=seed,
+                                         use_dora=True, init_weights=False),
+    "randlora-dora": lambda seed: RandLoraConfig(target_modules=TARGETS, r=4, seed=seed, use_dora=True,
+                                                 init_weights=False),
+}
+
+
+def _two_dora_adapters(method):
+    """Two non-trivial adapters of one DoRA-style method on one model, magnitudes moved off ||W + dW||."""
+    model = get_peft_model(MLP(), DORA_STYLE[method](1))
+    model.add_adapter("other", DORA_STYLE[method](2))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", sorted(DORA_STYLE))
+def test_merging_several_active_dora_adapters_reproduces_the_forward(method):
+    """Both active: the forward composes them in order, each g from ||W + dW|| of the unmerged W; merging
+    took the second norm from the already-merged weight (gap 2.3 for DoRA, 256 for NOLA-DoRA)."""
+    model = _two_dora_adapters(method)
+    x = torch.randn(5, 12)
+    for module in model.modules():
+        if isinstance(module, DeltaLayer):
+            module.set_adapter(["default", "other"])
+    with torch.no_grad():
+        y = model(x)
+        model.merge_adapter()
+        y_merged = model(x)
+        model.unmerge_adapter()
+        y_unmerged = model(x)
+    # fp32: a few roundings of W + dW and of the row norms; |y| ~ 1
+    torch.testing.assert_close(y_merged, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_unmerged, y, rtol=1e-5, atol=1e-5)
+
+
+def test_several_active_dora_adapters_merge_like_peft_lora_dora():
+    """The reference: PEFT's LoRA+DoRA with two active adapters merges to its own forward (8e-6)."""
+    ref = get_peft_model(MLP(), LoraConfig(target_modules=TARGETS, r=4, use_dora=True, init_lora_weights=False))
+    ref.add_adapter("other", LoraConfig(target_modules=TARGETS, r=4, use_dora=True, init_lora_weights=False))
+    ours = get_peft_model(MLP(), DoraConfig(target_modules=TARGETS, r=4, dora_alpha=8))
+    ours.add_adapter("other", DoraConfig(target_modules=TARGETS, r=4, dora_alpha=8))
+    with torch.no_grad():
+        for adapter in ("default", "other"):
+            for name in TARGETS:
+                a, b = getattr(ref.base_model.model, name), getattr(ours.base_model.model, name)
+                b.dora_A[adapter].copy_(a.lora_A[adapter].weight)
+                b.dora_B[adapter].copy_(a.lora_B[adapter].weight)
+                b.dora_magnitude[adapter].copy_(a.lora_magnitude_vector[adapter].weight * 1.1)
+                a.lora_magnitude_vector[adapter].weight.mul_(1.1)
+    x = torch.randn(5, 12)
+    outs = []
+    for model in (ref.eval(), ours.eval()):
+        for module in model.modules():
+            if hasattr(module, "set_adapter") and hasattr(module, "merged_adapters"):
+                module.set_adapter(["default", "other"])
+        with torch.no_grad():
+            y = model(x)
+            model.merge_adapter()
+            outs.append((y, model(x)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(DORA_STYLE))
+def test_low_cpu_mem_usage_load(method, tmp_path):
+    """from_pretrained(low_cpu_mem_usage=True) builds adapters on the meta device; the DoRA magnitude was
+    computed from them ("Cannot copy out of meta tensor"). It is loaded from the checkpoint instead."""
+    model = _two_dora_adapters(method)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        y = model(x)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(MLP(), tmp_path, low_cpu_mem_usage=True).eval()
+    assert not any(p.is_meta for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", sorted(DORA_STYLE) + ["loldu", "s2ft"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_keeps_the_base_dtype(method, dtype, tmp_path):
+    """PEFT's contract: autocast_adapter_dtype=False leaves trainable adapter tensors in the base dtype (was
+    ignored: they stayed fp32); the default upcasts them to fp32. Holds through save and load too."""
+    configs = dict(DORA_STYLE, loldu=lambda seed: LoLDUConfig(target_modules=TARGETS, r=4, train_scale=True),
+                   s2ft=lambda seed: S2FTConfig(target_modules=TARGETS, num_heads_per_block=0,
+                                                num_channels_per_block=4,
+                                                module_roles={"lin0": "ffn_rows", "lin1": "ffn_cols"}))
+    x = torch.randn(5, 12, dtype=dtype)
+    for autocast, expected in ((True, torch.float32), (False, dtype)):
+        model = get_peft_model(MLP().to(dtype), configs[method](1), autocast_adapter_dtype=autocast)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == expected for p in trainable), {p.dtype for p in trainable}
+        y = model(x)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        model.save_pretrained(tmp_path / str(autocast))
+        loaded = PeftModel.from_pretrained(MLP().to(dtype), tmp_path / str(autocast), autocast_adapter_dtype=autocast)
+        assert all(p.dtype == expected for n, p in loaded.named_parameters() if "default" in n and "base_layer" not in n
+                   and p.dtype.is_floating_point and n.split(".")[-2] in _trainable_names(loaded))
+
+
+def _trainable_names(model):
+    names = set()
+    for module in model.modules():
+        if isinstance(module, DeltaLayer):
+            names.update(module.adapter_layer_names)
+    return names
