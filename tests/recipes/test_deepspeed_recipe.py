@@ -44,6 +44,10 @@ def _config_file(tmp_path, config: dict | str) -> str:
         (["--ds-config", "CONFIG"], {"scheduler": {"type": "WarmupLR"}}, 1, r"sets 'scheduler', which the recipe builds"),
         (["--ds-config", "CONFIG"], {"zero_optimization": {"stage": 5}}, 1,
          r"Invalid --ds-config: zero_optimization.stage is 5 .*\(expected 0, 1, 2 or 3\)"),
+        (["--ds-config", "CONFIG"], {"zero_optimization": {"stage": "two"}}, 1,
+         r"Invalid --ds-config: zero_optimization.stage is 'two' .*\(expected 0, 1, 2 or 3\)"),
+        (["--ds-config", "CONFIG"], {"zero_optimization": None}, 1,
+         r"Invalid --ds-config: zero_optimization is None in .*ds.json \(expected an object"),
         (["--ds-config", "CONFIG", "--batch-size", "16"], {"train_micro_batch_size_per_gpu": 4}, 2,
          r"Invalid --ds-config: train_micro_batch_size_per_gpu is 4, but --batch-size 16 on 2 ranks needs 8"),
         (["--batch-size", "3"], None, 2,
@@ -186,3 +190,17 @@ def test_two_ranks_match_one_process_across_a_resume(tmp_path, corpus):
     assert summary["final_val_loss"] == pytest.approx(single["final_val_loss"], abs=2e-6)
     # The state is split: each rank holds about half of what the one process holds.
     assert max(summary["optimizer_state_bytes_per_rank"]) < 0.6 * single["optimizer_state_bytes"]
+
+
+def test_a_damaged_deepspeed_checkpoint_is_refused_before_launch(tmp_path):
+    where = tmp_path / "checkpoint"
+    (where / "step2").mkdir(parents=True)
+    (where / "latest").write_text("step2")
+    with pytest.raises(ValueError, match=r"Invalid --resume: .*step2 holds no checkpoint files"):
+        R.check_checkpoint(str(where))
+    (where / "step2" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"Invalid --resume: .*mp_rank_00_model_states.pt is not a readable checkpoint"):
+        R.check_checkpoint(str(where))
+    (where / "latest").write_text("../../elsewhere")
+    with pytest.raises(ValueError, match=r"names '../../elsewhere', which is not a checkpoint directory"):
+        R.check_checkpoint(str(where))

@@ -74,6 +74,8 @@ def _args(tmp_path, *extra):
         (["--lr", "-1"], r"Invalid --lr: -1.0"),
         (["--test-fraction", "1"], r"Invalid --test-fraction: 1.0"),
         (["--data-dir", "/nonexistent/texts"], r"Invalid --data-dir: '/nonexistent/texts' is not a directory"),
+        (["--max-length", "513"], r"Invalid --max-length: 513 \(expected <= 512, the positions MiniLM was trained with\)"),
+        (["--out", "/dev/null/run"], r"Invalid --out: '/dev/null/run' is under '/dev/null', which is not a directory"),
     ],
 )
 def test_bad_args_one_line_error(tmp_path, capsys, extra, match):

@@ -1,0 +1,182 @@
+"""What a recipe may do to --out: a marker claims the directory, --overwrite removes only what it lists,
+a torn metrics log is read back without its bad lines, bad paths are one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from slimtrain.recipes import outputs, pretrain
+
+TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress",
+        "--optimizer", "adamw"]
+
+
+def _run(out, corpus, *extra):
+    return pretrain.main([*TINY, "--data", *corpus, "--out", str(out), *extra])
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fails(capsys, argv_or_call, message):
+    with pytest.raises(SystemExit) as e:
+        argv_or_call()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    return err
+
+
+# ----------------------------------------------------------------------------------------------
+# The marker
+
+
+def test_overwrite_clears_only_what_the_marker_lists(tmp_path):
+    out = tmp_path / "run"
+    outputs.claim(str(out), "deepspeed", ["config.json", "checkpoint"])
+    (out / "config.json").write_text("{}")
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "latest").write_text("step4")
+    (out / "notes.txt").write_text("mine")
+    (out / "loss.png").write_text("mine too: not in this run's marker")
+    outputs.check_overwritable(str(out))
+    outputs.clear(str(out))
+    assert sorted(os.listdir(out)) == ["loss.png", "notes.txt"]
+
+
+def test_a_marker_never_reaches_outside_its_directory(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "precious").mkdir()
+    (out / outputs.MARKER).write_text(json.dumps({"recipe": "pretrain", "outputs": ["../precious", "/", "a/b"]}))
+    outputs.clear(str(out))
+    assert (tmp_path / "precious").is_dir() and os.listdir(out) == []
+
+
+def test_a_directory_without_a_marker_is_not_overwritable(tmp_path):
+    outputs.check_overwritable(str(tmp_path / "new"))  # absent or empty: nothing to lose
+    outputs.check_overwritable(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # e.g. a model directory
+    with pytest.raises(ValueError, match=r"Invalid --overwrite: .* has no slimtrain-run.json"):
+        outputs.check_overwritable(str(tmp_path))
+
+
+def test_pretrain_overwrite_keeps_files_it_did_not_write(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    _run(out, corpus, "--steps", "2", "--eval-every", "2")
+    assert json.loads((out / outputs.MARKER).read_text())["recipe"] == "pretrain"
+    (out / "notes.txt").write_text("mine")
+    _run(out, corpus, "--steps", "3", "--eval-every", "3", "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [int(r["step"]) for r in _rows(out)] == [1, 2, 3]
+
+    # A directory no slimtrain run claimed (here: one made before markers existed) is left as it is.
+    os.remove(out / outputs.MARKER)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    _fails(capsys, lambda: _run(out, corpus, "--steps", "2", "--overwrite"),
+           r"^error: Invalid --overwrite: .*run' has no slimtrain-run.json.*pick a new --out$")
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_deepspeed_overwrite_does_not_remove_a_checkpoint_dir_it_did_not_write(tmp_path, capsys, monkeypatch):
+    from slimtrain.recipes import deepspeed as R
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "weights.bin").write_text("someone's")
+    _fails(capsys, lambda: R.main(["--no-progress", "--overwrite", "--out", str(tmp_path)]),
+           r"Invalid --overwrite: .* has no slimtrain-run.json")
+    assert (tmp_path / "checkpoint" / "weights.bin").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.csv
+
+
+def _metrics(path, *lines):
+    path.write_text(",".join(pretrain.CSV_FIELDS) + "\r\n" + "".join(lines), newline="")
+
+
+def test_torn_and_malformed_lines_are_dropped_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.csv"
+    good = "1,5.5,,0.001,64,0.10,640\r\n"
+    _metrics(path, good, "2,5.4,4.9,0.001,128,0.20,640\r\n", "3,5.3,,0.0", )
+    rows = pretrain.read_metrics(str(path))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert re.search(r"dropped 1 malformed line\(s\).*line 4: '3,5.3,,0.0'", capsys.readouterr().err)
+    # What today's code wrote back after a torn line: the bad row in the middle, whole rows after it.
+    _metrics(path, good, "2,5.4\r\n", "3,5.3,,0.001,192,0.30,640\r\n", "x,5.2,,0.001,256,0.4,640\r\n")
+    assert [r["step"] for r in pretrain.read_metrics(str(path))] == ["1", "3"]
+    assert "dropped 2 malformed line(s)" in capsys.readouterr().err
+
+
+def test_resume_after_a_torn_metrics_line(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    args = ("--steps", "4", "--eval-every", "2")
+    _run(out, corpus, *args, "--stop-at", "2")
+    with open(out / "metrics.csv", "a", newline="") as f:
+        f.write("3,4.91")  # a run killed mid-write (or a copy cut short) after its last checkpoint
+    _run(out, corpus, *args, "--resume")
+    assert "dropped 1 malformed line(s)" in capsys.readouterr().err
+    rows = _rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and all(r["tokens_per_s"] for r in rows)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_metric_lines_are_appended_whole(tmp_path):
+    path = tmp_path / "metrics.csv"
+    pretrain._write_metrics(str(path), [])
+    row = dict(step=1, train_loss="5.5", val_loss="", lr="0.001", tokens=64, elapsed_s="0.1", tokens_per_s="640")
+    pretrain._append_metric(str(path), row)
+    assert path.read_bytes().endswith(b"\n") and not (tmp_path / "metrics.csv.tmp").exists()
+    assert pretrain.read_metrics(str(path))[0]["step"] == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# One-line errors for bad paths
+
+
+def test_out_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, lambda: pretrain.main(["--no-progress", "--out", str(tmp_path / "file" / "run")]),
+           r"^error: Invalid --out: .*file/run' is under .*file', which is not a directory")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_out_in_an_unwritable_directory_is_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    _fails(capsys, lambda: pretrain.main(["--no-progress", "--out", str(locked / "run")]),
+           r"Invalid --out: .*locked/run' would be created in .*locked', which is not writable")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_checkpoint_on_resume_is_one_line(tmp_path, corpus, capsys, damage):
+    out = tmp_path / "run"
+    args = ("--steps", "4", "--eval-every", "2")
+    _run(out, corpus, *args, "--stop-at", "2")
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(b"" if damage == "empty" else ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    _fails(capsys, lambda: _run(out, corpus, *args, "--resume"),
+           r"^error: Invalid --resume: .*checkpoint.pt is not a readable checkpoint")
+
+
+def test_missing_metrics_on_resume_is_one_line(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    args = ("--steps", "4", "--eval-every", "2")
+    _run(out, corpus, *args, "--stop-at", "2")
+    os.remove(out / "metrics.csv")
+    _fails(capsys, lambda: _run(out, corpus, *args, "--resume"), r"^error: Invalid --resume: no metrics.csv in ")
+    (out / "metrics.csv").write_text(",".join(pretrain.CSV_FIELDS) + "\n")  # what the message offers
+    _run(out, corpus, *args, "--resume")
+    assert [int(r["step"]) for r in _rows(out)] == [3, 4]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
