@@ -195,16 +195,14 @@ class LowRankAdamW(torch.optim.Optimizer):
         return names | set(cls.method_options) | set(V.DROP_IN_OPTIONS)
 
     @classmethod
+    def _option_owners_all(cls) -> dict[str, str]:
+        """Every method's own options -> that method's class name."""
+        return {k: c.__name__ for c in reversed(_methods()) for k in c.method_options}
+
+    @classmethod
     def _option_owners(cls) -> dict[str, str]:
-        """Each other method's own options -> that method's class name (for the hint in a refusal)."""
-        owners, todo = {}, [LowRankAdamW]
-        while todo:
-            c = todo.pop()
-            todo.extend(c.__subclasses__())
-            if not issubclass(cls, c):
-                for k in c.method_options:
-                    owners.setdefault(k, c.__name__)
-        return {k: v for k, v in owners.items() if k not in cls.method_options}
+        """Other methods' options -> their class name (for the hint in a refusal)."""
+        return {k: v for k, v in cls._option_owners_all().items() if k not in cls.method_options}
 
     def add_param_group(self, param_group: dict) -> None:
         # Before torch fills in the defaults: a misspelt key would otherwise sit beside the real one.
@@ -262,8 +260,55 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._known_params = {id(p) for g in self.param_groups for p in g["params"]}
 
     def _extra_state(self) -> dict:
-        """Optimizer-level counters saved beside torch's ``state`` and ``param_groups`` (plain ints)."""
-        return {"skipped_steps": self.skipped_steps}
+        """Optimizer-level counters and identity saved beside torch's ``state`` and ``param_groups``."""
+        return {"skipped_steps": self.skipped_steps, **self._identity()}
+
+    def _identity(self) -> dict:
+        """What a checkpoint must have been written by for this optimizer to resume it: the method
+        (an 8-bit twin is its method with ``state_bits=8``, which the param groups carry)."""
+        return {"method": next(c for c in type(self).__mro__ if not issubclass(c, Q.EightBitStates)).__name__}
+
+    def _saved_identity(self, state_dict: dict) -> dict:
+        """The identity recorded in ``state_dict`` (keys of :meth:`_identity`). Checkpoints written before
+        it was recorded (commit e556968 and earlier) are told apart by the method options their param
+        groups hold; GaLore's and DCT's have none, so either is taken for the other (the projector check
+        in :meth:`load_state_dict` still applies)."""
+        extra = state_dict.get("slimtrain", {})
+        saved = {k: extra[k] for k in self._identity() if k in extra}
+        if "method" not in saved:
+            present = {k for g in state_dict["param_groups"] for k in g} & set(self._option_owners_all())
+            candidates = sorted(c.__name__ for c in _methods() if set(c.method_options) == present)
+            mine = self._identity()["method"]
+            if mine in candidates or len(candidates) == 1:
+                saved["method"] = mine if mine in candidates else candidates[0]
+            else:
+                saved["method"] = f"one of {', '.join(candidates)}" if candidates else "an unknown method"
+        return saved
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Refuse a state dict this optimizer would misread, before anything is changed."""
+        me = type(self).__name__
+        groups = state_dict["param_groups"]
+        if "slimtrain" not in state_dict or any("projector" not in g for g in groups):
+            raise RuntimeError(
+                f"Cannot load this state dict into {me}: it was written by {_foreign_writer(groups)}, not by a "
+                f"slimtrain optimizer (its param groups have no 'projector'). Its moments would be read as {me}'s "
+                f"and the low-rank groups would lose their 'rank'; start {me} from fresh state, or resume with the "
+                "optimizer that wrote it"
+            )
+        saved, mine = self._saved_identity(state_dict), self._identity()
+        if saved != {k: v for k, v in mine.items() if k in saved}:
+            raise RuntimeError(
+                f"Cannot load a state dict written by {_describe(saved)} into {_describe(mine)}: their states differ "
+                f"(keys, meaning and update rule); build {_describe(saved)} to resume it"
+            )
+        for i, (sg, g) in enumerate(zip(groups, self.param_groups)):
+            if ("rank" in sg or "rank" in g) and sg["projector"] != g["projector"]:
+                raise RuntimeError(
+                    f"Cannot load this state dict into {me}: its param group {i} was written with projector "
+                    f"{sg['projector']!r}, this optimizer's group {i} uses {g['projector']!r} (their bases are "
+                    f"stored differently); build {me} with projector={sg['projector']!r} to resume it"
+                )
 
     def _load_extra_state(self, extra: dict) -> None:
         self.skipped_steps = int(extra.get("skipped_steps", 0))
@@ -274,6 +319,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_loadable(state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop("slimtrain", {})
         saved_groups = state_dict["param_groups"]
@@ -559,3 +605,29 @@ class LowRankAdamW(torch.optim.Optimizer):
             p.copy_(Q.bf16_stochastic_round(target, Q.rounding_generator(state, seed, p.device)))
         elif target is not p:
             p.copy_(target)
+
+
+def _methods() -> list[type[LowRankAdamW]]:
+    """``LowRankAdamW`` and every subclass that is a method (8-bit twins are their method)."""
+    found, todo = [], [LowRankAdamW]
+    while todo:
+        c = todo.pop(0)
+        todo.extend(c.__subclasses__())
+        if not issubclass(c, Q.EightBitStates) and c not in found:
+            found.append(c)
+    return found
+
+
+def _describe(identity: dict) -> str:
+    rest = ", ".join(f"{k}={v!r}" for k, v in identity.items() if k != "method")
+    return f"{identity['method']}({rest})" if rest else identity["method"]
+
+
+def _foreign_writer(groups: list[dict]) -> str:
+    """A guess at which optimizer wrote param groups without slimtrain's keys, for the refusal."""
+    keys = {k for g in groups for k in g}
+    if "decoupled_weight_decay" in keys:
+        return "torch.optim.AdamW" if all(g.get("decoupled_weight_decay") for g in groups) else "torch.optim.Adam"
+    if "amsgrad" in keys:
+        return "torch.optim.Adam or AdamW"
+    return "another optimizer"

@@ -134,6 +134,18 @@ class FrugalAdamW(LowRankAdamW):
         super()._load_extra_state(extra)
         self._block_iters = int(extra.get("block_iters", 0))
 
+    def _identity(self) -> dict:
+        return {**super()._identity(), "mode": self.mode}
+
+    def _saved_identity(self, state_dict: dict) -> dict:
+        saved = super()._saved_identity(state_dict)
+        if "mode" not in saved and saved["method"] == "FrugalAdamW":  # written before the mode was recorded:
+            # only block mode keeps "active"
+            keys = {k for st in state_dict["state"].values() for k in st}
+            if keys:
+                saved["mode"] = "block" if "active" in keys else "subspace"
+        return saved
+
     def _block_members(self) -> list[Tensor]:
         return [p for g in self.param_groups if "rank" in g for p in g["params"] if matrix_shape(p) is not None]
 
