@@ -28,6 +28,12 @@ BAD = [
     ("sst", {"zero_optimization": {"stage": 2}}, lambda: _opt(SSTAdamW), r"SSTAdamW rewrites whole weights"),
     ("frugal-block", {"zero_optimization": {"stage": 1}}, lambda: _opt(FrugalAdamW, mode="block"), r"mode='block'\) under zero_optimization\.stage 1"),
     ("not-ours", {"zero_optimization": {"stage": 1}}, lambda: __import__("torch").optim.AdamW(mlp().parameters()), r"Invalid optimizer: AdamW"),
+    ("stage-word", {"zero_optimization": {"stage": "two"}}, _opt, r"Invalid zero_optimization\.stage: 'two' \(expected 0, 1, 2 or 3\)"),
+    ("stage-bool", {"zero_optimization": {"stage": True}}, _opt, r"Invalid zero_optimization\.stage: True"),
+    ("zero-null", {"zero_optimization": None}, _opt, r"Invalid zero_optimization: None \(expected an object"),
+    # ZeRO steps fp32 partitions: the option would be silently ignored (measured: 0 roundings at stages 1-3).
+    ("bf16-sr", {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, lambda: _opt(bf16_stochastic_round=True),
+     r"Unsupported bf16_stochastic_round=True under zero_optimization\.stage 2: ZeRO steps fp32 partitions"),
 ]
 
 
