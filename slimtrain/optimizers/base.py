@@ -23,10 +23,11 @@ from .projectors import PROJECTORS, Projector, make_projector
 
 logger = logging.getLogger("slimtrain.optimizers")
 
-# Integer bookkeeping scalars stay on the CPU so reading them never synchronizes a GPU.
+# Integer bookkeeping scalars and flags stay on the CPU so reading them never synchronizes a GPU
+# (FRUGAL's block-mode "active" is read with bool() at every step of every matrix).
 _CPU_COUNTERS = (
     "step", "iters", "proj_refreshes", "proj_seed", "proj_rank", "refresh_offset",
-    "vec_step", "sst_draws", "sst_seed", "sr_seed", "sr_step",
+    "vec_step", "sst_draws", "sst_seed", "sr_seed", "sr_step", "active",
 )
 
 

@@ -63,3 +63,19 @@ def test_density_sets_the_rank():
     # 40x24 is projected on its 24 columns, 16x40 (left) on its 16 rows.
     assert opt.state[model[0].weight]["exp_avg"].shape == (40, 12)
     assert opt.state[model[2].weight]["exp_avg"].shape == (40, 8)
+
+
+def test_block_flag_loads_onto_the_host():
+    """``active`` is read with bool() every step: on a GPU that would synchronize. Loaded onto parameters
+    on another device (here "meta", standing in for map_location to a GPU) it stays on the CPU, with
+    the other host counters, while the moments follow the parameters."""
+    model = mlp()
+    opt = FrugalAdamW(groups(model), lr=1e-2, mode="block", density=0.5)
+    train(model, opt, steps=3)
+    target = mlp().to("meta")
+    loaded = FrugalAdamW(groups(target), lr=1e-2, mode="block", density=0.5)
+    loaded.load_state_dict(opt.state_dict())
+    flags = [st["active"] for st in loaded.state.values() if "active" in st]
+    assert flags and all(f.device.type == "cpu" for f in flags)
+    moments = [st["exp_avg"] for st in loaded.state.values() if "exp_avg" in st]
+    assert moments and all(m.device.type == "meta" for m in moments)
