@@ -104,7 +104,22 @@ def check_rank_for_shape(rank: int, shape: torch.Size, name: str = "rank") -> No
         )
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    if type(p) is torch.Tensor or type(p) is torch.nn.Parameter or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def check_param(p: torch.Tensor) -> None:
+    if _is_dtensor(p):
+        raise RuntimeError(
+            f"Unsupported parameter: a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)} (FSDP2's "
+            "fully_shard or tensor parallelism). slimtrain optimizers project whole matrices and do not support "
+            "DTensor parameters yet; shard with DeepSpeed ZeRO through slimtrain.sharding.initialize(...), or "
+            "replicate with plain torch.nn.parallel.DistributedDataParallel"
+        )
     if p.is_complex():
         raise ValueError(f"Invalid parameter: complex dtype {p.dtype} is not supported (use real parameters)")
     if not p.is_floating_point():
