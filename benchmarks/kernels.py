@@ -14,6 +14,10 @@ would say nothing about the kernels.
 
     python benchmarks/kernels.py            # on whatever device is present (CUDA if any)
     python benchmarks/kernels.py --quick    # small shapes, seconds
+
+On a CUDA device the table goes to ``results/kernels_gpu.md`` (naming the GPU and the torch, Triton and
+CUDA versions), elsewhere to ``results/kernels.md``. Matmul-bound rows also report TFLOP/s: their
+fraction of copy bandwidth is small by nature, and what bounds them is the device's fp32 (or TF32) rate.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def copy_bandwidth(device: torch.device, repeats: int) -> float:
 
 
 def cases(m: int, n: int, r: int, device: torch.device):
-    """(op, shape text, minimal bytes moved, a function running it once)."""
+    """(op, shape text, minimal bytes moved, floating-point operations, a function running it once)."""
     g = torch.Generator(device=device).manual_seed(0)
     grad = torch.randn(m, n, generator=g, device=device)
     weight = torch.randn(m, n, generator=g, device=device)
@@ -71,7 +75,7 @@ def cases(m: int, n: int, r: int, device: torch.device):
     direction = torch.randn(m, r, generator=g, device=device)
     m_state, v_state = torch.zeros(m, r, device=device), torch.zeros(m, r, device=device)
     shape = f"{m}x{n} r={r}"
-    yield ("adam_direction (m' x r)", f"{m}x{r}", 6 * m * r * F32,
+    yield ("adam_direction (m' x r)", f"{m}x{r}", 6 * m * r * F32, 0,
            lambda: adam_direction_(low, m_state, v_state, 0.9, 0.999, 1e-8))
 
     import bitsandbytes.functional as BF
@@ -79,18 +83,18 @@ def cases(m: int, n: int, r: int, device: torch.device):
     maps = [BF.create_dynamic_map(signed=s).to(device) for s in (True, False)]
     codes = [torch.zeros(m, r, dtype=torch.uint8, device=device) for _ in range(2)]
     absmax = [torch.zeros(-(-m * r // 256), device=device) for _ in range(2)]
-    yield ("adam8bit_direction (m' x r)", f"{m}x{r}", m * r * (2 * F32 + 4),
+    yield ("adam8bit_direction (m' x r)", f"{m}x{r}", m * r * (2 * F32 + 4), 0,
            lambda: adam8bit_direction_(low, codes[0], absmax[0], maps[0], codes[1], absmax[1], maps[1],
                                        0.9, 0.999, 1e-8, 256))
-    yield ("lowrank_apply (GaLore)", shape, 2 * m * n * F32 + (m + n) * r * F32,
+    yield ("lowrank_apply (GaLore)", shape, 2 * m * n * F32 + (m + n) * r * F32, 2 * m * n * r,
            lambda: lowrank_apply_(weight, direction, basis, alpha=1e-6, decay_before=1.0))
     fira = Residual(grad, low, "identity", 1.0, 1e-6, torch.ones(m, device=device))
-    yield ("lowrank_apply (Fira residual)", shape, 3 * m * n * F32 + (2 * m + n) * r * F32,
+    yield ("lowrank_apply (Fira residual)", shape, 3 * m * n * F32 + (2 * m + n) * r * F32, 4 * m * n * r,
            lambda: lowrank_apply_(weight, direction, basis, alpha=1e-6, residual=fira))
-    yield ("residual_row_sq_norms (Fira)", shape, m * n * F32 + (m + n) * r * F32,
+    yield ("residual_row_sq_norms (Fira)", shape, m * n * F32 + (m + n) * r * F32, 2 * m * n * r,
            lambda: residual_row_sq_norms(grad, low, basis))
     dct = dct_matrix(n, device)
-    yield ("dct_scores (matmul backend)", f"{m}x{n}", (m * n + n * n) * F32, lambda: dct_scores(grad, dct, 1))
+    yield ("dct_scores (matmul backend)", f"{m}x{n}", (m * n + n * n) * F32, 2 * m * n * n, lambda: dct_scores(grad, dct, 1))
     # RandLoRA's products with a generated m x n basis, for 512 tokens. Bytes: x and the output only (the
     # basis is never read), so these rows are bound by arithmetic, not bandwidth; the "stored basis" row is
     # the plain torch matmul they replace, whose time is the price of storing nothing.
@@ -98,29 +102,52 @@ def cases(m: int, n: int, r: int, device: torch.device):
     x_in, x_out = (torch.randn(tokens, k, generator=g, device=device) for k in (n, m))
     stored = torch.empty(m, n, device=device).uniform_(-1.7, 1.7, generator=g)
     yield ("x U^T, stored basis (plain torch matmul, no kernel)", f"{tokens}x{n} @ ({m}x{n})^T",
-           (m * n + tokens * (m + n)) * F32, lambda: x_in @ stored.T)
+           (m * n + tokens * (m + n)) * F32, 2 * tokens * m * n, lambda: x_in @ stored.T)
     yield ("philox_linear (x U^T, U generated)", f"{tokens}x{n} @ ({m}x{n})^T", tokens * (m + n) * F32,
-           lambda: philox_linear(x_in, 7, (m, n), -1.7, 1.7))
+           2 * tokens * m * n, lambda: philox_linear(x_in, 7, (m, n), -1.7, 1.7))
     yield ("philox_matmul (x U, U generated)", f"{tokens}x{m} @ {m}x{n}", tokens * (m + n) * F32,
-           lambda: philox_matmul(x_out, 7, (m, n), -1.7, 1.7))
+           2 * tokens * m * n, lambda: philox_matmul(x_out, 7, (m, n), -1.7, 1.7))
+
+
+def describe(device: torch.device) -> str:
+    """The machine and versions a result was measured with, for the results file's header."""
+    versions = f"torch {torch.__version__}"
+    try:
+        import triton
+
+        versions += f", Triton {triton.__version__}"
+    except ImportError:
+        versions += ", no Triton"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), {versions}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), {versions}"
+
+
+def row(op, shape, backend, t, nbytes, flops, copy_bw, t_ref) -> str:
+    tflops = f"{flops / t / 1e12:.1f}" if flops else ""
+    return (f"| {op} | {shape} | {backend} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} | {nbytes / t / copy_bw:.2f} "
+            f"| {tflops} | {t_ref / t:.2f} |")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1376 x 512 matrix, rank 128")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.md"))
+    parser.add_argument("--out", default=None, help="results file (default results/kernels_gpu.md on CUDA, "
+                        "results/kernels.md elsewhere)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   "kernels_gpu.md" if device.type == "cuda" else "kernels.md")
     m, n, r = (1376, 512, 128) if args.quick else (11008, 4096, 1024)
     copy_bw = copy_bandwidth(device, args.repeats)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = describe(device)
 
     rows = []
-    for op, shape, nbytes, run in cases(m, n, r, device):
+    for op, shape, nbytes, flops, run in cases(m, n, r, device):
         with kernels.use_backend("torch"):
             t_ref = median_time(run, device, args.repeats)
-        ref = f"| {op} | {shape} | torch reference | {t_ref * 1e3:.2f} | {nbytes / t_ref / 1e9:.1f} | {nbytes / t_ref / copy_bw:.2f} | 1.00 |"
+        ref = row(op, shape, "torch reference", t_ref, nbytes, flops, copy_bw, t_ref)
         if "no kernel" in op:
             rows.append(ref)
             print(ref, flush=True)
@@ -128,9 +155,9 @@ def main(argv=None):
         if device.type == "cuda":
             with kernels.use_backend("triton"):
                 t = median_time(run, device, args.repeats)
-            fused = f"| {op} | {shape} | Triton | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} | {nbytes / t / copy_bw:.2f} | {t_ref / t:.2f} |"
+            fused = row(op, shape, "Triton", t, nbytes, flops, copy_bw, t_ref)
         else:
-            fused = f"| {op} | {shape} | Triton | not run: no GPU on this machine | | | |"
+            fused = f"| {op} | {shape} | Triton | not run: no GPU on this machine | | | | |"
         rows += [ref, fused]
         print(ref, fused, sep="\n", flush=True)
 
@@ -138,14 +165,16 @@ def main(argv=None):
     lines = [
         "# Fused kernels: time and achieved bandwidth",
         "",
-        f"Produced by `{command}` on {name}, torch {torch.__version__}. Copy bandwidth measured here: "
+        f"Produced by `{command}` on {name}. Copy bandwidth measured here: "
         f"{copy_bw / 1e9:.1f} GB/s (`dst.copy_(src)`, 256 MiB, read + write counted).",
         "",
         "Bandwidth counts the bytes each op must move at least (inputs read once, outputs written once), over the "
-        "median of " + f"{args.repeats} runs. 'Speedup' is the reference's time over this row's.",
+        "median of " + f"{args.repeats} runs. TFLOP/s is given for the matmul-bound rows (fp32 products "
+        f"{'in TF32' if torch.backends.cuda.matmul.allow_tf32 else 'in full fp32 (TF32 off)'}). 'Speedup' is the "
+        "reference's time over this row's.",
         "",
-        "| op | shape | backend | time (ms) | GB/s | fraction of copy | speedup |",
-        "|---|---|---|---|---|---|---|",
+        "| op | shape | backend | time (ms) | GB/s | fraction of copy | TFLOP/s | speedup |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
@@ -153,13 +182,13 @@ def main(argv=None):
         lines += [
             "The Triton rows are empty: this machine has no GPU, and Triton's CPU interpreter (which the tests use to "
             "check every kernel against its reference) is far too slow to time. Run this script on a CUDA machine to "
-            "fill them.",
+            "fill them (`scripts/gpu_check.sh` does, into `kernels_gpu.md`).",
             "",
         ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         f.write("\n".join(lines))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -56,14 +56,22 @@ if _triton.HAS_TRITON:
         tl.store(v_ptr + offs, v, mask=mask)
         tl.store(out_ptr + offs, direction, mask=mask)
 
+    # Memory-bound: the block size and warps that keep enough loads in flight differ by GPU and size.
+    # Tuning runs the kernel several times on the real moments: restore them after each trial.
+    _adam_direction_tuned = triton.autotune(
+        [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8), (8192, 16))],
+        key=["numel"], restore_value=["m_ptr", "v_ptr"],
+    )(_adam_direction_kernel)
+
 
 def _adam_direction_triton(grad, exp_avg, exp_avg_sq, beta1, beta2, eps) -> Tensor:
     out = torch.empty_like(exp_avg)
     numel = exp_avg.numel()
-    block = _triton.tile(16384, 1024)
-    _adam_direction_kernel[(triton.cdiv(numel, block),)](
-        grad, exp_avg, exp_avg_sq, out, numel, *coefficients(beta1, beta2), eps, BLOCK=block
-    )
+    args = (grad, exp_avg, exp_avg_sq, out, numel, *coefficients(beta1, beta2), eps)
+    if _triton.interpreting():  # one program at a time, about 2 ms each: few, large blocks
+        _adam_direction_kernel[(triton.cdiv(numel, 16384),)](*args, BLOCK=16384)
+    else:
+        _adam_direction_tuned[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](*args)
     return out
 
 

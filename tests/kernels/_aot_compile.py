@@ -8,6 +8,7 @@ do bf16 arithmetic), tl.dot shape rules and constexpr branches the CPU tests nev
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -25,6 +26,10 @@ def _compile(kernel, signature: dict, constexprs: dict, arch: int) -> None:
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
     assert "ptx" in compiled.asm and compiled.asm["cubin"], kernel.__name__
+    # tl.sqrt and fp32 "/" lower to approximate instructions on NVIDIA GPUs (the interpreter computes them
+    # exactly); the kernels use tl.sqrt_rn / tl.div_rn so that they round as torch does.
+    approximate = re.findall(r"\b(?:sqrt\.approx|div\.full|div\.approx|rcp\.approx)\.[a-z0-9.]+", compiled.asm["ptx"])
+    assert not approximate, f"{kernel.__name__}: approximate arithmetic in the PTX: {sorted(set(approximate))}"
 
 
 def cases():
@@ -32,13 +37,14 @@ def cases():
     for g in ("*fp32", "*bf16"):
         yield adam._adam_direction_kernel, {
             "g_ptr": g, "m_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*fp32",
-            "numel": i32, "beta1": f32, "beta2": f32, "eps": f32,
+            "numel": i32, "beta1": f32, "one_minus_beta1": f32, "beta2": f32, "one_minus_beta2": f32, "eps": f32,
         }, {"BLOCK": 1024}
         yield adam8bit._adam8bit_kernel, {
             "g_ptr": g, "m_codes_ptr": "*u8", "m_absmax_ptr": "*fp32", "m_map_ptr": "*fp32",
             "v_codes_ptr": "*u8", "v_absmax_ptr": "*fp32", "v_map_ptr": "*fp32",
             "m_codes_out": "*u8", "m_absmax_out": "*fp32", "v_codes_out": "*u8", "v_absmax_out": "*fp32",
-            "dir_ptr": "*fp32", "numel": i32, "beta1": f32, "beta2": f32, "eps": f32,
+            "dir_ptr": "*fp32", "numel": i32, "beta1": f32, "one_minus_beta1": f32, "beta2": f32,
+            "one_minus_beta2": f32, "eps": f32,
         }, {"BLOCK": 256}
         yield apply._residual_row_sq_norms_kernel, {
             "out_ptr": "*fp32", "g_ptr": g, "r_ptr": "*fp32", "b_ptr": "*fp32", "M": i32, "N": i32, "K": i32,
