@@ -287,3 +287,56 @@ def test_bnb_8bit_base_is_refused():
     model = torch.nn.Sequential(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False))
     with pytest.raises(TypeError, match=r"LoLDU does not support bitsandbytes 8-bit"):
         get_peft_model(model, LoLDUConfig(r=2, target_modules=["0"]))
+
+
+# ------------------------------------------------------------------------ PEFT bookkeeping, FSDP, bad weights
+def test_frozen_factors_are_buffers_not_adapter_layer_names():
+    """PEFT treats every tensor named in adapter_layer_names as trainable adapter state (its requires_grad
+    helpers thaw them); the frozen factors are persistent buffers, saved under the same keys."""
+    model = get_peft_model(tiny_llama(), LoLDUConfig(r=4, target_modules=["v_proj"], train_scale=True))
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    assert set(layer.adapter_layer_names) == {"loldu_diag", "loldu_scale"}
+    assert {"loldu_L", "loldu_U", "loldu_d0", "loldu_perm"} <= set(layer.other_param_names)
+    model.base_model.set_requires_grad("default", True)  # PEFT's helper: thaws adapter_layer_names
+    trainable = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"loldu_diag", "loldu_scale"}
+    assert {n.rsplit(".", 2)[-2] for n, _ in model.named_buffers() if "loldu" in n} == {
+        "loldu_L", "loldu_U", "loldu_d0", "loldu_perm"}
+
+
+def test_train_scale_parameter_is_not_zero_dimensional():
+    """FSDP flattens parameters and refuses 0-d ones; the scale offset is shape (1,)."""
+    model = get_peft_model(tiny_llama(), LoLDUConfig(r=2, train_scale=True, target_modules=["v_proj"]))
+    assert all(p.dim() >= 1 for p in model.parameters() if p.requires_grad)
+
+
+def test_checkpoint_saved_before_the_changes_loads_exactly(tmp_path):
+    """Checkpoints written by the code before (0-d loldu_scale; factors under the same keys as frozen
+    Parameters) load and give the same output as the model that saved them."""
+    model = get_peft_model(tiny_llama(), LoLDUConfig(r=2, train_scale=True, target_modules=["v_proj"],
+                                                     init_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "loldu_scale" in name:
+                p.fill_(0.25)
+        expected = model(input_ids=tokens()).logits
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    saved = load_file(path)
+    old = {k: (v.reshape(()) if k.endswith("loldu_scale") else v) for k, v in saved.items()}
+    assert any(v.dim() == 0 for v in old.values())
+    save_file(old, path)  # the old format, explicitly
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens()).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_base_weight_is_refused_naming_the_module(bad):
+    """One NaN in the weight made every output of the layer NaN at init (48/48 where the base had 3/48)."""
+    base = tiny_llama()
+    with torch.no_grad():
+        base.model.layers[1].self_attn.v_proj.weight[3, 5] = bad
+    with pytest.raises(ValueError, match=r"Invalid base weight of model\.layers\.1\.self_attn\.v_proj: 1 "
+                                         r"non-finite entries \(first at row 3, column 5"):
+        get_peft_model(base, LoLDUConfig(r=2, target_modules=["v_proj"]))

@@ -83,19 +83,33 @@ def loldu_delta_weight(perm: torch.Tensor, L_r: torch.Tensor, coef: torch.Tensor
     return torch.zeros_like(delta_lu).index_copy(0, perm, delta_lu)
 
 
+def check_finite_weight(weight: torch.Tensor, key: str) -> None:
+    """Refuse a base weight holding NaN or inf: the LU spreads one such entry through every factor (one NaN in
+    48 rows made all 48 outputs NaN at init, and 512 weights NaN on merge)."""
+    bad = ~torch.isfinite(weight)
+    if bad.any():
+        rows, cols = bad.nonzero(as_tuple=True)
+        raise ValueError(
+            f"Invalid base weight of {key or 'layer'}: {int(bad.sum())} non-finite entries (first at row "
+            f"{int(rows[0])}, column {int(cols[0])}: {weight[rows[0], cols[0]].item()}); LoLDU factors the weight and "
+            "expects every entry finite. Repair or exclude this module (exclude_modules)."
+        )
+
+
 class LoLDULayer(DeltaLayer):
     """Per-adapter LDU factors of one weight, keyed by adapter name.
 
-    Every adapter tensor lives in a ParameterDict (BufferDict for the integer ``perm``), so PEFT moves, saves
-    and deletes it; the factors are declared frozen per adapter in ``frozen_peft_weight_names`` (PEFT >= 0.20),
-    so ``set_adapter`` never thaws them. Adapter tensors are fp32 for fp32/bf16/fp16 bases (`DeltaLayer`'s
+    The trainable diagonal (and scale offset) live in ParameterDicts named in ``adapter_layer_names``, which
+    PEFT treats as trainable adapter state; the frozen factors ``L_r``, ``U_r``, ``d0`` and the integer
+    ``perm`` are persistent BufferDicts in ``other_param_names``: saved, moved and deleted with the adapter,
+    never trainable. Their state-dict keys are the same as when the factors were frozen Parameters, so
+    older checkpoints load unchanged. Adapter tensors are fp32 for fp32/bf16/fp16 bases (`DeltaLayer`'s
     contract) and float64 for a float64 base.
     """
 
-    adapter_layer_names = ("loldu_diag", "loldu_scale", "loldu_L", "loldu_U", "loldu_d0")
-    other_param_names = ("loldu_perm", "r", "scaling")
+    adapter_layer_names = ("loldu_diag", "loldu_scale")
+    other_param_names = ("loldu_L", "loldu_U", "loldu_d0", "loldu_perm", "r", "scaling")
     method_name = "LoLDU"
-    _frozen_names = ("loldu_L", "loldu_U", "loldu_d0")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self._init_base(base_layer, allow_bnb8bit=False, **kwargs)
@@ -104,11 +118,10 @@ class LoLDULayer(DeltaLayer):
         self.r: dict[str, int] = {}
         self.loldu_diag = nn.ParameterDict({})
         self.loldu_scale = nn.ParameterDict({})
-        self.loldu_L = nn.ParameterDict({})
-        self.loldu_U = nn.ParameterDict({})
-        self.loldu_d0 = nn.ParameterDict({})
+        self.loldu_L = BufferDict({}, persistent=True)
+        self.loldu_U = BufferDict({}, persistent=True)
+        self.loldu_d0 = BufferDict({}, persistent=True)
         self.loldu_perm = BufferDict({}, persistent=True)
-        self.frozen_peft_weight_names = {}
 
     def update_layer(self, adapter_name: str, config, key: str = "", inference_mode: bool = False) -> None:
         r = config.r
@@ -119,7 +132,9 @@ class LoLDULayer(DeltaLayer):
                 f"out_features={self.out_features}, in_features={self.in_features})"
             )
         with peft_api.gather_params_ctx(self.get_base_layer().weight):
-            perm, L_r, d0, U_r = ldu_factors(self.dense_base_weight(), r)
+            weight = self.dense_base_weight()
+            check_finite_weight(weight, key)
+            perm, L_r, d0, U_r = ldu_factors(weight, r)
         diag = d0.clone()
         if not config.init_weights:
             # Test-only: a deterministic non-identity adapter (seeded from the module name, not the global RNG).
@@ -131,14 +146,13 @@ class LoLDULayer(DeltaLayer):
         # fp32 for fp32/bf16/fp16 bases (DeltaLayer's contract), float64 for a float64 base
         dtype = torch.promote_types(self.get_base_layer().weight.dtype, torch.float32)
         self.loldu_diag[adapter_name] = nn.Parameter(diag.to(dtype))
-        self.loldu_d0[adapter_name] = nn.Parameter(d0.to(dtype), requires_grad=False)
-        self.loldu_L[adapter_name] = nn.Parameter(L_r.to(dtype), requires_grad=False)
-        self.loldu_U[adapter_name] = nn.Parameter(U_r.to(dtype), requires_grad=False)
+        self.loldu_d0[adapter_name] = d0.to(dtype)
+        self.loldu_L[adapter_name] = L_r.to(dtype)
+        self.loldu_U[adapter_name] = U_r.to(dtype)
         self.loldu_perm[adapter_name] = perm
         if config.train_scale:
-            self.loldu_scale[adapter_name] = nn.Parameter(torch.zeros((), dtype=dtype))
-        # a per-instance dict (never mutate the class-level default)
-        self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: self._frozen_names}
+            # shape (1,), not (): FSDP refuses 0-dimensional parameters (older checkpoints' () is reshaped on load)
+            self.loldu_scale[adapter_name] = nn.Parameter(torch.zeros(1, dtype=dtype))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -146,8 +160,16 @@ class LoLDULayer(DeltaLayer):
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
         weight = self.get_base_layer().weight
         target = device if device is not None else weight.device
-        if adapter_name in self.loldu_perm and target.type != "meta":
-            self.loldu_perm[adapter_name] = self.loldu_perm[adapter_name].to(target)
+        if target.type == "meta":
+            return
+        for buffers in (self.loldu_L, self.loldu_U, self.loldu_d0, self.loldu_perm):
+            if adapter_name in buffers:
+                buffers[adapter_name] = buffers[adapter_name].to(target)
+
+    def adapter_dtype(self, adapter: str) -> torch.dtype:
+        # the input meets the frozen factors first: their precision, whatever the diagonal's
+        # (autocast_adapter_dtype=False makes only the trainable diagonal bf16/fp16)
+        return self.loldu_L[adapter].dtype
 
     def coefficients(self, adapter: str) -> torch.Tensor:
         return loldu_coefficients(

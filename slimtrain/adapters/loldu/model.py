@@ -38,7 +38,8 @@ class LoLDUModel(SlimTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Refuse a checkpoint that holds a trained diagonal without the factors it multiplies.
+        """Refuse a checkpoint that holds a trained diagonal without the factors it multiplies; read the 0-d
+        ``loldu_scale`` of checkpoints saved before it had shape (1,).
 
         Re-deriving P, L, U from the base weight at load time would be silently wrong if the pivots came out
         differently (other device, dtype or LAPACK build), so the factors are always saved and required here.
@@ -58,4 +59,6 @@ class LoLDUModel(SlimTuner):
                 raise ValueError(
                     f"Invalid LoLDU checkpoint: {stem}.loldu_perm is not a permutation of 0..{perm.numel() - 1}"
                 )
+        for key in [k for k in state_dict if k.endswith(".loldu_scale") and state_dict[k].dim() == 0]:
+            state_dict[key] = state_dict[key].reshape(1)  # saved before the scale became (1,) for FSDP
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
