@@ -62,7 +62,31 @@ class SSTAdamW(LowRankAdamW):
         if iterations_per_round is not None:
             V.check_int("iterations_per_round", iterations_per_round, minimum=1)
         V.check_unit_interval("uniform_mix", uniform_mix)
+        self._written: dict[int, tuple[int, int]] = {}
         super().__init__(params, lr, *args, iterations_per_round=iterations_per_round, uniform_mix=uniform_mix, **kwargs)
+
+    # A weight written outside the optimizer ----------------------------------------------------
+    # Each step rebuilds W from the factors, so a write between steps (model.load_state_dict, zero_(),
+    # nn.init) would be undone. After writing W the optimizer records its storage and version counter:
+    # every in-place write through the parameter bumps the counter, and replacing `.data` changes the
+    # storage, so the check costs nothing per step. A checksum would read all of W every step and, on a
+    # GPU, synchronize to compare it on the host. (A write through `p.data.<op>_()` escapes the counter,
+    # as it escapes autograd.) Counters are per process: without a record (after load_state_dict or a
+    # copy) W is compared once with the factors, bit for bit: a resume on the same device matches; one
+    # on another device that differs by rounding starts a new round, which is safe.
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._written = {}
+
+    def _matches_factors(self, p: Tensor, state: dict) -> bool:
+        rebuilt = ((state["sst_u"] * state["sst_s"]) @ state["sst_v"].T).reshape(p.shape)
+        return torch.equal(p, rebuilt.to(p.dtype))
+
+    def _written_elsewhere(self, p: Tensor, state: dict) -> bool:
+        record = self._written.get(id(p))
+        if record is None:
+            return not self._matches_factors(p, state)
+        return record != (p.data_ptr(), p._version)
 
     def _decompose(self, p: Tensor, group: dict, state: dict) -> None:
         w = p.detach().reshape(matrix_shape(p)).float()
@@ -97,6 +121,10 @@ class SSTAdamW(LowRankAdamW):
             state["sst_draws"] = torch.zeros((), dtype=torch.int64)
             state["sst_seed"] = torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64)
             self._decompose(p, group, state)
+        elif self._written_elsewhere(p, state):
+            # The factors describe a weight that is gone: restart the round from the one written.
+            self._decompose(p, group, state)
+            self._resample(group, state)
         iters = int(state["iters"])
         if iters % gap == 0:
             d = state["sst_s"].numel()
@@ -125,6 +153,7 @@ class SSTAdamW(LowRankAdamW):
             cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
             factor.index_copy_(1, idx, cols)
         p.copy_(((u * s) @ v.T).reshape(p.shape))
+        self._written[id(p)] = (p.data_ptr(), p._version)
 
 
 class SSTAdamW8bit(Q.EightBitStates, SSTAdamW):

@@ -55,3 +55,76 @@ def test_sampling_favours_large_singular_values():
         opt.step()
         counts[opt.state[w]["sst_idx"]] += 1
     assert counts[:2].sum() > 70  # p ~ sigma: the two dominant vectors are drawn nearly always
+
+
+def _sst_step(model, opt, seed=7):
+    x = torch.randn(32, 24, generator=torch.Generator().manual_seed(seed))
+    opt.zero_grad()
+    ((model(x) - torch.sin(3 * x[:, :8])) ** 2).mean().backward()
+    opt.step()
+
+
+# W = U diag(S) V^T rebuilt from the SVD of a 40x24 fp32 matrix: error <= d eps |S|_max ~ 24 * 1.2e-7 * 5.
+REBUILD_ATOL = 2e-5
+
+
+def test_weight_loaded_between_steps_is_kept():
+    """model.load_state_dict(other) between steps: the next step starts from `other`, it does not bring
+    the old weights back from the factors (lr 0: the step rebuilds the weight and nothing else)."""
+    model = mlp()
+    opt = SSTAdamW(groups(model), lr=1e-2)
+    train(model, opt, steps=3)
+    other = mlp(seed=5)
+    model.load_state_dict(other.state_dict())
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    _sst_step(model, opt)
+    for p, q in zip(model.parameters(), other.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=REBUILD_ATOL)
+
+
+def test_zeroed_weight_stays_zero_and_trains_from_there():
+    model = mlp()
+    opt = SSTAdamW(groups(model), lr=1e-2)
+    train(model, opt, steps=3)
+    with torch.no_grad():
+        model[2].weight.zero_()
+    assert float(opt.state[model[2].weight]["sst_s"].max()) > 0.5  # the factors still hold the old weight
+    _sst_step(model, opt)
+    # One step from zero: every Sigma_k is re-decomposed to 0 and moves by at most lr (Adam's first
+    # direction is +-1), so |W_ij| <= lr * sum_k |u_ik| |v_jk| <= lr * |u_i| |v_j|, and row norms of the
+    # (unit-column, near-orthogonal) factors stay near 1: 2 lr is loose. The old weight's entries reach ~0.15.
+    assert model[2].weight.abs().max() <= 2 * 1e-2
+    assert model[2].weight.abs().max() > 0  # it did train
+
+
+def test_checkpoint_round_trip_then_external_write_is_kept():
+    """After a resume the optimizer has never seen the weight: it checks it once against the factors,
+    so a weight written before the first step is kept, and an untouched one resumes bit for bit
+    (test_state_dict.py)."""
+    model = mlp()
+    opt = SSTAdamW(groups(model), lr=1e-2)
+    train(model, opt, steps=3)
+    resumed = mlp(seed=9)  # weights that are not the checkpoint's
+    opt2 = SSTAdamW(groups(resumed), lr=0.0)
+    opt2.load_state_dict(opt.state_dict())
+    for g in opt2.param_groups:
+        g["lr"] = 0.0
+    _sst_step(resumed, opt2)
+    for p, q in zip(resumed.parameters(), mlp(seed=9).parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=REBUILD_ATOL)
+
+
+def test_detection_reads_no_weight_in_steady_state(monkeypatch):
+    """The check is the parameter's version counter (free); the weight is compared with the factors
+    only when there is no record: the first step after a load or a copy."""
+    model = mlp()
+    opt = SSTAdamW(groups(model), lr=1e-2)
+    compared = []
+    original = SSTAdamW._matches_factors
+    monkeypatch.setattr(SSTAdamW, "_matches_factors", lambda self, p, st: compared.append(p) or original(self, p, st))
+    train(model, opt, steps=6)
+    assert compared == []
+    opt.load_state_dict(opt.state_dict())
+    train(model, opt, steps=2)
+    assert len(compared) == 3  # each of the three matrices once, at the first step after the load
