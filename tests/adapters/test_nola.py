@@ -18,8 +18,9 @@ import slimtrain.kernels
 from slimtrain.adapters import NolaConfig
 from slimtrain.adapters import _common
 from slimtrain.adapters.nola import layer as nola_layer
-from slimtrain.kernels._triton import HAS_TRITON, interpreting
 from slimtrain.kernels.philox import philox_uniform
+
+from tests._device import DEVICE, needs_gpu, needs_triton  # tests/adapters is no package: import by root
 
 
 class MLP(nn.Module):
@@ -155,12 +156,34 @@ def test_bases_deterministic_across_fresh_models_and_rng_untouched():
     assert c.base_model.model.lin0.seeds["default"] != a.base_model.model.lin0.seeds["default"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@needs_gpu
 def test_bases_identical_on_cpu_and_gpu():
     pm = wrap(init_weights=False)
     cpu = pm.base_model.model.lin0.delta_weight("default")
-    gpu = pm.cuda().base_model.model.lin0.delta_weight("default").cpu()
+    gpu = pm.to(DEVICE).base_model.model.lin0.delta_weight("default").cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)  # same bases; only matmul order may differ
+
+
+@needs_gpu
+def test_adapter_trained_on_the_gpu_reloads_and_merges_the_same_on_the_cpu(tmp_path):
+    """The GPU kernels generate the bases, the CPU reference regenerates them from the saved seed: a user
+    who trains on a GPU and serves on a CPU gets the adapter they trained."""
+    pm = wrap().to(DEVICE)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        opt.zero_grad()
+        pm(x.to(DEVICE)).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        y_gpu = pm(x.to(DEVICE)).cpu()
+    pm.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(MLP(), tmp_path)
+    with torch.no_grad():
+        y_cpu = reloaded(x)
+        # same coefficients and bases; fp32 summation order differs between the devices
+        torch.testing.assert_close(y_cpu, y_gpu, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded.merge_and_unload()(x), y_cpu, rtol=1e-5, atol=1e-5)
 
 
 def test_bases_are_generated_by_the_kernels_and_never_saved_for_backward(monkeypatch):
@@ -179,15 +202,14 @@ def test_bases_are_generated_by_the_kernels_and_never_saved_for_backward(monkeyp
     assert saved and max(saved) < 100 * 4 * 8  # the smallest family: lin1's B, 100 bases of (8, 4)
 
 
-@pytest.mark.skipif(not (HAS_TRITON and (interpreting() or torch.cuda.is_available())),
-                    reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
+@needs_triton
 def test_triton_backend_gives_the_same_adapter():
     """The layer code is the same for both backends; only the kernels differ (CPU users run the reference,
     GPU users the Triton kernels): outputs and coefficient gradients agree to fp32 summation order."""
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 16, device=DEVICE)
     results = []
     for backend in ("torch", "triton"):
-        pm = wrap(num_basis_A=20, num_basis_B=12, init_weights=False)
+        pm = wrap(num_basis_A=20, num_basis_B=12, init_weights=False).to(DEVICE)
         with slimtrain.kernels.use_backend(backend):
             y = pm(x)
             y.pow(2).sum().backward()

@@ -18,8 +18,9 @@ from slimtrain.adapters import RandLoraConfig
 from slimtrain.adapters._common import stable_seed
 from slimtrain.adapters.randlora import RandLoraLayer, generated_basis, make_bases, randlora_delta, scaled_bases
 from slimtrain.kernels import backends_used, use_backend
-from slimtrain.kernels._triton import HAS_TRITON, interpreting
+
 from slimtrain.kernels.philox import philox_uniform
+from tests._device import DEVICE, needs_gpu, needs_triton  # tests/adapters is no package: import by root
 
 
 class MLP(nn.Module):
@@ -214,10 +215,10 @@ def test_generator_version_1_keeps_its_bases_and_reloads(tmp_path):
     torch.testing.assert_close(PeftModel.from_pretrained(MLP(), tmp_path)(x), y, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@needs_gpu
 def test_bases_built_on_the_gpu_equal_the_cpu_ones():
     cpu = get_peft_model(MLP(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model
-    gpu = get_peft_model(MLP().cuda(), RandLoraConfig(target_modules=TARGETS, r=8)).base_model
+    gpu = get_peft_model(MLP().to(DEVICE), RandLoraConfig(target_modules=TARGETS, r=8)).base_model
     for name in ("slimrandlora_basis_A", "slimrandlora_basis_B"):
         assert getattr(gpu, name)["default"].is_cuda
         assert torch.equal(getattr(gpu, name)["default"].cpu(), getattr(cpu, name)["default"])
@@ -241,10 +242,6 @@ def train_outputs(cache_bases, mode, use_dora, backend, device="cpu"):
     return pm, y.detach().cpu(), {n: p.grad.cpu() for n, p in pm.named_parameters() if p.requires_grad}
 
 
-needs_triton = pytest.mark.skipif(not (HAS_TRITON and (interpreting() or torch.cuda.is_available())),
-                                  reason="needs Triton and a GPU or TRITON_INTERPRET=1")
-
-
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["plain", "dora"])
 @pytest.mark.parametrize("mode", ["factored", "dense"])
@@ -252,7 +249,7 @@ def test_generated_B_is_never_stored_and_trains_the_same(mode, use_dora, backend
     """Both orientations (lin0: in < out; lin1, lin2: in > out), forward and backward: the same outputs and
     gradients as the stored basis up to summation order, through the basis-matmul ops, with no B buffer.
     The Triton run is on the GPU when there is one (interpreted on CPU otherwise)."""
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = DEVICE.type if backend == "triton" else "cpu"
     _, y_ref, g_ref = train_outputs(True, mode, use_dora, "torch")
     generated, y, grads = train_outputs(False, mode, use_dora, backend, device)
     assert set(generated.base_model.slimrandlora_basis_A.keys()) == {"default"}
