@@ -331,3 +331,36 @@ def test_unknown_target_module_raises(case):
     cfg.target_modules = {"no_such_module"}
     with pytest.raises(ValueError, match="no_such_module"):
         get_peft_model(model, cfg)
+
+
+# ------------------------------------------------------------------ layers no method supports
+class _ConvEmb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.emb(x).transpose(1, 2)[..., None]
+        return self.lin(self.conv(h)[..., 0].transpose(1, 2))
+
+
+_UNSUPPORTED_CONFIGS = {
+    "nola": lambda t: slimtrain.adapters.NolaConfig(target_modules=t),
+    "randlora": lambda t: slimtrain.adapters.RandLoraConfig(target_modules=t),
+    "dora": lambda t: slimtrain.adapters.DoraConfig(target_modules=t, r=1),
+    "loldu": lambda t: slimtrain.adapters.LoLDUConfig(target_modules=t, r=1),
+    "s2ft": lambda t: slimtrain.adapters.S2FTConfig(target_modules=t, num_heads_per_block=0,
+                                                    num_channels_per_block=1,
+                                                    module_roles={"conv": "ffn_rows", "emb": "ffn_rows"}),
+}
+
+
+@pytest.mark.parametrize("target,layer", [("conv", "Conv2d"), ("emb", "Embedding")])
+@pytest.mark.parametrize("method", sorted(_UNSUPPORTED_CONFIGS))
+def test_unsupported_layer_types_raise_type_error(method, target, layer):
+    """docs/adapters.md: every method refuses a layer it cannot wrap with a TypeError naming it (S²FT used to
+    wrap nothing and train 0 parameters on a Conv2d or Embedding target)."""
+    with pytest.raises(TypeError, match=f"cannot wrap {layer}"):
+        get_peft_model(_ConvEmb(), _UNSUPPORTED_CONFIGS[method]([target]))

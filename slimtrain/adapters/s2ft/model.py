@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._common import BaseTunerLayer, SlimTuner
+from .._common import BaseTunerLayer, SlimTuner, base_layer_kind
 from .config import S2FTConfig
 from .layer import Linear, S2FTLayer
 
@@ -206,6 +206,10 @@ class S2FTModel(SlimTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        # before the role and the selection: a Conv2d or Embedding has no rows/columns of ours to select, and
+        # used to be skipped silently (0 trainable parameters); the other methods raise here too
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        base_layer_kind(base, "S2FT", allow_bnb8bit=False)
         role = role_of(current_key, config.roles)
         if role is None:
             raise ValueError(
