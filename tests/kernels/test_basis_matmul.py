@@ -127,10 +127,10 @@ def test_empty_input_and_visible_choice():
     with use_backend("auto"):
         philox_matmul(torch.ones(2, 5), SEED, (5, 7))
     assert backends_used()[("philox_matmul", "cpu")] == "torch"
-    if HAS_TRITON and interpreting():
+    if HAS_TRITON and (interpreting() or TRITON_DEVICE.type == "cuda"):
         with use_backend("triton"):
-            philox_linear(torch.ones(2, 7), SEED, (5, 7))
-        assert backends_used()[("philox_linear", "cpu")] == "triton"
+            philox_linear(torch.ones(2, 7, device=TRITON_DEVICE), SEED, (5, 7))
+        assert backends_used()[("philox_linear", TRITON_DEVICE.type)] == "triton"
 
 
 BAD_INPUTS = [

@@ -20,3 +20,6 @@ def test_kernel_benchmark_quick(tmp_path):
     assert len(rows) == 17  # eight ops, reference and Triton each, and the stored-basis matmul they replace
     if not torch.cuda.is_available():
         assert sum("not run: no GPU on this machine" in r for r in rows) == 8
+    else:  # every Triton row timed, with its speedup over the reference
+        triton_rows = [r for r in rows if "| Triton |" in r]
+        assert len(triton_rows) == 8 and not any("not run" in r for r in triton_rows)
