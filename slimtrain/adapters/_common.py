@@ -43,6 +43,17 @@ GENERATOR_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------- seeds, bases
+# The largest ``seed`` a config accepts. A seed is hashed into the 63-bit Philox key (stable_seed) but also
+# used as is: torch.Generator.manual_seed (RandLoRA's test-only init, S²FT's selection, which reduces it
+# mod 2**63, so a larger seed would alias a smaller one) and slimtrain.kernels.philox, whose seeds are
+# [0, 2**63 - 1]. One range for all of them; 2**70 used to be accepted.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value: Any) -> int:
+    return check_int("seed", value, 0, MAX_SEED)
+
+
 def stable_seed(*parts: Any) -> int:
     """A 63-bit seed from ``parts`` (ints, strs, shapes) that is identical across processes and machines.
 

@@ -182,3 +182,20 @@ def test_canary_unknown_name_still_needs_the_enum():
 
     with pytest.raises(ValueError, match="Unknown PEFT type"):
         register_peft_method(name="definitely_not_a_method", config_cls=object, model_cls=object)
+
+
+@pytest.mark.parametrize("value", ["NOLA", "SLIMRANDLORA", "S2FT"])
+def test_largest_seed_is_usable_everywhere_it_goes(value):
+    """2**63 - 1, the top of the accepted range, reaches Philox, torch.Generator (RandLoRA's test-only init,
+    S²FT's selection) and stable_seed without overflow; 2**63 is refused at config time."""
+    import dataclasses
+
+    import torch
+
+    from slimtrain.adapters._common import MAX_SEED
+
+    cfg = dataclasses.replace(MLP_CONFIGS[value](), seed=MAX_SEED, init_weights=False)
+    out = peft.get_peft_model(_mlp(), cfg)(torch.randn(2, 16))
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"Invalid seed: 9223372036854775808 \(expected an int in \[0, 9223372036854775807\]\)"):
+        dataclasses.replace(MLP_CONFIGS[value](), seed=MAX_SEED + 1)

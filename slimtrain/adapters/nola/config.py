@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_float, check_int
+from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_float, check_int, check_seed
 from ..registry import peft_type_member
 
 
@@ -32,7 +32,7 @@ class NolaConfig(SlimConfig):
         num_basis_B (int, default 64): l, the same for B.
         nola_alpha (float, default 8.0): scaling numerator; the update is scaled by nola_alpha / r.
         nola_dropout (float, default 0.0): dropout on the adapter's input.
-        seed (int, default 0): seed of all bases; saved in adapter_config.json.
+        seed (int, default 0): seed of all bases, in [0, 2**63 - 1]; saved in adapter_config.json.
         cache_bases (bool, default False): keep the generated bases on the device between steps instead of
             regenerating them (k*r*in + l*out*r numbers per layer, never saved): faster when memory allows,
             e.g. small models or few adapted layers. Off keeps NOLA's "nothing stored" property.
@@ -67,7 +67,7 @@ class NolaConfig(SlimConfig):
         check_float("nola_alpha", self.nola_alpha, -1e30, 1e30)
         check_float("nola_dropout", self.nola_dropout, 0.0, 1.0, high_open=True)
         check_float("dora_eps", self.dora_eps, 0.0, 1.0)
-        check_int("seed", self.seed, 0)
+        check_seed(self.seed)
         check_int("generator_version", self.generator_version, 1, GENERATOR_VERSION)
         check_bool("cache_bases", self.cache_bases)
         self._check_common()

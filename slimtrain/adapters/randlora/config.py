@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_choice, check_float, check_int
+from .._common import (GENERATOR_VERSION, SlimConfig, check_bool, check_choice, check_float, check_int,
+                       check_seed)
 from ..registry import peft_type_member
 
 FORWARD_MODES = ("auto", "factored", "dense")
@@ -36,7 +37,7 @@ class RandLoraConfig(SlimConfig):
         randlora_alpha (float, default 640.0): the update is scaled by randlora_alpha / r (PEFT's default,
             20 x r; lower it, or the learning rate, if training is unstable).
         randlora_dropout (float, default 0.0): dropout on the adapter input (disables the fused path).
-        seed (int, default 0): seed of the shared bases.
+        seed (int, default 0): seed of the shared bases, in [0, 2**63 - 1].
         cache_bases (bool, default True): keep the shared basis B (D_max x n_max x r fp32, about one weight of
             the largest targeted layer, once per adapter) in memory. False never stores it: every product
             with B runs in a kernel that generates the tiles of B it reads from the seed
@@ -73,7 +74,7 @@ class RandLoraConfig(SlimConfig):
         check_float("randlora_alpha", self.randlora_alpha, -1e30, 1e30)
         check_float("randlora_dropout", self.randlora_dropout, 0.0, 1.0, high_open=True)
         check_float("dora_eps", self.dora_eps, 0.0, 1.0)
-        check_int("seed", self.seed, 0)
+        check_seed(self.seed)
         check_choice("forward_mode", self.forward_mode, FORWARD_MODES)
         check_int("generator_version", self.generator_version, 1, GENERATOR_VERSION)
         check_bool("cache_bases", self.cache_bases)

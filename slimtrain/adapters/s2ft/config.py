@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .._common import SlimConfig, check_choice, check_int
+from .._common import SlimConfig, check_choice, check_int, check_seed
 from ..registry import peft_type_member
 
 SELECTIONS = ("random", "weight_norm")
@@ -62,7 +62,7 @@ class S2FTConfig(SlimConfig):
         selection (`str`, defaults to "random"): "random" (seeded by ``seed`` and a CRC32 of the block name,
             as the paper's uniform selection) or "weight_norm" (largest summed squared norm of the coupled
             rows/columns of the targeted weights).
-        seed (`int`, defaults to 0): seed of the random selection.
+        seed (`int`, defaults to 0): seed of the random selection, in [0, 2**63 - 1].
         target_modules (`list[str] | str`): names (suffix match) or a regex (full match) of the modules to adapt;
             every one must resolve to a role through ``module_roles``.
         module_roles (`dict[str, str]`, optional): module-name suffix -> role, one of ``ROLES``; defaults to
@@ -97,7 +97,7 @@ class S2FTConfig(SlimConfig):
                 "Invalid num_heads_per_block=0 and num_channels_per_block=0 (expected at least one of them >= 1)"
             )
         check_choice("selection", self.selection, SELECTIONS)
-        check_int("seed", self.seed, 0)
+        check_seed(self.seed)
         for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)

@@ -27,6 +27,8 @@ BAD = [
      r"Invalid forward_mode: 'fast' \(expected one of \('auto', 'factored', 'dense'\)\)"),
     (lambda: RandLoraConfig(target_modules=MLP, randlora_dropout=-0.1), ValueError, r"Invalid randlora_dropout"),
     (lambda: RandLoraConfig(target_modules=MLP, seed=-1), ValueError, r"Invalid seed: -1"),
+    # seeds reach torch.Generator.manual_seed and Philox as is: [0, 2**63 - 1]
+    (lambda: RandLoraConfig(target_modules=MLP, seed=2**70), ValueError, r"Invalid seed: 1180591620717411303424 \(expected an int in \[0, 9223372036854775807\]\)"),
     (lambda: RandLoraConfig(target_modules=MLP, cache_bases="no"), ValueError,
      r"Invalid cache_bases: 'no' \(expected True or False\)"),
     (lambda: RandLoraConfig(target_modules=MLP, cache_bases=False, generator_version=1), ValueError,
