@@ -228,6 +228,7 @@ def test_checkpoint_is_coefficients_plus_seed(tmp_path):
     assert shapes == {
         "base_model.model.lin0.nola_coef_A": (70,), "base_model.model.lin0.nola_coef_B": (33,),
         "base_model.model.lin1.nola_coef_A": (70,), "base_model.model.lin1.nola_coef_B": (33,),
+        "base_model.model.lin0.nola_shape": (2,), "base_model.model.lin1.nola_shape": (2,),  # (out, in), int64
     }
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["seed"] == 9 and cfg["generator_version"] == _common.GENERATOR_VERSION
@@ -286,3 +287,52 @@ def test_cached_bases_give_the_same_outputs_and_grads(generator_version):
     # two layers. Relative to each tensor's scale, since single entries can cancel to near zero.
     for a, b in zip([outs[1][0], *outs[1][1]], [outs[0][0], *outs[0][1]]):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+class WideMLP(MLP):
+    """MLP's module names with hidden size 40 instead of 48."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(16, 40), nn.Linear(40, 8)
+
+
+def test_checkpoint_refuses_a_layer_of_another_shape(tmp_path):
+    """Only coefficients are saved and bases exist for any shape: an adapter for hidden size 48 used to load
+    and run on 40. The (out, in) record refuses it, naming the module and both shapes."""
+    wrap(init_weights=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"Invalid NOLA checkpoint for base_model\.model\.lin0: saved for a layer "
+                                         r"of shape \(out, in\) = \(48, 16\), loaded into one of shape \(40, 16\)"):
+        PeftModel.from_pretrained(WideMLP(), tmp_path)
+
+
+def test_adapter_config_without_seed_is_refused(tmp_path):
+    """A config file without seed used to load as seed 0: other bases, logits off by up to 0.16."""
+    wrap(init_weights=False, seed=3).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    del cfg["seed"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"Invalid NOLA adapter_config.json: no 'seed'"):
+        PeftModel.from_pretrained(MLP(), tmp_path)
+
+
+def test_checkpoint_saved_before_the_shape_record_still_loads_exactly(tmp_path):
+    """The format of the code before the record (coefficients only) loads as it always did: bases for the
+    shapes found, unchecked, with a warning saying so."""
+    from safetensors.torch import load_file, save_file
+
+    pm = wrap(init_weights=False, seed=5)
+    x = torch.randn(3, 16)
+    y = pm(x)
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if not k.endswith("nola_shape")}, path)
+    with pytest.warns(UserWarning, match="has no shape record"):
+        reloaded = PeftModel.from_pretrained(MLP(), tmp_path)
+    torch.testing.assert_close(reloaded(x), y, rtol=0, atol=0)
+    # a partial record is a damaged file, not an old one
+    pm.save_pretrained(tmp_path / "partial")
+    path = tmp_path / "partial" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if k != "base_model.model.lin1.nola_shape"}, path)
+    with pytest.raises(ValueError, match=r"base_model\.model\.lin1 has no nola_shape record"):
+        PeftModel.from_pretrained(MLP(), tmp_path / "partial")

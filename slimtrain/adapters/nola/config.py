@@ -58,6 +58,17 @@ class NolaConfig(SlimConfig):
     init_weights: bool = field(default=True)
     generator_version: int = field(default=GENERATOR_VERSION)
 
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """An adapter_config.json without ``seed`` is refused (PEFT calls this on loading): the bases depend on
+        it, and the dataclass default would silently load it as seed 0 (logits off by up to 0.16)."""
+        if "seed" not in kwargs:
+            raise ValueError(
+                "Invalid NOLA adapter_config.json: no 'seed' (the bases are generated from it and cannot be "
+                "recovered without it; every NOLA config saved by slimtrain records it)"
+            )
+        return super().check_kwargs(**kwargs)
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = peft_type_member("NOLA")

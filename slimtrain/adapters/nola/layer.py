@@ -13,6 +13,7 @@ from torch import nn
 
 from ...kernels.philox import philox_combine, philox_project, philox_uniform
 from .._common import DeltaLayer, seeded_uniform, stable_seed, uniform_on_cpu
+from ..registry import peft_api
 from .config import NolaConfig
 
 # Part of generator version 1's definition: bases were drawn in blocks of this many, each from its own CPU
@@ -101,8 +102,10 @@ class CombineBases(torch.autograd.Function):
 
 class NolaLayer(DeltaLayer):
     adapter_layer_names = ("nola_coef_A", "nola_coef_B", "nola_magnitude")
-    other_param_names = ("nola_dropout", "r", "scaling", "seeds", "generator_version", "basis_cache", "use_dora",
-                         "dora_eps")
+    # nola_shape: (out, in) the bases were generated for, saved so that a checkpoint refuses a layer of another
+    # shape (only coefficients are saved; bases of any shape come from the same seed)
+    other_param_names = ("nola_shape", "nola_dropout", "r", "scaling", "seeds", "generator_version", "basis_cache",
+                         "use_dora", "dora_eps")
     magnitude_name = "nola_magnitude"
     method_name = "nola"
 
@@ -114,6 +117,7 @@ class NolaLayer(DeltaLayer):
         self.nola_coef_A = nn.ParameterDict({})
         self.nola_coef_B = nn.ParameterDict({})
         self.nola_magnitude = nn.ParameterDict({})
+        self.nola_shape = peft_api.BufferDict({}, persistent=True)
         self.nola_dropout = nn.ModuleDict({})
         self.basis_cache: dict[str, dict | None] = {}  # per adapter; never saved, filled on first use
 
@@ -124,6 +128,7 @@ class NolaLayer(DeltaLayer):
             stable_seed("nola", config.generator_version, config.seed, key, part) for part in ("A0", "A", "B")
         )
         self.generator_version[adapter_name] = config.generator_version
+        self.nola_shape[adapter_name] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
         self.basis_cache[adapter_name] = {} if config.cache_bases else None
         self.nola_dropout[adapter_name] = nn.Dropout(config.nola_dropout) if config.nola_dropout > 0 else nn.Identity()
         k, l = config.num_basis_A, config.num_basis_B
