@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 
@@ -32,7 +33,76 @@ def fsdp2_refused(rank: int, world: int) -> dict:
     return {"message": message, "unchanged": unchanged}
 
 
-SCENARIOS = {"fsdp2_refused": fsdp2_refused}
+STEPS = 8  # refreshes at steps 0 and 5 (helpers.groups: gap 5)
+
+
+def batch(step: int, rank: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    x = torch.randn(16, 24, generator=g)
+    return x, torch.sin(3 * x[:, :8])
+
+
+def optimizer(model):
+    from slimtrain.optimizers import FiraAdamW
+
+    # Fira: projected matrices with its residual rule, and plain AdamW biases, all stepped in the hook.
+    return FiraAdamW(groups(model), lr=1e-2, weight_decay=0.01)
+
+
+def ddp_layerwise(rank: int, world: int, accum: int = 1) -> list:
+    """LayerwiseStepper on a DDP model with small buckets (several per backward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from slimtrain.optimizers import LayerwiseStepper
+
+    model = mlp()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.002)  # ~2 KB: the MLP's 1.9K floats in 4 buckets
+    opt = optimizer(model)
+    stepper = LayerwiseStepper(opt, model=ddp)
+    for step in range(STEPS):
+        for micro in range(accum):
+            x, y = batch(step, rank, micro)
+            # DDP decides in forward whether this backward synchronizes: no_sync() wraps both.
+            with ddp.no_sync() if micro < accum - 1 else contextlib.nullcontext():
+                (((ddp(x) - y) ** 2).mean() / accum).backward()
+        assert all(p.grad is None for p in model.parameters())
+    stepper.remove()
+    return [p.detach().numpy().copy() for p in model.parameters()]
+
+
+def ddp_layerwise_accum(rank: int, world: int) -> list:
+    return ddp_layerwise(rank, world, accum=2)
+
+
+def layerwise_refusals(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from slimtrain.optimizers import LayerwiseStepper
+
+    messages = {}
+    model = mlp()
+    for name, build in {
+        "no_model": lambda: LayerwiseStepper(optimizer(model)),
+        "not_ddp": lambda: LayerwiseStepper(optimizer(model), model=model),
+        "accumulation": lambda: LayerwiseStepper(optimizer(model), 2, model=DistributedDataParallel(model)),
+        "unused": lambda: LayerwiseStepper(
+            optimizer(model), model=DistributedDataParallel(model, find_unused_parameters=True)),
+    }.items():
+        try:
+            build()
+        except RuntimeError as e:
+            messages[name] = str(e)
+        else:
+            messages[name] = None
+    return messages
+
+
+SCENARIOS = {
+    "fsdp2_refused": fsdp2_refused,
+    "ddp_layerwise": ddp_layerwise,
+    "ddp_layerwise_accum": ddp_layerwise_accum,
+    "layerwise_refusals": layerwise_refusals,
+}
 
 
 def worker(rank: int, world: int, port: int, names: list[str], queue) -> None:
