@@ -121,15 +121,17 @@ def test_torn_and_malformed_lines_are_dropped_with_a_warning(tmp_path, capsys):
 
 def test_resume_after_a_torn_metrics_line(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    args = ("--steps", "4", "--eval-every", "2")
-    _run(out, corpus, *args, "--stop-at", "2")
+    args = ("--steps", "12", "--eval-every", "10")
+    _run(out, corpus, *args, "--stop-at", "10")
     with open(out / "metrics.csv", "a", newline="") as f:
-        f.write("3,4.91")  # a run killed mid-write (or a copy cut short) after its last checkpoint
+        # Killed while logging step 12, after its last checkpoint (step 10): the row of step 11 is whole,
+        # step 12's is cut inside its step number, which then reads as step 1 (<= 10: kept before).
+        f.write(_rows(out)[-1]["step"].replace("10", "11") + ",4.9,,0.001,704,1.0,640\r\n1")
     _run(out, corpus, *args, "--resume")
     assert "dropped 1 malformed line(s)" in capsys.readouterr().err
     rows = _rows(out)
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and all(r["tokens_per_s"] for r in rows)
-    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert [int(r["step"]) for r in rows] == list(range(1, 13)) and all(r["tokens_per_s"] for r in rows)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
 
 
 def test_metric_lines_are_appended_whole(tmp_path):
