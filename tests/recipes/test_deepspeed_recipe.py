@@ -156,7 +156,7 @@ def test_two_ranks_match_one_process_across_a_resume(tmp_path, corpus):
 
     Data order is the same by construction: each rank takes its half of the batch the one process
     uses, and DeepSpeed averages the gradients. So the logged losses must match to fp32 rounding (the
-    CSV keeps 6 decimals; measured: identical). A lost or wrongly restored optimizer state at the
+    CSV keeps 6 decimals; measured: all equal but step 4's train loss, 1e-6 apart). A lost or wrongly restored optimizer state at the
     resume would move them by far more. The one projector refresh is at step 0: a later refresh of a
     rank-8 SVD of a 4-sequence gradient amplifies the rounding difference between one mean and a mean
     of two halves (measured 1e-3 after a refresh at step 2), which is the SVD's sensitivity, not the
