@@ -57,6 +57,16 @@ def check_config(config: dict, optimizer: LowRankAdamW) -> int:
         )
     if config.get("fp16", {}).get("enabled"):
         raise ValueError("Unsupported fp16.enabled: true (dynamic loss scaling is not wired in); use bf16 or fp32")
+    bf16 = next((key for key in ("bf16", "bfloat16") if (config.get(key) or {}).get("enabled")), None)
+    if stage == 0 and bf16 is not None:
+        # Measured with DeepSpeed 0.19.8: at stage 0 its BF16_Optimizer swaps flat fp32 copies of the weights
+        # into the optimizer's param groups, and the first step (inside deepspeed.initialize) raises.
+        raise ValueError(
+            f"Unsupported {bf16}.enabled: true at zero_optimization.stage 0: DeepSpeed's bf16 optimizer hands "
+            "the optimizer flat fp32 copies of the weights, which cannot be projected; use stage 1, 2 or 3 "
+            "with bf16 (the same fp32 master weights, sharded), or disable bf16 at stage 0 (SSTAdamW and "
+            "FrugalAdamW(mode='block') run at stage 0 only, so in fp32)."
+        )
     if stage >= 1:
         if isinstance(optimizer, SSTAdamW):
             raise ValueError(

@@ -34,6 +34,10 @@ BAD = [
     # ZeRO steps fp32 partitions: the option would be silently ignored (measured: 0 roundings at stages 1-3).
     ("bf16-sr", {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, lambda: _opt(bf16_stochastic_round=True),
      r"Unsupported bf16_stochastic_round=True under zero_optimization\.stage 2: ZeRO steps fp32 partitions"),
+    # DeepSpeed's BF16_Optimizer swaps flat fp32 copies in at stage 0: measured RuntimeError at initialize.
+    ("bf16-stage0", {"bf16": {"enabled": True}}, _opt, r"Unsupported bf16\.enabled: true at zero_optimization\.stage 0.*use stage 1, 2 or 3"),
+    ("bfloat16-stage0", {"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 0}}, lambda: _opt(SSTAdamW),
+     r"Unsupported bfloat16\.enabled: true at zero_optimization\.stage 0"),
 ]
 
 
@@ -46,3 +50,4 @@ def test_refused_with_the_setting_named(config, make, match):
 def test_supported_configs_pass():
     assert check_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}}, "bf16": {"enabled": True}}, _opt()) == 3
     assert check_config({}, _opt(SSTAdamW)) == 0  # stage 0: the optimizer sees whole matrices
+    assert check_config({"bf16": {"enabled": False}}, _opt(SSTAdamW)) == 0
