@@ -301,7 +301,7 @@ def test_frozen_factors_are_buffers_not_adapter_layer_names():
     trainable = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"loldu_diag", "loldu_scale"}
     assert {n.rsplit(".", 2)[-2] for n, _ in model.named_buffers() if "loldu" in n} == {
-        "loldu_L", "loldu_U", "loldu_d0", "loldu_perm"}
+        "loldu_L", "loldu_U", "loldu_d0", "loldu_perm", "loldu_fingerprint"}
 
 
 def test_train_scale_parameter_is_not_zero_dimensional():
@@ -340,3 +340,57 @@ def test_non_finite_base_weight_is_refused_naming_the_module(bad):
     with pytest.raises(ValueError, match=r"Invalid base weight of model\.layers\.1\.self_attn\.v_proj: 1 "
                                          r"non-finite entries \(first at row 3, column 5"):
         get_peft_model(base, LoLDUConfig(r=2, target_modules=["v_proj"]))
+
+
+# ------------------------------------------------------------------------ checkpoint_mode="fingerprint"
+def _fingerprint_model():
+    cfg = LoLDUConfig(r=4, target_modules=["q_proj", "down_proj"], train_scale=True, checkpoint_mode="fingerprint")
+    return _trained(get_peft_model(tiny_llama(), cfg))
+
+
+def test_fingerprint_mode_saves_the_trained_numbers_only_and_reloads_exactly(tmp_path):
+    """The paper's promise: r trained numbers (+ tau) per matrix; the factors come from a new LU on load."""
+    model = _fingerprint_model()
+    with torch.no_grad():
+        expected = model(input_ids=tokens()).logits
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    kinds = {k.rsplit(".", 1)[-1] for k in saved}
+    assert kinds == {"loldu_diag", "loldu_scale", "loldu_fingerprint"}
+    assert sum(t.numel() for t in saved.values() if t.is_floating_point()) == 2 * 2 * (4 + 1)  # 2 blocks x 2
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens()).logits, expected, rtol=0, atol=0)
+
+
+def test_fingerprint_mode_refuses_other_factors_and_loads_nothing(tmp_path, monkeypatch):
+    """Another base weight, or the same weight pivoted differently (another LAPACK build, simulated by
+    handing back other factors), gives another fingerprint: a ValueError naming the module, nothing loaded."""
+    import slimtrain.adapters.loldu.layer as layer
+
+    _fingerprint_model().save_pretrained(tmp_path)
+    other_base = tiny_llama(seed=1)
+    with pytest.raises(ValueError, match=r"Invalid LoLDU checkpoint for base_model\.model\.model\.layers\.\d\."
+                                         r"(self_attn\.q_proj|mlp\.down_proj): the factors recomputed .* have "
+                                         r"fingerprint [0-9a-f]{16}"):
+        PeftModel.from_pretrained(other_base, tmp_path)
+
+    real = layer.ldu_factors
+
+    def other_pivots(weight, r):
+        perm, L, d, U = real(weight, r)
+        return perm, L, d, U * (1 + 1e-7)  # a last-bit difference is enough
+
+    monkeypatch.setattr(layer, "ldu_factors", other_pivots)
+    model = get_peft_model(tiny_llama(), LoLDUConfig(r=4, target_modules=["q_proj", "down_proj"], train_scale=True,
+                                                     checkpoint_mode="fingerprint"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Nothing was loaded"):
+        model.load_adapter(tmp_path, adapter_name="default")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_fingerprint_mode_is_a_checked_choice():
+    with pytest.raises(ValueError, match=r"Invalid checkpoint_mode: 'diag' \(expected one of \('factors', 'fingerprint'\)\)"):
+        LoLDUConfig(checkpoint_mode="diag")

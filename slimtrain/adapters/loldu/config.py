@@ -8,6 +8,7 @@ from .._common import SlimConfig, check_choice, check_float, check_int
 from ..registry import peft_type_member
 
 _BIAS_CHOICES = ("none", "all", "loldu_only")
+CHECKPOINT_MODES = ("factors", "fingerprint")
 
 
 @dataclass
@@ -43,6 +44,12 @@ class LoLDUConfig(SlimConfig):
         modules_to_save (`list[str]`): extra modules to train and save (e.g. a classifier head).
         init_weights (`bool`, defaults to True): ``False`` perturbs ``z`` at init so that the adapter is not
             the identity; for tests only.
+        checkpoint_mode (`str`, defaults to "factors"): what ``save_pretrained`` writes per matrix.
+            "factors": the diagonal plus the frozen factors, ``r·(out + in + 2)`` floats and ``out`` ints; reload
+            is exact anywhere. "fingerprint": the paper's promise, only the ``r`` trained numbers (+ τ) and a
+            SHA-256 fingerprint of the frozen factors; loading recomputes the LU of the base weight and refuses
+            (``ValueError`` naming the module, nothing loaded) when its factors' fingerprint differs, e.g. on
+            another LAPACK build, device or base-weight dtype, or another base model.
         layers_to_transform / layers_pattern: as in PEFT's LoRA.
     """
 
@@ -51,6 +58,7 @@ class LoLDUConfig(SlimConfig):
     train_scale: bool = field(default=False, metadata={"help": "Also train a scalar offset of the scale."})
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'loldu_only'."})
     init_weights: bool = field(default=True, metadata={"help": "False perturbs z at init (tests only)."})
+    checkpoint_mode: str = field(default="factors", metadata={"help": f"One of {CHECKPOINT_MODES}."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,6 +66,7 @@ class LoLDUConfig(SlimConfig):
         check_int("r", self.r, 1)
         check_float("alpha", self.alpha, 1e-30, 1e30)
         check_choice("bias", self.bias, _BIAS_CHOICES)
+        check_choice("checkpoint_mode", self.checkpoint_mode, CHECKPOINT_MODES)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("Invalid layers_pattern: it is only used together with layers_to_transform.")
         self._check_common()

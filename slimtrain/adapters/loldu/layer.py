@@ -7,6 +7,7 @@ is weight row ``perm[i]``); it is applied by ``index_copy`` on the output, never
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -83,6 +84,20 @@ def loldu_delta_weight(perm: torch.Tensor, L_r: torch.Tensor, coef: torch.Tensor
     return torch.zeros_like(delta_lu).index_copy(0, perm, delta_lu)
 
 
+def factors_fingerprint(perm: torch.Tensor, L_r: torch.Tensor, d0: torch.Tensor, U_r: torch.Tensor) -> torch.Tensor:
+    """SHA-256 of the frozen factors exactly as the layer uses them (dtype, shape and bytes), as 4 int64.
+
+    ``checkpoint_mode="fingerprint"`` saves this instead of the factors; a reload whose LU yields other
+    factors (pivots, rounding, dtype or base weight) has another fingerprint and is refused.
+    """
+    digest = hashlib.sha256()
+    for t in (perm, L_r, d0, U_r):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.int64).clone()
+
+
 def check_finite_weight(weight: torch.Tensor, key: str) -> None:
     """Refuse a base weight holding NaN or inf: the LU spreads one such entry through every factor (one NaN in
     48 rows made all 48 outputs NaN at init, and 512 weights NaN on merge)."""
@@ -108,7 +123,7 @@ class LoLDULayer(DeltaLayer):
     """
 
     adapter_layer_names = ("loldu_diag", "loldu_scale")
-    other_param_names = ("loldu_L", "loldu_U", "loldu_d0", "loldu_perm", "r", "scaling")
+    other_param_names = ("loldu_L", "loldu_U", "loldu_d0", "loldu_perm", "loldu_fingerprint", "r", "scaling")
     method_name = "LoLDU"
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -122,6 +137,7 @@ class LoLDULayer(DeltaLayer):
         self.loldu_U = BufferDict({}, persistent=True)
         self.loldu_d0 = BufferDict({}, persistent=True)
         self.loldu_perm = BufferDict({}, persistent=True)
+        self.loldu_fingerprint = BufferDict({}, persistent=True)  # factors_fingerprint of the factors above
 
     def update_layer(self, adapter_name: str, config, key: str = "", inference_mode: bool = False) -> None:
         r = config.r
@@ -150,6 +166,8 @@ class LoLDULayer(DeltaLayer):
         self.loldu_L[adapter_name] = L_r.to(dtype)
         self.loldu_U[adapter_name] = U_r.to(dtype)
         self.loldu_perm[adapter_name] = perm
+        self.loldu_fingerprint[adapter_name] = factors_fingerprint(
+            perm, self.loldu_L[adapter_name], self.loldu_d0[adapter_name], self.loldu_U[adapter_name])
         if config.train_scale:
             # shape (1,), not (): FSDP refuses 0-dimensional parameters (older checkpoints' () is reshaped on load)
             self.loldu_scale[adapter_name] = nn.Parameter(torch.zeros(1, dtype=dtype))
@@ -162,7 +180,7 @@ class LoLDULayer(DeltaLayer):
         target = device if device is not None else weight.device
         if target.type == "meta":
             return
-        for buffers in (self.loldu_L, self.loldu_U, self.loldu_d0, self.loldu_perm):
+        for buffers in (self.loldu_L, self.loldu_U, self.loldu_d0, self.loldu_perm, self.loldu_fingerprint):
             if adapter_name in buffers:
                 buffers[adapter_name] = buffers[adapter_name].to(target)
 
