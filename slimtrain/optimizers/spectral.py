@@ -95,7 +95,11 @@ class _SpectralProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, xf, s, u_a, v_a, u_f, v_f, a_idx, f_idx = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        # Under autocast the forward's products (and so dy) may be bf16 while the factors are fp32: the
+        # backward runs in dy's dtype, and autograd casts each gradient back to its input's dtype.
+        x, xa, xf, s, u_a, v_a, u_f, v_f = (t.to(dy.dtype) for t in saved[:8])
+        a_idx, f_idx = saved[8:]
         s_a, s_f = s[a_idx], s[f_idx]
         dya, dyf = dy @ u_a, dy @ u_f
         grad_x = grad_s = grad_u = grad_v = None

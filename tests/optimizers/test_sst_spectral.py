@@ -136,6 +136,16 @@ def test_chain_rule_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda *t: _SpectralProduct.apply(*t, *args), (x, s, ua, va))
 
 
+def test_backward_under_autocast_gives_gradients_in_the_parameters_dtypes():
+    layer = SpectralLinear.from_linear(nn.Linear(16, 12), rank=4)
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    for t in (x, layer.s, layer.u_active, layer.v_active):
+        assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+
+
 # State and schedule ------------------------------------------------------------------------------------
 def test_state_only_for_sigma_and_the_sampled_vectors():
     rank = 4
