@@ -167,12 +167,20 @@ def test_canary_base_tuner_contract():
     api = registry.peft_api
     assert api.BaseTuner.__abstractmethods__ == frozenset({"_create_and_replace"})
     for hook in ("_pre_injection_hook", "_check_target_module_exists", "_prepare_adapter_config",
-                 "_replace_module", "_get_adapter_state_dict", "merge_and_unload"):
+                 "_replace_module", "_get_adapter_state_dict", "merge_and_unload", "_cast_adapter_dtype",
+                 "_remap_adapter_state_dict_for_load"):
         assert hasattr(api.BaseTuner, hook), hook
     for attr in ("adapter_layer_names", "other_param_names", "merged_adapters", "set_adapter",
                  "get_base_layer", "_disable_adapters", "active_adapters"):
         assert hasattr(api.BaseTunerLayer, attr), attr
     assert api.resolve_quantization_backend is not None  # bnb 8-bit support needs peft >= 0.20
+
+
+def test_canary_peft_config_check_kwargs_sees_the_loaded_file():
+    """NolaConfig refuses a file without seed through PeftConfigMixin.check_kwargs (called by from_pretrained
+    with the loaded JSON); if PEFT stops calling it, that refusal silently disappears."""
+    src = inspect.getsource(registry.peft_api.PeftConfig.from_pretrained.__func__)
+    assert "cls.check_kwargs(" in src
 
 
 def test_canary_unknown_name_still_needs_the_enum():
