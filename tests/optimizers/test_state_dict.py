@@ -67,8 +67,8 @@ EARLIER = sorted(f.stem for f in DATA.glob("*.pt"))
 
 @pytest.mark.parametrize("name", EARLIER)
 def test_checkpoint_of_earlier_version_resumes(name):
-    """A checkpoint written at commit e556968 (``data/make_checkpoints.py``) loads with weights_only and
-    resumes to the very parameters that code reached: the format stays readable, bit for bit."""
+    """A checkpoint written at commit e556968 (``data/make_checkpoints.py``) loads with weights_only, bit
+    for bit, and resumes to the parameters that code reached: the format keeps its meaning."""
     from .data.make_checkpoints import CASES
 
     ckpt = torch.load(DATA / f"{name}.pt", weights_only=True)
@@ -76,6 +76,15 @@ def test_checkpoint_of_earlier_version_resumes(name):
     model.load_state_dict(ckpt["model"])
     opt = CASES[name](groups(model))
     opt.load_state_dict(ckpt["opt"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, saved in ckpt["opt"]["state"].items():
+        loaded = opt.state[params[i]]
+        assert loaded.keys() == saved.keys()
+        for k, v in saved.items():
+            assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
     train(model, opt, steps=11, start=7)
+    # Exact on the CPU that wrote them. Another CPU may round matmuls and SVDs differently: perturbing
+    # every gradient by 1e-6 relative moves these 11 steps by at most 5e-5 (FRUGAL's sign residual at
+    # near-zero entries), while a misread state (moments zeroed) moves them by >= 3.5e-2.
     for p, expected in zip(model.parameters(), ckpt["after"]):
-        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-3)
