@@ -42,3 +42,9 @@ def test_block_mode_refused():
 def test_bad_accumulation_steps():
     with pytest.raises(ValueError, match=r"Invalid accumulation_steps: 0"):
         LayerwiseStepper(GaLoreAdamW(groups(mlp())), accumulation_steps=0)
+
+
+def test_model_other_than_ddp_refused():
+    model = mlp()
+    with pytest.raises(RuntimeError, match=r"takes a torch\.nn\.parallel\.DistributedDataParallel model, got Sequential"):
+        LayerwiseStepper(GaLoreAdamW(groups(model)), model=model)
