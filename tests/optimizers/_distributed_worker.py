@@ -49,14 +49,15 @@ def optimizer(model):
     return FiraAdamW(groups(model), lr=1e-2, weight_decay=0.01)
 
 
-def ddp_layerwise(rank: int, world: int, accum: int = 1) -> list:
+def ddp_layerwise(rank: int, world: int, accum: int = 1, as_view: bool = False) -> list:
     """LayerwiseStepper on a DDP model with small buckets (several per backward)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from slimtrain.optimizers import LayerwiseStepper
 
     model = mlp()
-    ddp = DistributedDataParallel(model, bucket_cap_mb=0.002)  # ~2 KB: the MLP's 1.9K floats in 4 buckets
+    # ~2 KB buckets: the MLP's 1.9K floats in several buckets.
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.002, gradient_as_bucket_view=as_view)
     opt = optimizer(model)
     stepper = LayerwiseStepper(opt, model=ddp)
     for step in range(STEPS):
@@ -71,7 +72,8 @@ def ddp_layerwise(rank: int, world: int, accum: int = 1) -> list:
 
 
 def ddp_layerwise_accum(rank: int, world: int) -> list:
-    return ddp_layerwise(rank, world, accum=2)
+    """Two micro-batches, the first under no_sync(), with gradients kept as views of DDP's buckets."""
+    return ddp_layerwise(rank, world, accum=2, as_view=True)
 
 
 def layerwise_refusals(rank: int, world: int) -> dict:
