@@ -88,12 +88,6 @@ def uniform_on_cpu(shape: Iterable[int], seed: int, low: float = -1.0, high: flo
     return out.uniform_(low, high, generator=cpu_generator(seed))
 
 
-def kaiming_uniform_on_cpu(shape: Iterable[int], seed: int, fan_in: int) -> torch.Tensor:
-    """U(-b, b) with b = sqrt(6 / fan_in) (Kaiming-uniform, gain sqrt(2)), on a seeded CPU generator."""
-    bound = math.sqrt(6.0 / fan_in)
-    return uniform_on_cpu(shape, seed, -bound, bound)
-
-
 # ----------------------------------------------------------------------------------------- input checks
 def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
     """Return ``value`` if it is an int in [minimum, maximum], else raise ``ValueError`` saying so."""

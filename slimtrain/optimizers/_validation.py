@@ -62,11 +62,6 @@ def check_nonneg(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value} (expected a finite number >= 0)")
 
 
-def check_positive(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0.0):
-        raise ValueError(f"Invalid {name}: {value} (expected a finite number > 0)")
-
-
 def check_unit_interval(name: str, value, *, open_low: bool = False) -> None:
     low_ok = value > 0.0 if open_low else value >= 0.0
     if not (isinstance(value, (int, float)) and low_ok and value <= 1.0):
