@@ -3,6 +3,7 @@
     python -m slimtrain.recipes.pretrain --out runs/galore                  # GaLore, tiny model
     slimtrain pretrain --optimizer adamw --lr 3e-3 --out runs/adamw
     slimtrain pretrain --out runs/galore --resume                           # continue a stopped run
+    slimtrain pretrain --model 1b --dtype bf16 --activation-checkpointing --rank 512 --out runs/1b   # a GPU
 
 The default run (GaLore, rank 48, 1.9M-parameter LLaMA, 500 steps of 16 x 128 bytes, one thread) is
 sized for two CPU cores. ``--out`` receives:
@@ -13,7 +14,12 @@ sized for two CPU cores. ``--out`` receives:
 - ``loss.png``: train and validation loss curves;
 - ``checkpoint.pt``: model, optimizer, scheduler, RNG and step, written at every evaluation; it loads
   with ``torch.load(weights_only=True)``;
-- ``summary.json``: final validation loss and perplexity, wall time, optimizer-state bytes;
+- ``summary.json``: final validation loss and perplexity, wall time, tokens/s (over the training steps,
+  excluding validation), optimizer-state bytes, the device and dtype, and ``peak_memory_bytes`` with
+  ``peak_memory_source``: ``cuda_max_memory_allocated`` on a GPU (tensors only, since this process
+  started or resumed the run), ``cpu_peak_rss`` on the CPU (the whole process's peak resident set,
+  Python and torch included: an upper bound, not comparable with the GPU number). The progress bar
+  shows the same peak (``mem``) and the last step's tokens/s;
 - ``slimtrain-run.json``: the marker naming these files. ``--overwrite`` removes exactly the files a
   marker names and nothing else; a non-empty directory without one is never overwritten. That includes
   a run directory written before runs had markers: ``--overwrite`` refuses it with a one-line error
@@ -23,8 +29,21 @@ sized for two CPU cores. ``--out`` receives:
 temporary file; a torn or malformed line (a copy cut short, an old run killed mid-write) is dropped
 with a warning when the log is read back.
 
+Device and precision: ``--device`` is ``auto`` (``cuda`` when torch sees a GPU, else ``cpu``), ``cpu``,
+``cuda`` or ``cuda:N``; one that is not there is refused. ``--dtype`` is ``fp32`` (default), ``bf16``
+(bf16 weights and gradients, the optimizer's state and update math in fp32, rounded to nearest into the
+weights: how the GaLore and Fira papers run) or ``bf16-autocast`` (fp32 weights, forward under bf16
+autocast); :mod:`slimtrain.recipes.runtime` says what each costs. ``--activation-checkpointing``
+recomputes each decoder layer's activations in the backward pass (the same gradients, measured bit for
+bit on the CPU). ``--model 1b`` is the GaLore paper's LLaMA-1B shape (2048 hidden, 5461 intermediate,
+24 layers, 32 heads) with the byte vocabulary.
+
 Resume is exact: batches are a function of ``(seed, step)`` (see ``data.BlockBatches``), so a
-stopped-and-resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+stopped-and-resumed run ends with the same weights, bit for bit, as an uninterrupted one, in every
+``--dtype`` and with checkpointing (tested on the CPU). The resolved device, the dtype and checkpointing
+are part of the recorded arguments: resuming with another dtype or another kind of device (cpu vs cuda)
+is refused; another GPU index of the same kind is allowed. A run recorded before these options existed
+resumes as ``--device cpu --dtype fp32``.
 """
 
 from __future__ import annotations
@@ -43,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import outputs
+from . import outputs, runtime
 from .data import VOCAB_SIZE, BlockBatches, Splits, check_files, eval_batches, load_splits, shakespeare_files
 from .models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
 from .optim import OPTIMIZER_NAMES, build_optimizer, check_optimizer_name, default_rank, optimizer_state_bytes
@@ -72,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--eval-every", type=int, default=100, help="steps between validation passes (default: 100)")
     a("--eval-batches", type=int, default=16, help="validation batches per pass (default: 16)")
     a("--seed", type=int, default=0, help="seed for weights and batch order (default: 0)")
+    a("--device", default="auto", help=f"{runtime.DEVICES_HELP} (default: auto)")
+    a("--dtype", default="fp32",
+      help="fp32; bf16 (bf16 weights and gradients, the optimizer's state and math in fp32, as the GaLore "
+           "paper runs); bf16-autocast (fp32 weights, bf16 autocast forward) (default: fp32)")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each transformer block's activations in the backward pass instead of keeping them")
     a("--data", nargs="+", default=None, metavar="FILE",
       help="text files, one document each, split into train/validation by file (default: Shakespeare)")
     a("--out", required=True, help="output directory (must be new or empty unless --resume/--overwrite)")
@@ -92,16 +117,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate(
-    cfg: argparse.Namespace, allowed_optimizers: tuple[str, ...] = OPTIMIZER_NAMES, checkpoint: str = CHECKPOINT
+    cfg: argparse.Namespace,
+    allowed_optimizers: tuple[str, ...] = OPTIMIZER_NAMES,
+    checkpoint: str = CHECKPOINT,
+    resolve_device: bool = True,
 ) -> argparse.Namespace:
     """Check every argument before anything heavy; raise ``ValueError``/``FileNotFoundError`` naming it.
 
-    Fills in ``cfg.rank`` and ``cfg.data`` (the Shakespeare files by default). Cheap: builds a config,
-    not a model, and reads no data. ``allowed_optimizers`` lets the benchmarks add the reference
-    implementations, which the command line does not offer; ``checkpoint`` is the file under ``--out``
-    that ``--resume`` needs (the DeepSpeed recipe keeps a directory and its ``latest`` file instead).
+    Fills in ``cfg.rank``, ``cfg.data`` (the Shakespeare files by default) and ``cfg.device`` (``auto``
+    resolved to ``cuda`` or ``cpu``). Cheap: builds a config, not a model, and reads no data.
+    ``allowed_optimizers`` lets the benchmarks add the reference implementations, which the command line
+    does not offer; ``checkpoint`` is the file under ``--out`` that ``--resume`` needs (the DeepSpeed
+    recipe keeps a directory and its ``latest`` file instead, and places ranks itself:
+    ``resolve_device=False``).
     """
     check_optimizer_name(cfg.optimizer, allowed_optimizers)
+    if resolve_device:
+        cfg.device = runtime.resolve_device(cfg.device)
+        runtime.check_dtype(cfg.dtype, cfg.device)
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "threads"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"Invalid --{name.replace('_', '-')}: {getattr(cfg, name)} (expected an integer >= 1)")
@@ -148,8 +181,10 @@ def _check_out(cfg: argparse.Namespace, checkpoint: str) -> None:
             raise FileNotFoundError(f"Invalid --resume: no checkpoint at {ckpt}")
         if checkpoint == CHECKPOINT:  # the DeepSpeed recipe checks its checkpoint directory itself
             outputs.check_checkpoint_file(ckpt)
-        saved = _read_config(os.path.join(cfg.out, CONFIG))
+        saved = {**runtime.LEGACY_DEFAULTS, **_read_config(os.path.join(cfg.out, CONFIG))}
         mismatched = {k: (saved.get(k), v) for k, v in _run_args(cfg).items() if saved.get(k) != v}
+        if "device" in mismatched and runtime.same_device_kind(*map(str, mismatched["device"])):
+            del mismatched["device"]  # another GPU of the machine: same kernels, same results
         if mismatched:
             diff = ", ".join(f"--{k.replace('_', '-')} {new!r} (was {old!r})" for k, (old, new) in mismatched.items())
             raise ValueError(f"Invalid --resume: arguments differ from the run in {cfg.out}: {diff}")
@@ -193,14 +228,18 @@ def lr_factor(step: int, warmup: int, total: int, final: float = 0.1) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, seq_len: int, max_batches: int) -> float:
-    """Mean next-byte cross-entropy (nats) on a fixed set of validation blocks."""
+def evaluate(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, seq_len: int, max_batches: int,
+             device: str | torch.device = "cpu", dtype: str = "fp32") -> float:
+    """Mean next-byte cross-entropy (nats) on a fixed set of validation blocks, run on ``device`` as
+    ``dtype`` says (:mod:`runtime`)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
-        logits = model(input_ids=x).logits
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        x, y = x.to(device), y.to(device)
+        with runtime.autocast(str(device), dtype):
+            logits = model(input_ids=x, use_cache=False).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     model.train(was_training)
     return total / count
@@ -215,14 +254,27 @@ def load_data(cfg: argparse.Namespace) -> tuple[Splits, BlockBatches]:
 
 
 def next_byte_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (nats per byte) of the model's next-byte predictions for inputs ``x``."""
-    logits = model(input_ids=x).logits
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    """Mean cross-entropy (nats per byte) of the model's next-byte predictions for inputs ``x``, from
+    fp32 logits (a no-op in fp32; with bf16 weights the loss is not rounded to bf16)."""
+    logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def build_model_and_optimizer(cfg: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The seeded model and its optimizer, as ``cfg`` (already validated) says."""
+def build_model_and_optimizer(
+    cfg: argparse.Namespace, place: bool = True
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The seeded model and its optimizer, as ``cfg`` (already validated) says.
+
+    The weights are initialised in fp32 on the CPU (the same ``--seed`` gives the same model on every
+    device), then moved to ``cfg.device`` and, for ``--dtype bf16``, cast to bf16 before the optimizer
+    is built, as galore-torch's ``torchrun_main.py`` does. ``place=False`` leaves them in fp32 on the CPU
+    (DeepSpeed places and casts them itself).
+    """
     model = build_model(model_config(cfg.model, VOCAB_SIZE, cfg.seq_len), cfg.seed)
+    if cfg.activation_checkpointing:
+        runtime.enable_activation_checkpointing(model)  # each LlamaDecoderLayer
+    if place:
+        model.to(device=cfg.device, dtype=runtime.weight_dtype(cfg.dtype))
     optimizer = build_optimizer(
         cfg.optimizer, model, lr=cfg.lr, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
         scale=cfg.scale, weight_decay=cfg.weight_decay, density=cfg.density,
@@ -252,6 +304,7 @@ class LocalSteps:
     checkpoint = CHECKPOINT  # the checkpoint's name under --out, one of the outputs the marker lists
 
     def __init__(self, cfg: argparse.Namespace):
+        self.device, self.dtype = cfg.device, cfg.dtype
         self.model, self.optimizer = build_model_and_optimizer(cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
 
@@ -261,7 +314,9 @@ class LocalSteps:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One optimizer step on the batch; returns its loss."""
-        loss = next_byte_loss(self.model, x, y)
+        x, y = x.to(self.device), y.to(self.device)
+        with runtime.autocast(self.device, self.dtype):
+            loss = next_byte_loss(self.model, x, y)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
@@ -272,17 +327,23 @@ class LocalSteps:
         ckpt = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), rng=torch.get_rng_state(), step=step,
                     elapsed_s=elapsed, train_s=train_time)
+        if torch.device(self.device).type == "cuda":
+            ckpt["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         path = os.path.join(out, CHECKPOINT)
         torch.save(ckpt, path + ".tmp")
         os.replace(path + ".tmp", path)  # a run killed mid-save keeps its previous checkpoint
 
     def load(self, out: str) -> tuple[int, float, float]:
         """Restore the checkpoint in ``out``; returns (step, elapsed seconds, training seconds) at the save."""
-        ckpt = torch.load(os.path.join(out, CHECKPOINT), weights_only=True)
+        # Onto the CPU first: load_state_dict moves each tensor to its parameter's device (which may be
+        # another GPU index than at the save).
+        ckpt = torch.load(os.path.join(out, CHECKPOINT), weights_only=True, map_location="cpu")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and torch.device(self.device).type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
         return ckpt["step"], ckpt["elapsed_s"], ckpt["train_s"]
 
     def summary(self) -> dict:
@@ -301,7 +362,8 @@ def train(cfg: argparse.Namespace, splits: Splits, batches: BlockBatches, steps)
     """The training loop, metrics, progress bar, checkpoints and outputs, for one process or many.
 
     ``steps`` is a :class:`LocalSteps` or the DeepSpeed recipe's counterpart, with the same members
-    (``model``, ``is_main``, ``recipe``, ``checkpoint``, ``lr()``, ``step(x, y)``, ``save``, ``load``, ``summary()``).
+    (``model``, ``device``, ``dtype``, ``is_main``, ``recipe``, ``checkpoint``, ``lr()``, ``step(x, y)``,
+    ``save``, ``load``, ``summary()``).
     Every process runs the same loop (under DeepSpeed, forward passes and checkpoints are collective);
     only ``steps.is_main`` writes files and shows progress. Returns the summary.
     """
@@ -314,23 +376,27 @@ def train(cfg: argparse.Namespace, splits: Splits, batches: BlockBatches, steps)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.optimizer} {cfg.model}",
                disable=not (cfg.progress and steps.is_main), dynamic_ncols=True, leave=cfg.out is not None)
     steps.model.train()
+    runtime.reset_peak_memory(steps.device)
     for step in range(start, stop):
         x, y = batches.batch(step)
         lr = steps.lr()
         t0 = time.perf_counter()
         loss = steps.step(x, y)
+        runtime.synchronize(steps.device)  # the optimizer's kernels are queued after the loss is read
         dt = time.perf_counter() - t0
         train_time += dt
         done = step + 1
         val_loss = None
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            val_loss = evaluate(steps.model, splits.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+            val_loss = evaluate(steps.model, splits.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                steps.device, steps.dtype)
         row = dict(step=done, train_loss=f"{loss:.6f}", val_loss="" if val_loss is None else f"{val_loss:.6f}",
                    lr=f"{lr:.6g}", tokens=done * tokens_per_step, elapsed_s=f"{time.perf_counter() - t_run:.2f}",
                    tokens_per_s=f"{done * tokens_per_step / max(train_time, 1e-9):.0f}")
         rows.append(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", val=_last_val(rows), tok_s=f"{tokens_per_step / dt:.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", val=_last_val(rows), tok_s=f"{tokens_per_step / dt:.0f}",
+                        mem=f"{runtime.peak_memory(steps.device)[0] / 2**30:.2f}G")
         save = cfg.out is not None and (val_loss is not None or done == stop)
         if writes:
             _append_metric(os.path.join(cfg.out, METRICS), row)
@@ -340,7 +406,10 @@ def train(cfg: argparse.Namespace, splits: Splits, batches: BlockBatches, steps)
             _plot(rows, os.path.join(cfg.out, PLOT), f"{cfg.model} / {cfg.optimizer}")
     bar.close()
 
-    summary = _summary(cfg, rows, steps.summary(), time.perf_counter() - t_run, train_time)
+    peak, source = runtime.peak_memory(steps.device)
+    backend = dict(device=str(steps.device), dtype=cfg.dtype, peak_memory_bytes=peak, peak_memory_source=source,
+                   **steps.summary())
+    summary = _summary(cfg, rows, backend, time.perf_counter() - t_run, train_time)
     if writes:
         with open(os.path.join(cfg.out, SUMMARY), "w") as f:
             json.dump(summary, f, indent=2)
@@ -501,12 +570,17 @@ def run_cli(cfg: argparse.Namespace) -> dict:
     return summary
 
 
+_PEAK_WORDS = {"cuda_max_memory_allocated": "CUDA tensors", "cpu_peak_rss": "process RSS"}
+
+
 def print_summary(cfg: argparse.Namespace, summary: dict) -> None:
     """The run's one-line result: final validation loss, or where a stopped run stands."""
     if summary["steps"] == cfg.steps:
         print(f"final val loss {summary['final_val_loss']:.4f} (perplexity {summary['val_perplexity']:.2f}) "
-              f"after {summary['steps']} steps, {summary['elapsed_s']:.0f} s; optimizer state "
-              f"{summary['optimizer_state_bytes'] / 2**20:.2f} MiB; outputs in {cfg.out}")
+              f"after {summary['steps']} steps, {summary['elapsed_s']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s; "
+              f"optimizer state {summary['optimizer_state_bytes'] / 2**20:.2f} MiB; peak memory "
+              f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB ({_PEAK_WORDS[summary['peak_memory_source']]}); "
+              f"outputs in {cfg.out}")
     else:
         print(f"stopped after {summary['steps']} steps; continue with --resume (outputs in {cfg.out})")
 
