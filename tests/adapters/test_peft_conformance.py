@@ -51,6 +51,9 @@ def _absent_module(package: str) -> types.ModuleType:
     module = types.ModuleType(package)
 
     def __getattr__(attr):
+        if attr.startswith("__"):  # module protocol (__file__, __spec__, ...): absent, as for a real module
+            raise AttributeError(attr)
+
         def absent(*args, **kwargs):
             raise ImportError(f"{package}.{attr} is needed by this PEFT test: pip install {package}")
 
@@ -67,15 +70,23 @@ def _load_peft_tests():
     Stable Diffusion tests that are not run here; when those packages are absent they are replaced by modules
     whose every name raises ImportError when called (loudly, should a test we run ever need one).
     """
+    stubs = []
     for name in ("datasets", "diffusers"):
         try:
             importlib.import_module(name)
         except ImportError:
             sys.modules[name] = _absent_module(name)
+            stubs.append(name)
     package = types.ModuleType("peft_sdist_tests")
     package.__path__ = [str(SDIST_TESTS)]
     sys.modules["peft_sdist_tests"] = package
-    return importlib.import_module("peft_sdist_tests.test_custom_models")
+    try:
+        return importlib.import_module("peft_sdist_tests.test_custom_models")
+    finally:
+        # PEFT's modules keep their references; the rest of the test run must not see a fake package
+        # (importlib.util.find_spec would raise on its missing __spec__).
+        for name in stubs:
+            del sys.modules[name]
 
 
 peft_tests = _load_peft_tests()
