@@ -27,8 +27,16 @@ without the key gets DeepSpeed's default, clipping the gradient norm at 1.0 (Dee
 Validation runs the same batches on every rank: under ZeRO-3 each forward pass gathers the weights
 collectively, so all ranks must run it.
 
+``--device`` is not taken (each rank runs on its DeepSpeed accelerator). ``--dtype bf16`` enables the
+config's ``bf16`` section: bf16 weights and gradients with fp32 master weights in ZeRO's partitions, so
+unlike the one-process ``--dtype bf16`` no update is lost to rounding; it needs ZeRO stage 1-3 with
+slimtrain's optimizers (at stage 0 DeepSpeed hands them flat fp32 copies). ``bf16-autocast`` is refused
+(use ``bf16``), and so is a ``--ds-config`` enabling bf16 without ``--dtype bf16``.
+``--activation-checkpointing`` works as in the pretrain recipe.
+
 Only rank 0 shows progress and writes ``config.json``, ``metrics.csv``, ``loss.png`` and
-``summary.json`` (optimizer state summed over ranks, and per rank). Checkpoints are DeepSpeed's
+``summary.json`` (optimizer state summed over ranks, and per rank; tokens/s of the whole run; peak
+memory of rank 0). Checkpoints are DeepSpeed's
 (``engine.save_checkpoint``: every rank saves its own partition and low-rank state) in
 ``OUT/checkpoint/``, the latest one kept; ``--resume`` loads it on the same number of ranks and
 continues exactly.
@@ -52,7 +60,7 @@ from importlib import resources
 
 import torch
 
-from . import outputs, pretrain
+from . import outputs, pretrain, runtime
 from .optim import optimizer_state_bytes
 
 MODULE = "slimtrain.recipes.deepspeed"
@@ -107,7 +115,14 @@ def validate(cfg: argparse.Namespace, world_size: int) -> dict:
         cfg.zero = 2 if cfg.zero is None else cfg.zero
         if cfg.zero not in STAGES:
             raise ValueError(f"Invalid --zero: {cfg.zero} (expected 1, 2 or 3)")
-    pretrain.validate(cfg, checkpoint=os.path.join(CHECKPOINT_DIR, "latest"))
+    if cfg.device != "auto":
+        raise ValueError(f"Invalid --device: {cfg.device!r} with the deepspeed recipe (each rank runs on the "
+                         "accelerator DeepSpeed gives it: its GPU, or the CPU with DS_ACCELERATOR=cpu); leave it out")
+    runtime.check_dtype(cfg.dtype, "cpu")  # the name only: DeepSpeed checks its accelerator
+    if cfg.dtype == "bf16-autocast":
+        raise ValueError("Invalid --dtype: 'bf16-autocast' with the deepspeed recipe (DeepSpeed's bf16 already keeps "
+                         "fp32 master weights of bf16 ones); use --dtype bf16")
+    pretrain.validate(cfg, checkpoint=os.path.join(CHECKPOINT_DIR, "latest"), resolve_device=False)
     if cfg.resume:
         check_checkpoint(os.path.join(cfg.out, CHECKPOINT_DIR))
     config = load_config(cfg.ds_config) if cfg.ds_config is not None else shipped_config(cfg.zero)
@@ -115,6 +130,16 @@ def validate(cfg: argparse.Namespace, world_size: int) -> dict:
     if cfg.optimizer in STAGE0_ONLY and stage >= 1:
         raise ValueError(f"Invalid --optimizer {cfg.optimizer} at ZeRO stage {stage}: SST rewrites whole matrices, "
                          "which ZeRO shards; use stage 0 (--ds-config) or another optimizer")
+    if (config.get("bf16") or {}).get("enabled") and cfg.dtype != "bf16":
+        raise ValueError(f"Invalid --dtype: {cfg.dtype!r} with --ds-config {cfg.ds_config} enabling bf16: pass "
+                         "--dtype bf16 (the recipe sets the config's bf16 section from --dtype)")
+    if cfg.dtype == "bf16":
+        if stage == 0 and cfg.optimizer != "adamw":
+            # slimtrain.sharding.check_config refuses it too, but only after the ranks have started.
+            raise ValueError(f"Invalid --dtype bf16 at ZeRO stage 0 with --optimizer {cfg.optimizer}: DeepSpeed's "
+                             "bf16 optimizer hands it flat fp32 copies of the weights, which cannot be projected; "
+                             "use --zero 1, 2 or 3, or --dtype fp32")
+        config = {**config, "bf16": {**(config.get("bf16") or {}), "enabled": True}}
     return with_batch_sizes(config, cfg.batch_size, world_size)
 
 
@@ -214,7 +239,7 @@ class DeepSpeedSteps:
 
         from slimtrain import sharding
 
-        model, optimizer = pretrain.build_model_and_optimizer(cfg)
+        model, optimizer = pretrain.build_model_and_optimizer(cfg, place=False)  # DeepSpeed places and casts it
         schedule = pretrain.lr_schedule(cfg)
         # torch AdamW is on ZeRO's own list; slimtrain optimizers need the sharded low-rank step.
         initialize = deepspeed.initialize if cfg.optimizer == "adamw" else sharding.initialize
@@ -222,6 +247,8 @@ class DeepSpeedSteps:
         self.engine, *_ = initialize(model=model, optimizer=optimizer, config=config,
                                      lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.model = self.engine.module
+        # The config's bf16 casts the weights themselves (fp32 masters in ZeRO's partitions): no autocast.
+        self.device, self.dtype = str(self.engine.device), cfg.dtype
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.accum = self.engine.gradient_accumulation_steps()
@@ -234,7 +261,8 @@ class DeepSpeedSteps:
         """One optimizer step on this rank's slice of the global batch; returns the whole batch's loss."""
         import torch.distributed as dist
 
-        total = torch.zeros(())
+        x, y = x.to(self.device), y.to(self.device)
+        total = torch.zeros((), device=self.device)
         mine = zip(x.chunk(self.world)[self.rank].chunk(self.accum), y.chunk(self.world)[self.rank].chunk(self.accum))
         for xm, ym in mine:
             loss = pretrain.next_byte_loss(self.engine, xm, ym)

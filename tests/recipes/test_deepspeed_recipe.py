@@ -55,6 +55,13 @@ def _config_file(tmp_path, config: dict | str) -> str:
         (["--optimizer", "sst"], None, 1, r"Invalid --optimizer sst at ZeRO stage 2: SST rewrites whole matrices"),
         (["--resume"], None, 1, r"Invalid --resume: no checkpoint at .*checkpoint/latest"),
         (["--steps", "0"], None, 1, r"Invalid --steps: 0"),
+        (["--device", "cpu"], None, 1, r"Invalid --device: 'cpu' with the deepspeed recipe \(each rank runs on the accelerator"),
+        (["--dtype", "fp16"], None, 1, r"Invalid --dtype: 'fp16' \(expected one of fp32, bf16, bf16-autocast\)"),
+        (["--dtype", "bf16-autocast"], None, 1, r"Invalid --dtype: 'bf16-autocast' with the deepspeed recipe .*use --dtype bf16"),
+        (["--ds-config", "CONFIG"], {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 1,
+         r"Invalid --dtype: 'fp32' with --ds-config .*ds.json enabling bf16: pass --dtype bf16"),
+        (["--ds-config", "CONFIG", "--dtype", "bf16"], {"zero_optimization": {"stage": 0}}, 1,
+         r"Invalid --dtype bf16 at ZeRO stage 0 with --optimizer galore: .*use --zero 1, 2 or 3, or --dtype fp32"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, config, world, message):
@@ -93,6 +100,14 @@ def test_shipped_configs_leave_batch_sizes_to_the_recipe(stage):
     assert not {"optimizer", "scheduler"} & set(config)
     filled = R.with_batch_sizes(config, batch_size=16, world_size=2)
     assert [filled[k] for k in R.BATCH_KEYS] == [16, 8, 1]  # global batch, per rank, accumulation
+
+
+def test_dtype_bf16_enables_the_configs_bf16_section(tmp_path):
+    cfg = R.parse_args(["--zero", "2", "--dtype", "bf16", "--out", str(tmp_path / "run")])
+    assert R.validate(cfg, world_size=2)["bf16"] == {"enabled": True}
+    assert cfg.device == "auto"  # recorded as is: the ranks' device is DeepSpeed's choice
+    fp32 = R.validate(R.parse_args(["--zero", "2", "--out", str(tmp_path / "run")]), world_size=2)
+    assert fp32["bf16"] == {"enabled": False}  # the shipped config's
 
 
 def test_batch_is_split_over_ranks_then_accumulation_steps():
@@ -204,3 +219,16 @@ def test_a_damaged_deepspeed_checkpoint_is_refused_before_launch(tmp_path):
     (where / "latest").write_text("../../elsewhere")
     with pytest.raises(ValueError, match=r"names '../../elsewhere', which is not a checkpoint directory"):
         R.check_checkpoint(str(where))
+
+
+def test_two_ranks_bf16_with_activation_checkpointing(tmp_path, corpus):
+    """--dtype bf16 (the config's bf16: bf16 weights, fp32 masters) with checkpointing at ZeRO-2 trains,
+    and summary.json reports the dtype, tokens/s and rank 0's peak memory."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bf16"
+    _launch(*TINY, "--data", *corpus, "--optimizer", "galore", "--rank", "8", "--steps", "2", "--eval-every", "2",
+            "--zero", "2", "--dtype", "bf16", "--activation-checkpointing", "--out", str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["dtype"], summary["device"], summary["steps"]) == ("bf16", "cpu", 2)
+    assert summary["tokens_per_s"] > 0 and summary["peak_memory_bytes"] > 0
+    assert 0 < summary["final_val_loss"] < 5.6  # ln 256 = 5.55 at initialisation
