@@ -34,7 +34,7 @@ import torch
 from slimtrain import kernels
 from slimtrain.kernels.adam import adam_direction_
 from slimtrain.kernels.adam8bit import adam8bit_direction_
-from slimtrain.kernels.apply import Residual, lowrank_apply_, residual_row_sq_norms
+from slimtrain.kernels.apply import ResidualOperands, lowrank_apply_, residual_row_sq_norms
 from slimtrain.kernels.basis_matmul import philox_linear, philox_matmul
 from slimtrain.kernels.dct_scores import dct_scores
 from slimtrain.optimizers.projectors.dct import dct_matrix
@@ -88,7 +88,7 @@ def cases(m: int, n: int, r: int, device: torch.device):
                                        0.9, 0.999, 1e-8, 256))
     yield ("lowrank_apply (GaLore)", shape, 2 * m * n * F32 + (m + n) * r * F32, 2 * m * n * r,
            lambda: lowrank_apply_(weight, direction, basis, alpha=1e-6, decay_before=1.0))
-    fira = Residual(grad, low, "identity", 1.0, 1e-6, torch.ones(m, device=device))
+    fira = ResidualOperands(grad, low, False, 1.0, 1e-6, torch.ones(m, device=device))
     yield ("lowrank_apply (Fira residual)", shape, 3 * m * n * F32 + (2 * m + n) * r * F32, 4 * m * n * r,
            lambda: lowrank_apply_(weight, direction, basis, alpha=1e-6, residual=fira))
     yield ("residual_row_sq_norms (Fira)", shape, m * n * F32 + (m + n) * r * F32, 2 * m * n * r,

@@ -23,13 +23,13 @@ run the same code above the kernel. (The DCT scores op is reached as
 from ._dispatch import BACKENDS, backends_used, get_backend, set_backend, use_backend
 from .adam import adam_direction_
 from .adam8bit import adam8bit_direction_
-from .apply import Residual, lowrank_apply_, residual_row_sq_norms
+from .apply import ResidualOperands, lowrank_apply_, residual_row_sq_norms
 from .philox import philox_bits, philox_combine, philox_project, philox_uniform
 from .basis_matmul import philox_linear, philox_matmul
 
 __all__ = [
     "BACKENDS",
-    "Residual",
+    "ResidualOperands",
     "adam8bit_direction_",
     "adam_direction_",
     "backends_used",

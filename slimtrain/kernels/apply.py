@@ -10,7 +10,7 @@ one or two full-size temporaries. Here each output tile of ``W`` computes its pi
                  - \beta\, s \odot f\big(G - c\, R B\big)\Big)
 
 with ``N`` Adam's direction in the subspace (``m' x r``), ``B`` the basis (``r x n'``), ``G`` the gradient,
-``R = G B^T`` its projection, ``f`` the identity (Fira) or ``sign`` (FRUGAL), ``s`` an optional
+``R = G B^T`` its projection, ``f`` the identity or ``sign`` (:attr:`ResidualOperands.sign`), ``s`` an optional
 per-row scale (Fira's :math:`\phi_i` over its limiter) and ``d`` the decoupled weight decay factors
 (before the update as in ``torch.optim.AdamW``, after it as in the GaLore code). Everything is in the
 optimizer's oriented frame: ``W`` and ``G`` may be transposed views (any strides), and a bf16 ``W`` is
@@ -20,7 +20,7 @@ Fira also needs the residual's norm before its limiter can scale it; :func:`resi
 computes the per-row squares ``sum_j (G - c R B)_{ij}^2`` the same way, again never storing ``R B``.
 Two passes over ``R B`` is the price of never storing it, and only the kernel has that to gain: the
 torch reference stores the residual anyway, so :func:`residual_with_row_sq_norms` hands it back
-there, and a :class:`Residual` carrying it (``materialized``) is applied without computing ``R B``
+there, and :class:`ResidualOperands` carrying it (``materialized``) are applied without computing ``R B``
 a second time.
 """
 
@@ -37,17 +37,21 @@ from ._triton import tl, triton
 
 OP = "lowrank_apply"
 NORMS_OP = "residual_row_sq_norms"
-RULES = ("identity", "sign")
 
 
 @dataclass(frozen=True)
-class Residual:
-    r"""The out-of-subspace term :math:`\beta\, s \odot f(G - c\, R B)` of a low-rank step.
+class ResidualOperands:
+    r"""The operands of the out-of-subspace term :math:`\beta\, s \odot f(G - c\, R B)`, bundled.
+
+    A plain parameter bundle, not a concept: which rule a method applies to the residual, and in which
+    words (FRUGAL's ``"sign_sgd"``/``"sgd"``, Fira's rescaled residual), is the optimizers' business
+    (:class:`slimtrain.optimizers.functional.Residual`, which builds these). Kernels sit below optimizers
+    and never import them, so the kernel takes only what its arithmetic needs: one bit for ``f``.
 
     Args:
         grad: ``G``, the gradient in the oriented frame (``m' x n'``, any float dtype, any strides).
         low: ``R``, its projection (``m' x r``, fp32).
-        rule: ``"identity"`` (Fira) or ``"sign"`` (FRUGAL's signSGD).
+        sign: ``f`` is ``sign`` (True) or the identity (False, default).
         coef: ``c`` (1 for the orthogonal residual; Fira's code uses its ``scale``).
         scale: ``beta``, the residual's step size in weight units.
         row_scale: ``s``, one fp32 factor per row, or ``None``.
@@ -59,7 +63,7 @@ class Residual:
 
     grad: Tensor
     low: Tensor
-    rule: str = "identity"
+    sign: bool = False
     coef: float = 1.0
     scale: float = 1.0
     row_scale: Tensor | None = None
@@ -67,7 +71,7 @@ class Residual:
 
 
 # ---------------------------------------------------------------------------------------- reference
-def residual_from_back(residual: Residual, back_low: Tensor | None) -> Tensor:
+def residual_from_back(residual: ResidualOperands, back_low: Tensor | None) -> Tensor:
     """``s * f(G - c * back_low)`` as an fp32 ``m' x n'`` tensor (without ``beta``), given the
     back-projection ``back_low = R B`` however it was computed (consumed in place), or ``None`` to
     start from ``residual.materialized`` (consumed in place instead: no new tensor)."""
@@ -77,14 +81,14 @@ def residual_from_back(residual: Residual, back_low: Tensor | None) -> Tensor:
         out = residual.materialized
     else:
         raise ValueError("Invalid back_low: None, and the residual has no materialized G - c R B to start from")
-    if residual.rule == "sign":
+    if residual.sign:
         out.sign_()
     if residual.row_scale is not None:
         out.mul_(residual.row_scale.view(-1, 1))
     return out
 
 
-def residual_reference(residual: Residual, basis: Tensor) -> Tensor:
+def residual_reference(residual: ResidualOperands, basis: Tensor) -> Tensor:
     """``s * f(G - c R B)`` as an fp32 ``m' x n'`` tensor (without ``beta``): a new one, or
     ``residual.materialized`` updated in place when the residual carries it."""
     return residual_from_back(residual, None if residual.materialized is not None else residual.low @ basis)
@@ -95,7 +99,7 @@ def lowrank_apply_reference(
     direction: Tensor,
     basis: Tensor,
     alpha: float,
-    residual: Residual | None = None,
+    residual: ResidualOperands | None = None,
     decay_before: float = 1.0,
     decay_after: float = 1.0,
 ) -> None:
@@ -229,7 +233,7 @@ def _lowrank_apply_triton(weight, direction, basis, alpha, residual, decay_befor
         res.row_scale if res is not None and res.row_scale is not None else direction,
         M, N, K, weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         alpha, res.scale if res else 0.0, res.coef if res else 0.0, decay_before, decay_after,
-        RESIDUAL=res is not None, SIGN=res is not None and res.rule == "sign",
+        RESIDUAL=res is not None, SIGN=res is not None and res.sign,
         ROW_SCALE=res is not None and res.row_scale is not None, PRECISION=_triton.matmul_precision(),
     )
 
@@ -258,9 +262,9 @@ def _check_factors(m: int, n: int, low: Tensor, basis: Tensor, low_name: str) ->
         )
 
 
-def _check_residual(residual: Residual, m: int, n: int, basis: Tensor) -> None:
-    if residual.rule not in RULES:
-        raise ValueError(f"Invalid residual rule: {residual.rule!r} (expected one of {RULES})")
+def _check_residual(residual: ResidualOperands, m: int, n: int, basis: Tensor) -> None:
+    if not isinstance(residual.sign, bool):
+        raise ValueError(f"Invalid residual sign: {residual.sign!r} (expected True or False)")
     if residual.grad.shape != (m, n):
         raise ValueError(f"Invalid residual grad: shape {tuple(residual.grad.shape)} (expected ({m}, {n}))")
     _check_factors(m, n, residual.low, basis, "residual low")
@@ -280,7 +284,7 @@ def lowrank_apply_(
     basis: Tensor,
     *,
     alpha: float,
-    residual: Residual | None = None,
+    residual: ResidualOperands | None = None,
     decay_before: float = 1.0,
     decay_after: float = 1.0,
 ) -> None:
@@ -321,7 +325,7 @@ def residual_with_row_sq_norms(
 ) -> tuple[Tensor | None, Tensor]:
     """``(residual, row_sq)``: ``row_sq`` as :func:`residual_row_sq_norms` computes it, and ``residual``
     the fp32 ``m' x n'`` ``G - c R B`` that the torch reference materializes on the way (pass it on as
-    :attr:`Residual.materialized` so the apply reuses it), or ``None`` under the Triton kernel, which
+    :attr:`ResidualOperands.materialized` so the apply reuses it), or ``None`` under the Triton kernel, which
     never stores it."""
     if grad.dim() != 2:
         raise ValueError(f"Invalid grad: {grad.dim()}-D (expected the 2-D oriented gradient)")

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels.apply import Residual, lowrank_apply_, residual_from_back, residual_with_row_sq_norms
+from ..kernels.apply import lowrank_apply_, residual_from_back, residual_with_row_sq_norms
 from . import _validation as V
 from . import quantized as Q
-from .functional import adam_step_size, rotate_moments_
+from .functional import Residual, adam_step_size, rotate_moments_
 from .projectors import PROJECTORS, Projector, make_projector
 
 logger = logging.getLogger("slimtrain.optimizers")
@@ -532,7 +532,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         """Apply ``step`` to the oriented weight view in place, weight decay included, never building
         the full update (:func:`slimtrain.kernels.apply.lowrank_apply_`)."""
         before, after = self._decay_factors(group)
-        lowrank_apply_(weight_t, step.direction, step.basis, alpha=step.alpha, residual=step.residual,
+        residual = step.residual.operands() if step.residual is not None else None
+        lowrank_apply_(weight_t, step.direction, step.basis, alpha=step.alpha, residual=residual,
                        decay_before=before, decay_after=after)
 
     def _materialize(self, step: LowRankStep, group: dict, state: dict) -> Tensor:
@@ -544,7 +545,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         residual = step.residual
         if residual is not None:
             back_low = None if residual.materialized is not None else projector.project_back(residual.low, state, n)
-            update.add_(residual_from_back(residual, back_low), alpha=residual.scale)
+            update.add_(residual_from_back(residual.operands(), back_low), alpha=residual.scale)
         return update.T if step.transposed else update
 
     def _rank_for(self, group: dict, shape_t: torch.Size) -> int:
@@ -555,7 +556,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         self, group: dict, state: dict, projector: Projector, step: LowRankStep, step_size: float
     ) -> Residual | None:
         """The method's rule for the gradient outside the subspace (see
-        :class:`~slimtrain.kernels.apply.Residual`), or ``None`` (GaLore: discarded). ``step_size`` is
+        :class:`~slimtrain.optimizers.functional.Residual`), or ``None`` (GaLore: discarded). ``step_size`` is
         Adam's bias-corrected learning rate for this step."""
         return None
 

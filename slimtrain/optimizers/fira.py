@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ..kernels.apply import Residual
 from . import _validation as V
 from .base import LowRankAdamW, LowRankStep
-from .functional import fira_row_scale
+from .functional import Residual, fira_row_scale
 from .projectors import Projector
 from .quantized import EightBitStates
 
@@ -54,7 +53,7 @@ class FiraAdamW(LowRankAdamW):
         materialized, row_sq = self._residual_with_row_sq_norms(step, projector, state, coef)
         row_scale, norm = fira_row_scale(step.low, step.direction, row_sq, state.get("residual_norm"), group["gamma"])
         state["residual_norm"] = norm
-        return Residual(step.grad_t, step.low, "identity", coef, step_size, row_scale, materialized)
+        return Residual(step.grad_t, step.low, "sgd", coef, step_size, row_scale, materialized)
 
 
 class FiraAdamW8bit(EightBitStates, FiraAdamW):

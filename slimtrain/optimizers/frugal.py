@@ -6,16 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.apply import Residual
 from . import _validation as V
 from . import quantized as Q
 from .base import LowRankAdamW, LowRankStep, matrix_shape, projects_left
-from .functional import adam_step_size, state_free_residual
+from .functional import STATE_FREE_RULES, Residual, adam_step_size, state_free_residual
 from .projectors import Projector
 
 MODES = ("subspace", "block")
 BLOCK_ORDERS = ("descending", "ascending", "random")
-INACTIVE_RULES = ("sign_sgd", "sgd", "none")
 
 
 class FrugalAdamW(LowRankAdamW):
@@ -71,7 +69,7 @@ class FrugalAdamW(LowRankAdamW):
             V.check_unit_interval("density", density)
         V.check_choice("mode", mode, MODES)
         V.check_choice("block_order", block_order, BLOCK_ORDERS)
-        V.check_choice("inactive_update_rule", inactive_update_rule, INACTIVE_RULES)
+        V.check_choice("inactive_update_rule", inactive_update_rule, STATE_FREE_RULES)
         V.check_nonneg("inactive_lr_scale", inactive_lr_scale)
         if density is None and mode == "block":
             raise ValueError("Invalid density: None (block mode needs a density in [0, 1])")
@@ -123,8 +121,7 @@ class FrugalAdamW(LowRankAdamW):
         rule = group["inactive_update_rule"]
         if rule == "none":
             return None
-        return Residual(step.grad_t, step.low, "sign" if rule == "sign_sgd" else "identity",
-                        scale=group["lr"] * group["inactive_lr_scale"])
+        return Residual(step.grad_t, step.low, rule, scale=group["lr"] * group["inactive_lr_scale"])
 
     # Block mode -------------------------------------------------------------------------------
     def _extra_state(self) -> dict:

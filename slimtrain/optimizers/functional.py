@@ -12,12 +12,29 @@ the step size (as in torch's and galore-torch's AdamW).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# Adam's moment update is defined once, beside its fused kernel; it is re-exported here with the rules.
-from ..kernels.adam import adam_direction_reference as adam_direction_  # noqa: F401
+# Adam's moment update is defined once, beside its fused kernel; its reference is re-exported here with the
+# rules, under the reference's name: the optimizers call the dispatched op, ``kernels.adam_direction_``.
+from ..kernels.adam import adam_direction_reference  # noqa: F401
+from ..kernels.apply import ResidualOperands
+
+#: The state-free rules for the gradient outside the subspace, FRUGAL's words (arXiv:2411.07837), which are
+#: also the values of ``FrugalAdamW(inactive_update_rule=...)``: ``"sign_sgd"`` steps on its sign, ``"sgd"``
+#: on the residual itself, ``"none"`` discards it (GaLore).
+STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
+
+
+def __getattr__(name: str):
+    # ``adam_direction_`` was this module's name for the reference, the dispatched op's name too. Kept only
+    # for optimizers/spectral.py, which is being finished by someone else: move it to
+    # ``adam_direction_reference`` (or the dispatched ``kernels.adam_direction_``), then delete this.
+    if name == "adam_direction_":
+        return adam_direction_reference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
@@ -68,11 +85,51 @@ def fira_row_scale(
 
 
 def state_free_residual(grad_t: Tensor, back_low: Tensor, rule: str) -> Tensor | None:
-    """FRUGAL's state-free update for the part of the gradient outside the subspace."""
+    """FRUGAL's state-free update for the part of the gradient outside the subspace (``rule``: one of
+    :data:`STATE_FREE_RULES`), as a tensor; ``None`` for ``"none"``."""
     if rule == "none":
         return None
     residual = grad_t - back_low
     return residual.sign_() if rule == "sign_sgd" else residual
+
+
+@dataclass(frozen=True)
+class Residual:
+    r"""What a low-rank method does with the gradient outside its subspace, in one step: the term
+    :math:`\beta\, s \odot f(G' - c\, R B)` that the weight moves by besides Adam's subspace step.
+
+    ``rule`` is a state-free rule of :data:`STATE_FREE_RULES` (``"none"`` is no :class:`Residual` at all):
+    ``"sign_sgd"`` (FRUGAL's default, :math:`f = \mathrm{sign}`) or ``"sgd"`` (FRUGAL's SGD, and Fira,
+    whose residual takes an SGD step rescaled per row). It is applied by the fused
+    :func:`slimtrain.kernels.apply.lowrank_apply_`, which takes :meth:`operands`.
+
+    Args:
+        grad: ``G'``, the gradient in the oriented frame (``m' x n'``, any float dtype, any strides).
+        low: ``R``, its projection (``m' x r``, fp32).
+        rule: ``"sgd"`` (default) or ``"sign_sgd"``.
+        coef: ``c`` (1 for the orthogonal residual; Fira's code uses its ``scale``).
+        scale: ``beta``, the residual's step size in weight units.
+        row_scale: ``s``, one fp32 factor per row (Fira's :math:`\phi_i` over its limiter), or ``None``.
+        materialized: ``G' - c R B`` already computed (fp32 ``m' x n'``) or ``None``: see
+            :attr:`slimtrain.kernels.apply.ResidualOperands.materialized`.
+    """
+
+    grad: Tensor
+    low: Tensor
+    rule: str = "sgd"
+    coef: float = 1.0
+    scale: float = 1.0
+    row_scale: Tensor | None = None
+    materialized: Tensor | None = None
+
+    def __post_init__(self):
+        if self.rule not in STATE_FREE_RULES[:2]:
+            raise ValueError(f"Invalid residual rule: {self.rule!r} (expected one of {STATE_FREE_RULES[:2]})")
+
+    def operands(self) -> ResidualOperands:
+        """The fused kernel's operands for this term."""
+        return ResidualOperands(self.grad, self.low, self.rule == "sign_sgd", self.coef, self.scale, self.row_scale,
+                                self.materialized)
 
 
 def sst_factor_grads(grad: Tensor, u: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,7 +27,7 @@ import torch
 from slimtrain import kernels
 from slimtrain.kernels.adam import adam_direction_
 from slimtrain.kernels.adam8bit import adam8bit_direction_
-from slimtrain.kernels.apply import Residual, lowrank_apply_, residual_row_sq_norms
+from slimtrain.kernels.apply import ResidualOperands, lowrank_apply_, residual_row_sq_norms
 from slimtrain.kernels.dct_scores import dct_scores
 from slimtrain.optimizers.projectors.dct import dct_matrix
 
@@ -182,7 +182,8 @@ def test_lowrank_apply_within_fp32_bound_of_float64(shape, rule, w_dtype, backen
     bound = torch.where(exact_flip, bound + 2 * d_after * beta, bound)
     if w_dtype != torch.float32:  # rounded once to the weight's dtype
         bound = bound + torch.finfo(w_dtype).eps / 2 * (exact.abs() + bound)
-    residual = None if rule is None else Residual(grad, low, rule, coef=coef, scale=beta, row_scale=row_scale)
+    residual = None if rule is None else ResidualOperands(grad, low, rule == "sign", coef=coef, scale=beta,
+                                                          row_scale=row_scale)
     with kernels.use_backend(backend):
         lowrank_apply_(weight, direction, basis, alpha=alpha, residual=residual, decay_before=d_before,
                        decay_after=d_after)

@@ -2,10 +2,14 @@
 
 import math
 
+import pytest
 import torch
 
+from slimtrain.kernels.apply import ResidualOperands
 from slimtrain.optimizers.functional import (
-    adam_direction_,
+    STATE_FREE_RULES,
+    Residual,
+    adam_direction_reference,
     adam_step_size,
     fira_row_scale,
     rotate_moments_,
@@ -19,7 +23,7 @@ def test_adam_direction_and_step_size():
     m, v = torch.rand(5, 3), torch.rand(5, 3)
     g = torch.randn(5, 3)
     m64, v64, g64 = m.double(), v.double(), g.double()
-    d = adam_direction_(g, m, v, 0.9, 0.99, 1e-6)
+    d = adam_direction_reference(g, m, v, 0.9, 0.99, 1e-6)
     m_ref = 0.9 * m64 + 0.1 * g64
     v_ref = 0.99 * v64 + 0.01 * g64**2
     torch.testing.assert_close(m.double(), m_ref)
@@ -78,3 +82,14 @@ def test_state_free_rules():
     assert state_free_residual(g, back, "sign_sgd").tolist() == [[1.0, 1.0, -1.0]]
     assert state_free_residual(g, back, "sgd").tolist() == [[0.5, 0.5, -0.5]]
     assert state_free_residual(g, back, "none") is None
+
+
+def test_residual_speaks_the_state_free_rules_and_hands_the_kernel_one_bit():
+    """One word per rule: FRUGAL's option values are the rules' names everywhere above the kernel, and the
+    kernel's operands carry only whether ``f`` is ``sign``."""
+    g, low = torch.zeros(2, 3), torch.zeros(2, 1)
+    assert STATE_FREE_RULES == ("sign_sgd", "sgd", "none")
+    assert Residual(g, low, "sign_sgd").operands().sign is True
+    assert Residual(g, low, "sgd", coef=0.5, scale=0.1).operands() == ResidualOperands(g, low, False, 0.5, 0.1)
+    with pytest.raises(ValueError, match=r"Invalid residual rule: 'sign' \(expected one of \('sign_sgd', 'sgd'\)\)"):
+        Residual(g, low, "sign")
