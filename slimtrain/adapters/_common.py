@@ -5,8 +5,8 @@ reuse them). Nothing here knows a particular method.
   :func:`seeded_uniform` (a basis for a given ``GENERATOR_VERSION``), :func:`cpu_generator`,
   :func:`uniform_on_cpu`. Bases come from counter-based Philox (:mod:`slimtrain.kernels.philox`), generated
   on the target device with the same bits on CPU and GPU; the global RNG is never touched.
-* Input checks (:func:`check_int`, :func:`check_float`, :func:`check_choice`): ``ValueError`` naming the
-  parameter, the value and what is allowed.
+* Input checks: none of its own; the configs use :mod:`slimtrain._validation`, shared with the optimizers
+  (one message format), and :func:`check_seed` below.
 * :func:`base_layer_kind`: which base layers a tuner may wrap; bitsandbytes 4-bit and anything else is
   refused with a clear ``TypeError``.
 * DoRA math as free functions (:func:`dora_row_norm`, :func:`dora_scale`) and :class:`DeltaLayer`, a
@@ -19,7 +19,6 @@ reuse them). Nothing here knows a particular method.
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_int, check_target_modules
 from ..kernels.philox import philox_uniform
 from .registry import peft_api
 
@@ -86,50 +86,6 @@ def uniform_on_cpu(shape: Iterable[int], seed: int, low: float = -1.0, high: flo
     bases of generator version 1)."""
     out = torch.empty(tuple(shape), dtype=torch.float32)
     return out.uniform_(low, high, generator=cpu_generator(seed))
-
-
-# ----------------------------------------------------------------------------------------- input checks
-def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
-    """Return ``value`` if it is an int in [minimum, maximum], else raise ``ValueError`` saying so."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    ok = ok and value >= minimum and (maximum is None or value <= maximum)
-    if not ok:
-        allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
-        raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
-    return value
-
-
-def check_float(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and low <= value and (value < high if high_open else value <= high)
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"Invalid {name}: {value!r} (expected a float in [{low}, {high}{bracket})")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {choices})")
-    return value
-
-
-def check_target_modules(name: str, value: Any) -> None:
-    """``target_modules`` must be None, a regex str, or a non-empty list/set of str."""
-    if value is None or isinstance(value, str):
-        return
-    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) for v in value):
-        return
-    raise ValueError(
-        f"Invalid {name}: {value!r} (expected None, a regex str, or a non-empty list of module-name suffixes)"
-    )
 
 
 # ----------------------------------------------------------------------------------------- base layers

@@ -1,17 +1,30 @@
-"""Every check on user input for the optimizer family, in one place so messages never drift.
+"""The optimizer family's input tables and the checks only optimizers need.
 
-Each check raises ``ValueError`` naming the parameter, the value it got and what is allowed; a keyword
-or param-group key that no optimizer understands is a ``TypeError``, as Python's own for an
-unexpected keyword argument.
+The generic checks (``check_lr``, ``check_int``, ``check_choice``, ...) are defined once, for optimizers and
+adapters alike, in :mod:`slimtrain._validation`, and re-exported here for the ``V.check_*`` call sites.
+Each raises ``ValueError`` naming the parameter, the value it got and what is allowed; a keyword or
+param-group key that no optimizer understands is a ``TypeError``, as Python's own for an unexpected
+keyword argument.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
+
+from .._validation import (  # noqa: F401  (re-exported: the optimizers' V.check_* call sites)
+    check_betas,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_choice,
+    check_lr,
+    check_nonneg,
+    check_rank_for_shape,
+    check_unit_interval,
+)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -38,65 +51,6 @@ TORCH_GROUP_KEYS = ("initial_lr", "param_names")
 RENAMED = {"alpha": "'scale' (fira's 'alpha')", "proj": "'projector' (APOLLO's 'proj')"}
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 NONFINITE_POLICIES = ("skip", "raise")
-
-
-def check_lr(lr) -> None:
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Invalid lr: tensor of shape {tuple(lr.shape)} (expected a scalar)")
-        lr = lr.item()
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
-        raise ValueError(f"Invalid lr: {lr} (expected a finite number >= 0)")
-
-
-def check_betas(betas) -> None:
-    if not (isinstance(betas, Sequence) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    for i, b in enumerate(betas):
-        if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
-            raise ValueError(f"Invalid beta{i + 1}: {b} (expected 0 <= beta{i + 1} < 1)")
-
-
-def check_nonneg(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Invalid {name}: {value} (expected a finite number >= 0)")
-
-
-def check_unit_interval(name: str, value, *, open_low: bool = False) -> None:
-    low_ok = value > 0.0 if open_low else value >= 0.0
-    if not (isinstance(value, (int, float)) and low_ok and value <= 1.0):
-        allowed = "0 < {0} <= 1" if open_low else "0 <= {0} <= 1"
-        raise ValueError(f"Invalid {name}: {value} (expected {allowed.format(name)})")
-
-
-def check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
-
-
-def check_int_choice(name: str, value, allowed: Iterable[int]) -> None:
-    allowed = tuple(allowed)
-    if isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(str, allowed))})")
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
-
-
-def check_choice(name: str, value, allowed: Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, allowed))})")
-
-
-def check_rank_for_shape(rank: int, shape: torch.Size, name: str = "rank") -> None:
-    limit = min(shape)
-    if not 1 <= rank <= limit:
-        raise ValueError(
-            f"Invalid {name}: {rank} (expected 1 <= {name} <= {limit} for parameter of shape {tuple(shape)})"
-        )
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:

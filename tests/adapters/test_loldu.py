@@ -392,5 +392,5 @@ def test_fingerprint_mode_refuses_other_factors_and_loads_nothing(tmp_path, monk
 
 
 def test_fingerprint_mode_is_a_checked_choice():
-    with pytest.raises(ValueError, match=r"Invalid checkpoint_mode: 'diag' \(expected one of \('factors', 'fingerprint'\)\)"):
+    with pytest.raises(ValueError, match=r"Invalid checkpoint_mode: 'diag' \(expected one of 'factors', 'fingerprint'\)"):
         LoLDUConfig(checkpoint_mode="diag")

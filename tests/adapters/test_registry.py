@@ -205,5 +205,5 @@ def test_largest_seed_is_usable_everywhere_it_goes(value):
     cfg = dataclasses.replace(MLP_CONFIGS[value](), seed=MAX_SEED, init_weights=False)
     out = peft.get_peft_model(_mlp(), cfg)(torch.randn(2, 16))
     assert torch.isfinite(out).all()
-    with pytest.raises(ValueError, match=r"Invalid seed: 9223372036854775808 \(expected an int in \[0, 9223372036854775807\]\)"):
+    with pytest.raises(ValueError, match=r"Invalid seed: 9223372036854775808 \(expected an integer in \[0, 9223372036854775807\]\)"):
         dataclasses.replace(MLP_CONFIGS[value](), seed=MAX_SEED + 1)

@@ -145,3 +145,21 @@ def test_drop_in_keywords_at_their_meaning_are_accepted():
     FrugalAdamW(_groups(initial_lr=0.1, amsgrad=False), density=0.5, inactive_lr_scale=0.1)
     SSTAdamW(_groups(), uniform_mix=0.1, iterations_per_round=2)
     FiraAdamW(_groups(), gamma=1.02, residual="fira_code")
+
+
+def test_optimizers_and_adapters_share_one_message_per_check():
+    """One validation module (slimtrain/_validation.py): the same bad value gets the same words from an
+    optimizer and from an adapter config."""
+    from slimtrain.adapters import NolaConfig, RandLoraConfig
+
+    with pytest.raises(ValueError) as optimizer:
+        GaLoreAdamW(_groups(rank=0))
+    with pytest.raises(ValueError) as adapter:
+        NolaConfig(target_modules=["lin0"], r=0)
+    assert str(optimizer.value).split(": ", 1)[1] == str(adapter.value).split(": ", 1)[1] == "0 (expected an integer >= 1)"
+    with pytest.raises(ValueError) as optimizer:
+        FrugalAdamW(_groups(), inactive_update_rule="fast")
+    with pytest.raises(ValueError) as adapter:
+        RandLoraConfig(target_modules=["lin0"], forward_mode="fast")
+    assert str(optimizer.value).endswith("'fast' (expected one of 'sign_sgd', 'sgd', 'none')")
+    assert str(adapter.value).endswith("'fast' (expected one of 'auto', 'factored', 'dense')")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._common import SlimConfig, check_float, check_int
+from ..._validation import check_float, check_int
+from .._common import SlimConfig
 from ..registry import peft_type_member
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._common import GENERATOR_VERSION, SlimConfig, check_bool, check_float, check_int, check_seed
+from ..._validation import check_bool, check_float, check_int
+from .._common import GENERATOR_VERSION, SlimConfig, check_seed
 from ..registry import peft_type_member
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .._common import SlimConfig, check_choice, check_int, check_seed
+from ..._validation import check_choice, check_int
+from .._common import SlimConfig, check_seed
 from ..registry import peft_type_member
 
 SELECTIONS = ("random", "weight_norm")

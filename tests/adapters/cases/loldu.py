@@ -34,7 +34,7 @@ def _row(id, model, **cfg):
 
 
 BAD_CONFIGS = [
-    (lambda: LoLDUConfig(r=0, target_modules=["lin0"]), ValueError, r"Invalid r: 0 \(expected an int >= 1\)"),
+    (lambda: LoLDUConfig(r=0, target_modules=["lin0"]), ValueError, r"Invalid r: 0 \(expected an integer >= 1\)"),
     (lambda: LoLDUConfig(r=2, alpha=-1.0, target_modules=["lin0"]), ValueError, r"Invalid alpha: -1\.0"),
     (lambda: LoLDUConfig(r=2, bias="some", target_modules=["lin0"]), ValueError, r"Invalid bias: 'some'"),
 ]

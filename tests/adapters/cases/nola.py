@@ -15,12 +15,12 @@ def nola_count(model, cfg):
 
 
 BAD = [
-    (lambda: NolaConfig(target_modules=MLP, r=0), ValueError, r"Invalid r: 0 \(expected an int >= 1\)"),
+    (lambda: NolaConfig(target_modules=MLP, r=0), ValueError, r"Invalid r: 0 \(expected an integer >= 1\)"),
     (lambda: NolaConfig(target_modules=MLP, num_basis_A=0), ValueError, r"Invalid num_basis_A: 0"),
     (lambda: NolaConfig(target_modules=MLP, num_basis_B=2.5), ValueError, r"Invalid num_basis_B: 2.5"),
     (lambda: NolaConfig(target_modules=MLP, nola_dropout=1.0), ValueError, r"Invalid nola_dropout: 1.0"),
     (lambda: NolaConfig(target_modules=[]), ValueError, r"Invalid target_modules: \[\]"),
-    (lambda: NolaConfig(target_modules=MLP, seed=2**70), ValueError, r"Invalid seed: 1180591620717411303424 \(expected an int in \[0, 9223372036854775807\]\)"),
+    (lambda: NolaConfig(target_modules=MLP, seed=2**70), ValueError, r"Invalid seed: 1180591620717411303424 \(expected an integer in \[0, 9223372036854775807\]\)"),
     (lambda: NolaConfig(target_modules=MLP, generator_version=99), ValueError, r"Invalid generator_version: 99"),
     (lambda: NolaConfig(target_modules=MLP, cache_bases="yes"), ValueError,
      r"Invalid cache_bases: 'yes' \(expected True or False\)"),

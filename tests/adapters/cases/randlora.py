@@ -24,11 +24,11 @@ def randlora_count(model, cfg):
 BAD = [
     (lambda: RandLoraConfig(target_modules=MLP, r=0), ValueError, r"Invalid r: 0"),
     (lambda: RandLoraConfig(target_modules=MLP, forward_mode="fast"), ValueError,
-     r"Invalid forward_mode: 'fast' \(expected one of \('auto', 'factored', 'dense'\)\)"),
+     r"Invalid forward_mode: 'fast' \(expected one of 'auto', 'factored', 'dense'\)"),
     (lambda: RandLoraConfig(target_modules=MLP, randlora_dropout=-0.1), ValueError, r"Invalid randlora_dropout"),
     (lambda: RandLoraConfig(target_modules=MLP, seed=-1), ValueError, r"Invalid seed: -1"),
     # seeds reach torch.Generator.manual_seed and Philox as is: [0, 2**63 - 1]
-    (lambda: RandLoraConfig(target_modules=MLP, seed=2**70), ValueError, r"Invalid seed: 1180591620717411303424 \(expected an int in \[0, 9223372036854775807\]\)"),
+    (lambda: RandLoraConfig(target_modules=MLP, seed=2**70), ValueError, r"Invalid seed: 1180591620717411303424 \(expected an integer in \[0, 9223372036854775807\]\)"),
     (lambda: RandLoraConfig(target_modules=MLP, cache_bases="no"), ValueError,
      r"Invalid cache_bases: 'no' \(expected True or False\)"),
     (lambda: RandLoraConfig(target_modules=MLP, cache_bases=False, generator_version=1), ValueError,

@@ -42,7 +42,7 @@ BAD_CONFIGS = [
         r"Invalid num_heads_per_block=0 and num_channels_per_block=0",
     ),
     (lambda: S2FTConfig(module_roles={"v_proj": "value"}), ValueError, r"Invalid module_roles\['v_proj'\]: 'value'"),
-    (lambda: S2FTConfig(seed=2**70), ValueError, r"Invalid seed: 1180591620717411303424 \(expected an int in \[0, 9223372036854775807\]\)"),
+    (lambda: S2FTConfig(seed=2**70), ValueError, r"Invalid seed: 1180591620717411303424 \(expected an integer in \[0, 9223372036854775807\]\)"),
 ]
 
 _LLAMA_ALL = ["v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
