@@ -15,7 +15,7 @@ import importlib
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("slimtrain.recipes.pretrain", "pre-train a small LLaMA on Shakespeare with a low-rank optimizer"),
     "memory": ("slimtrain.memory", "weights, gradients and optimizer state in GB per model component"),
-    "finetune": ("slimtrain.recipes.finetune", "fine-tune MiniLM with a PEFT adapter to tell Shakespeare's comedies, histories and tragedies apart"),
+    "finetune": ("slimtrain.recipes.finetune", "fine-tune MiniLM (or your local model) with a PEFT adapter to tell Shakespeare's comedies, histories and tragedies apart (or your labelled text)"),
     "deepspeed": ("slimtrain.recipes.deepspeed", "launch the pretrain recipe on N ranks under DeepSpeed ZeRO 1, 2 or 3"),
 }
 

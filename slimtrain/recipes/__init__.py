@@ -8,5 +8,8 @@
 - ``data``: corpus discovery, byte tokenizer, split by play, seeded fixed-length batches;
 - ``models``: LLaMA shapes from ``tiny`` to the GaLore paper's ``1b``;
 - ``optim``: ``build_optimizer(name, model, ...)``, the one place an optimizer is built from a name;
-- ``finetune``: PEFT fine-tuning recipe (see its docstring).
+- ``runtime``: ``--device``, ``--dtype`` (fp32, bf16, bf16-autocast), activation checkpointing and peak
+  memory, the same in every recipe;
+- ``finetune``: PEFT fine-tuning recipe, MiniLM on the play genres or your model directory and labelled
+  text (see its docstring).
 """

@@ -32,7 +32,7 @@ with a warning when the log is read back.
 Device and precision: ``--device`` is ``auto`` (``cuda`` when torch sees a GPU, else ``cpu``), ``cpu``,
 ``cuda`` or ``cuda:N``; one that is not there is refused. ``--dtype`` is ``fp32`` (default), ``bf16``
 (bf16 weights and gradients, the optimizer's state and update math in fp32, rounded to nearest into the
-weights: how the GaLore and Fira papers run) or ``bf16-autocast`` (fp32 weights, forward under bf16
+weights: how galore-torch's ``torchrun_main.py`` runs the GaLore paper) or ``bf16-autocast`` (fp32 weights, forward under bf16
 autocast); :mod:`slimtrain.recipes.runtime` says what each costs. ``--activation-checkpointing``
 recomputes each decoder layer's activations in the backward pass (the same gradients, measured bit for
 bit on the CPU). ``--model 1b`` is the GaLore paper's LLaMA-1B shape (2048 hidden, 5461 intermediate,
@@ -40,7 +40,8 @@ bit on the CPU). ``--model 1b`` is the GaLore paper's LLaMA-1B shape (2048 hidde
 
 Resume is exact: batches are a function of ``(seed, step)`` (see ``data.BlockBatches``), so a
 stopped-and-resumed run ends with the same weights, bit for bit, as an uninterrupted one, in every
-``--dtype`` and with checkpointing (tested on the CPU). The resolved device, the dtype and checkpointing
+``--dtype`` and with checkpointing (tested on the CPU; on a GPU, only as far as its kernels are
+deterministic: some, such as the embedding's backward, add in no fixed order). The resolved device, the dtype and checkpointing
 are part of the recorded arguments: resuming with another dtype or another kind of device (cpu vs cuda)
 is refused; another GPU index of the same kind is allowed. A run recorded before these options existed
 resumes as ``--device cpu --dtype fp32``.
@@ -94,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--device", default="auto", help=f"{runtime.DEVICES_HELP} (default: auto)")
     a("--dtype", default="fp32",
       help="fp32; bf16 (bf16 weights and gradients, the optimizer's state and math in fp32, as the GaLore "
-           "paper runs); bf16-autocast (fp32 weights, bf16 autocast forward) (default: fp32)")
+           "paper's script casts the model); bf16-autocast (fp32 weights, bf16 autocast forward) (default: fp32)")
     a("--activation-checkpointing", action="store_true",
       help="recompute each transformer block's activations in the backward pass instead of keeping them")
     a("--data", nargs="+", default=None, metavar="FILE",

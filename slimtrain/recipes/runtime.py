@@ -6,8 +6,9 @@ Shared by ``pretrain``, ``deepspeed`` and ``finetune`` so the options mean the s
 
 - ``fp32``: weights, activations, gradients and optimizer math in fp32 (the default; bit-exact resume).
 - ``bf16``: the model is cast to bf16 after its seeded fp32 initialisation, so weights, activations and
-  gradients are bf16. This is how the GaLore and Fira papers train (galore-torch's ``torchrun_main.py``
-  ``--dtype bfloat16``: ``model.to(dtype=torch.bfloat16)``, no autocast, no master weights). slimtrain's
+  gradients are bf16. This is how the GaLore paper's runs train (galore-torch's ``torchrun_main.py``, default
+  ``--dtype bfloat16``: ``model.to(device=device, dtype=torch.bfloat16)``, no autocast, no master weights;
+  galore-torch's optimizers then keep bf16 state, ours keep fp32). slimtrain's
   optimizers keep their state in fp32 and compute the update in fp32, then round it to nearest into the
   bf16 weight; torch AdamW (``--optimizer adamw``) keeps bf16 state, as in galore-torch's AdamW
   baseline. Half the weight and gradient memory of fp32, but updates below bf16's spacing (2^-8
