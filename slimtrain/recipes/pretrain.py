@@ -182,7 +182,10 @@ def _check_out(cfg: argparse.Namespace, checkpoint: str) -> None:
             raise FileNotFoundError(f"Invalid --resume: no checkpoint at {ckpt}")
         if checkpoint == CHECKPOINT:  # the DeepSpeed recipe checks its checkpoint directory itself
             outputs.check_checkpoint_file(ckpt)
-        saved = {**runtime.LEGACY_DEFAULTS, **_read_config(os.path.join(cfg.out, CONFIG))}
+        # A run recorded before --device existed ran on the CPU, or (DeepSpeed, cfg.device "auto") where
+        # DeepSpeed put it.
+        legacy = {**runtime.LEGACY_DEFAULTS, "device": "auto" if cfg.device == "auto" else "cpu"}
+        saved = {**legacy, **_read_config(os.path.join(cfg.out, CONFIG))}
         mismatched = {k: (saved.get(k), v) for k, v in _run_args(cfg).items() if saved.get(k) != v}
         if "device" in mismatched and runtime.same_device_kind(*map(str, mismatched["device"])):
             del mismatched["device"]  # another GPU of the machine: same kernels, same results

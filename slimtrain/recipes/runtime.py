@@ -65,7 +65,10 @@ def check_dtype(dtype: str, device: str) -> None:
 
 
 def same_device_kind(a: str, b: str) -> bool:
-    """Whether a run recorded on ``a`` may resume on ``b``: the same kind (cpu, cuda); the GPU index may differ."""
+    """Whether a run recorded on ``a`` may resume on ``b``: the same kind (cpu, cuda); the GPU index may
+    differ. ``auto`` (the DeepSpeed recipe's, unresolved) is only the same as itself."""
+    if "auto" in (a, b):
+        return a == b
     return torch.device(a).type == torch.device(b).type
 
 

@@ -232,3 +232,22 @@ def test_two_ranks_bf16_with_activation_checkpointing(tmp_path, corpus):
     assert (summary["dtype"], summary["device"], summary["steps"]) == ("bf16", "cpu", 2)
     assert summary["tokens_per_s"] > 0 and summary["peak_memory_bytes"] > 0
     assert 0 < summary["final_val_loss"] < 5.6  # ln 256 = 5.55 at initialisation
+
+
+def test_a_run_recorded_before_device_and_dtype_resumes(tmp_path):
+    """A DeepSpeed run's config.json from before --device/--dtype existed resumes as device auto, fp32."""
+    import torch
+
+    out = tmp_path / "run"
+    argv = ["--zero", "2", "--out", str(out)]
+    fresh = R.parse_args(argv)
+    R.validate(fresh, world_size=2)
+    old = {k: v for k, v in pretrain._run_args(fresh).items() if k not in ("device", "dtype", "activation_checkpointing")}
+    (out / "checkpoint" / "step2").mkdir(parents=True)
+    (out / "checkpoint" / "latest").write_text("step2")
+    torch.save({}, out / "checkpoint" / "step2" / "mp_rank_00_model_states.pt")
+    (out / "config.json").write_text(json.dumps(old))
+    (out / "metrics.csv").write_text(",".join(pretrain.CSV_FIELDS) + "\n")
+    R.validate(R.parse_args([*argv, "--resume"]), world_size=2)
+    with pytest.raises(ValueError, match=r"--dtype 'bf16' \(was 'fp32'\)"):
+        R.validate(R.parse_args([*argv, "--resume", "--dtype", "bf16"]), world_size=2)

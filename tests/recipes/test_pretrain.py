@@ -248,3 +248,9 @@ def test_model_1b_is_the_galore_paper_shape():
 
     c = model_config("1b", 256)
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads) == (2048, 5461, 24, 32)
+
+
+def test_device_kinds_a_resume_may_change_between():
+    same = pretrain.runtime.same_device_kind
+    assert same("cuda:0", "cuda:1") and same("cuda", "cuda:0") and same("cpu", "cpu")
+    assert not same("cpu", "cuda") and not same("auto", "cpu") and same("auto", "auto")
