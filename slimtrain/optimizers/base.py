@@ -505,6 +505,27 @@ class LowRankAdamW(torch.optim.Optimizer):
         send pieces of the update to other ranks; one process updates the weight in place instead."""
         return self._materialize(self._low_rank_step(grad, group, state, index), group, state)
 
+    # Entry points for a wrapper that steps pieces of parameters (slimtrain.sharding.zero: ZeRO hands each
+    # rank flat slices, and one owner rank the whole gradient of each projected matrix) ------------------
+    def step_dense_shard_(self, shard: Tensor, grad: Tensor, group: dict, state: dict) -> None:
+        """AdamW with the group's weight decay on ``shard`` (an fp32 slice of an unprojected parameter, or
+        of a vector in a projected group) from its gradient ``grad``; ``state`` holds the slice's moments
+        (created on first use). The same arithmetic as a whole parameter's step."""
+        direction, step_size = self._dense_update(grad, group, state)
+        self._apply(shard, group, direction, step_size)
+
+    def matrix_update(self, p: Tensor, grad: Tensor, group: dict, state: dict) -> Tensor:
+        """The low-rank step of the projected matrix parameter ``p`` from its whole gradient ``grad``
+        (``m x n``) as an update in weight units, ``p`` untouched: subtract it, or the slices of it each
+        rank holds, with :meth:`apply_update_`. ``state`` is the matrix's state, created on first use with
+        ``p``'s seed (its position among the optimizer's parameters), wherever ``state`` is kept."""
+        return self._projected_update(grad, group, state, self._param_index(p))
+
+    def apply_update_(self, shard: Tensor, group: dict, update: Tensor) -> None:
+        """``shard <- shard - update`` with the group's decoupled weight decay (``update`` from
+        :meth:`matrix_update`, or the slice of it that matches ``shard``)."""
+        self._apply(shard, group, update, 1.0)
+
     def _low_rank_step(self, grad: Tensor, group: dict, state: dict, index: int) -> LowRankStep:
         """Refresh the subspace if due, project, run Adam in the subspace and ask the method for its
         residual rule: everything but touching the weight."""

@@ -10,7 +10,7 @@ splits the work:
 - **each projected matrix has one owner rank**, chosen once by balancing matrix sizes. Every step, the
   ranks holding pieces of the owner's matrices send those gradient pieces to it (one ``gather``
   per owner), the owner reassembles the matrices and runs the optimizer's own single-process update
-  (``LowRankAdamW._projected_update``: projection, refresh, Adam, residual rule), and sends each rank
+  (``LowRankAdamW.matrix_update``: projection, refresh, Adam, residual rule), and sends each rank
   the update for its pieces (one ``scatter``); each rank applies it, with weight decay, to its slice::
 
         rank 0 slice | rank 1 slice          owner (say rank 1) of W (m x n)
@@ -25,6 +25,10 @@ Cost: per step, each projected matrix's gradient and update cross the network on
 (``2 (N-1)/N`` of the projected parameters in floats), on top of ZeRO's own reduce-scatter and
 all-gather. The owner holds full gradients of the matrices it owns during its step: about ``1/N`` of the
 projected parameters, ZeRO-2's gradient partition size. ``benchmarks/zero.py`` measures both.
+
+Where the pieces sit is read from DeepSpeed internals, all in :mod:`._deepspeed` (a supported version range,
+checked when the wrapper is built). The optimizer is driven through its public entry points for sharded
+steps (``step_dense_shard_``, ``matrix_update``, ``apply_update_``).
 
 Non-finite gradients: each ``step()`` call agrees across ranks (an all-reduced flag) and skips its
 partition whole. DeepSpeed steps one group at a time, so for a whole-step skip across groups enable
@@ -41,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optimizers.base import LowRankAdamW
+from . import _deepspeed
 
 FORMAT = "slimtrain-zero-v1"
 
@@ -77,6 +82,7 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
     def __init__(self, inner: LowRankAdamW):
         if not isinstance(inner, LowRankAdamW):
             raise TypeError(f"Invalid optimizer: {type(inner).__name__} (expected a slimtrain optimizer)")
+        _deepspeed.check_deepspeed_version()
         self.inner = inner
         self._params = [list(g["params"]) for g in inner.param_groups]
         self._shapes = [[tuple(p.shape) for p in ps] for ps in self._params]
@@ -117,23 +123,17 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
                 flat = group["params"][0]
                 frags = []
                 for i, p in enumerate(self._params[g]):
-                    mapping = getattr(p, "_hp_mapping", None)
-                    if mapping is None:
-                        continue
-                    frags.append(
-                        Fragment(g, i, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel,
-                                 mapping.hp_fragment_address.start)
-                    )
+                    piece = _deepspeed.stage12_fragment(p)
+                    if piece is not None:
+                        frags.append(Fragment(g, i, *piece))
                 units.append((f"g{g}", g, flat, frags, {(g, i) for i in range(len(self._params[g]))}))
         else:
-            for sg, params in enumerate(zero_optimizer.fp16_groups):
-                g = zero_optimizer.sub_group_to_group_id[sg]
-                flat = zero_optimizer.fp32_partitioned_groups_flat[sg]
+            for sg, (g, flat, params) in enumerate(_deepspeed.stage3_subgroups(zero_optimizer)):
                 offset, frags, members = 0, [], set()
                 for p in params:
                     _, i = self._locate(p)
                     members.add((g, i))
-                    part = p.ds_tensor.ds_numel
+                    part = _deepspeed.stage3_partition_numel(p)
                     start = self.rank * part
                     numel = max(0, min(part, math.prod(self._shapes[g][i]) - start))
                     if numel:
@@ -188,14 +188,12 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
             return
         state = self.state[flat]
         if "rank" not in group:
-            direction, step_size = self.inner._dense_update(grad, group, state.setdefault("dense", {}))
-            self.inner._apply(flat, group, direction, step_size)
+            self.inner.step_dense_shard_(flat, grad, group, state.setdefault("dense", {}))
             return
         for f in frags:
             if not self._is_matrix(f.group, f.index):
                 sl = slice(f.offset, f.offset + f.numel)
-                direction, step_size = self.inner._dense_update(grad[sl], group, state.setdefault(f"p{f.index}", {}))
-                self.inner._apply(flat[sl], group, direction, step_size)
+                self.inner.step_dense_shard_(flat[sl], grad[sl], group, state.setdefault(f"p{f.index}", {}))
         # Every rank walks the same matrices in the same order (the unit's members), including ranks
         # that hold no piece of some of them: gather and scatter are collective.
         matrices = sorted(k for k in self._members[key] if k in self._pieces)
@@ -235,7 +233,7 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
                 matrix = full.view(rows, -1)
                 p = self._params[k[0]][k[1]]
                 mstate = state.setdefault(f"p{k[1]}", {})
-                updates[k] = self.inner._projected_update(matrix, group, mstate, self.inner._param_index(p)).reshape(-1)
+                updates[k] = self.inner.matrix_update(p, matrix, group, mstate).reshape(-1)
             cursor = [0] * self.world_size
             for k in owned:
                 for r, (start, numel) in enumerate(self._pieces[k]):
@@ -251,7 +249,7 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
             f = local.get(k)
             if f is not None:
                 sl = slice(f.offset, f.offset + f.numel)
-                self.inner._apply(flat[sl], group, recv[pos : pos + f.numel], 1.0)
+                self.inner.apply_update_(flat[sl], group, recv[pos : pos + f.numel])
                 pos += f.numel
 
     # ------------------------------------------------------------------------------------------
