@@ -430,12 +430,6 @@ def split_examples(rows: list[tuple[str, str, int]], labels: list[str], test_fra
     return train, test
 
 
-def max_positions() -> int:
-    """How many token positions the pretrained MiniLM has (its ``max_position_embeddings``)."""
-    with open(os.path.join(model_dir(), "config.json")) as f:
-        return int(json.load(f)["max_position_embeddings"])
-
-
 def adapter_config(name: str, rank: int, seed: int = 0, targets: list[str] | None = None):
     """The PEFT config of adapter ``name`` on MiniLM's attention (query/value; S2FT: value and output), or
     on ``targets`` (another model's, from :func:`check_model`)."""
