@@ -1,9 +1,8 @@
 """Method-agnostic pieces shared by slimtrain's PEFT tuners (NOLA, RandLoRA, DoRA-like; LoLDU, S²FT may
 reuse them). Nothing here knows a particular method.
 
-* Seeds and random bases: :func:`stable_seed` (hashlib, never Python's salted ``hash()``),
-  :func:`seeded_uniform` (a basis for a given ``GENERATOR_VERSION``), :func:`cpu_generator`,
-  :func:`uniform_on_cpu`. Bases come from counter-based Philox (:mod:`slimtrain.kernels.philox`), generated
+* Random bases: :func:`seeded_uniform` (a basis for a given ``GENERATOR_VERSION``), :func:`uniform_on_cpu`,
+  from seeds derived in :mod:`slimtrain._seeds` (``stable_seed``: hashlib, never Python's salted ``hash()``). Bases come from counter-based Philox (:mod:`slimtrain.kernels.philox`), generated
   on the target device with the same bits on CPU and GPU; the global RNG is never touched.
 * Input checks: none of its own; the configs use :mod:`slimtrain._validation`, shared with the optimizers
   (one message format), and :func:`check_seed` below.
@@ -18,7 +17,6 @@ reuse them). Nothing here knows a particular method.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._seeds import MAX_SEED, generator
 from .._validation import check_int, check_target_modules
 from ..kernels.philox import philox_uniform
 from .registry import peft_api
@@ -43,25 +42,10 @@ GENERATOR_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------- seeds, bases
-# The largest ``seed`` a config accepts. A seed is hashed into the 63-bit Philox key (stable_seed) but also
-# used as is: torch.Generator.manual_seed (RandLoRA's test-only init, S²FT's selection, which reduces it
-# mod 2**63, so a larger seed would alias a smaller one) and slimtrain.kernels.philox, whose seeds are
-# [0, 2**63 - 1]. One range for all of them; 2**70 used to be accepted.
-MAX_SEED = 2**63 - 1
-
-
 def check_seed(value: Any) -> int:
+    """A config's ``seed``: hashed into 63-bit Philox keys but also used as is (S²FT's selection, RandLoRA's
+    test-only init), so one range for all, [0, :data:`slimtrain._seeds.MAX_SEED`]; 2**70 used to be accepted."""
     return check_int("seed", value, 0, MAX_SEED)
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from ``parts`` (ints, strs, shapes) that is identical across processes and machines.
-
-    ``hash()`` is salted per process (PYTHONHASHSEED), so it cannot name a basis that must be regenerated
-    after a reload; SHA-256 of the ``repr`` of the parts can.
-    """
-    digest = hashlib.sha256("\x1f".join(repr(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def seeded_uniform(shape: Iterable[int], seed: int, low: float, high: float, *, generator_version: int,
@@ -76,16 +60,11 @@ def seeded_uniform(shape: Iterable[int], seed: int, low: float, high: float, *, 
     return philox_uniform(seed, tuple(shape), low, high, device=device)
 
 
-def cpu_generator(seed: int) -> torch.Generator:
-    """A fresh CPU generator (Mersenne Twister) seeded with ``seed``; independent of ``torch.manual_seed``."""
-    return torch.Generator(device="cpu").manual_seed(int(seed))
-
-
 def uniform_on_cpu(shape: Iterable[int], seed: int, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
     """fp32 tensor of U(low, high) drawn on a CPU generator seeded with ``seed`` (same bits on any host; the
     bases of generator version 1)."""
     out = torch.empty(tuple(shape), dtype=torch.float32)
-    return out.uniform_(low, high, generator=cpu_generator(seed))
+    return out.uniform_(low, high, generator=generator(seed))
 
 
 # ----------------------------------------------------------------------------------------- base layers

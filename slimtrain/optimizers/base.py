@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._seeds import parameter_seed
 from ..kernels.apply import lowrank_apply_, residual_from_back, residual_with_row_sq_norms
 from . import _validation as V
 from . import quantized as Q
@@ -267,7 +268,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     def _identity(self) -> dict:
         """What a checkpoint must have been written by for this optimizer to resume it: the method
         (an 8-bit twin is its method with ``state_bits=8``, which the param groups carry)."""
-        return {"method": next(c for c in type(self).__mro__ if not issubclass(c, Q.EightBitStates)).__name__}
+        methods = _methods()
+        return {"method": next(c for c in type(self).__mro__ if c in methods).__name__}
 
     def _saved_identity(self, state_dict: dict) -> dict:
         """The identity recorded in ``state_dict`` (keys of :meth:`_identity`). Checkpoints written before
@@ -458,7 +460,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             # Spread the group's matrices over the refresh window by their position in the optimizer.
             offset = (index * group["update_proj_gap"]) // max(self._num_params(), 1)
         state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
-        projector.init_state(state, seed=self.seed * 1_000_003 + index)
+        projector.init_state(state, seed=parameter_seed(self.seed, index))
         Q.init_moments(state, group, ("exp_avg", "exp_avg_sq"), low_shape, grad.device)
 
     def _num_params(self) -> int:
@@ -624,19 +626,22 @@ class LowRankAdamW(torch.optim.Optimizer):
                     "turn bf16_stochastic_round off or keep fp32 master weights"
                 )
             state = self.state[p]
-            seed = None if "sr_seed" in state else self.seed * 1_000_003 + self._param_index(p)
+            seed = None if "sr_seed" in state else parameter_seed(self.seed, self._param_index(p))
             p.copy_(Q.bf16_stochastic_round(target, Q.rounding_generator(state, seed, p.device)))
         elif target is not p:
             p.copy_(target)
 
 
 def _methods() -> list[type[LowRankAdamW]]:
-    """``LowRankAdamW`` and every subclass that is a method (8-bit twins are their method)."""
+    """``LowRankAdamW`` and every slimtrain subclass that is a method. An 8-bit twin is its method, and so is a
+    user's subclass (e.g. one that records something): it writes and reads that method's state, and must not
+    change which names a checkpoint check reports."""
     found, todo = [], [LowRankAdamW]
     while todo:
         c = todo.pop(0)
         todo.extend(c.__subclasses__())
-        if not issubclass(c, Q.EightBitStates) and c not in found:
+        ours = c.__module__.split(".")[0] == "slimtrain"
+        if ours and not issubclass(c, Q.EightBitStates) and c not in found:
             found.append(c)
     return found
 

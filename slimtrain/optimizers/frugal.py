@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._seeds import block_order_seed, generator
 from . import _validation as V
 from . import quantized as Q
 from .base import LowRankAdamW, LowRankStep, matrix_shape, projects_left
@@ -156,7 +157,7 @@ class FrugalAdamW(LowRankAdamW):
         if k == 0 or count == 0:
             return []
         if self.block_order == "random":
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + refresh_index)
+            gen = generator(block_order_seed(self.seed, refresh_index))
             return sorted(torch.randperm(count, generator=gen)[:k].tolist())
         start = (refresh_index * k) % count
         window = [(start + i) % count for i in range(k)]

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from .._seeds import generator, rounding_stream_seed
 from ..kernels import _bnb
 from ..kernels.adam import adam_direction_
 from ..kernels.adam8bit import adam8bit_direction_
@@ -210,14 +211,12 @@ def bf16_stochastic_round(x: Tensor, generator: torch.Generator | None = None) -
 def rounding_generator(state: dict, seed: int, device: torch.device) -> torch.Generator:
     """The generator for one stochastic rounding of a parameter, from ``state``'s ``sr_seed`` (created
     from ``seed`` the first time) and ``sr_step`` (counted here): reproducible on resume, independent
-    of the global RNG and of the projectors' streams (their seeds use another multiplier)."""
+    of the global RNG and of the projectors' streams (:func:`slimtrain._seeds.rounding_stream_seed`)."""
     if "sr_seed" not in state:
         state["sr_seed"] = torch.tensor(seed, dtype=torch.int64)
         state["sr_step"] = torch.zeros((), dtype=torch.int64)
     state["sr_step"] += 1
-    g = torch.Generator(device=device)
-    g.manual_seed((int(state["sr_seed"]) * 2_000_029 + int(state["sr_step"])) % (2**63 - 1))
-    return g
+    return generator(rounding_stream_seed(int(state["sr_seed"]), int(state["sr_step"])), device)
 
 
 class EightBitStates:

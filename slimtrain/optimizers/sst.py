@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._seeds import generator, parameter_seed, sst_draw_seed
 from . import _validation as V
 from . import quantized as Q
 from .base import LowRankAdamW, matrix_shape
@@ -104,7 +105,7 @@ class SSTAdamW(LowRankAdamW):
         probs = probs / total if total > 0 else torch.full_like(probs, 1.0 / probs.numel())
         probs = (1 - group["uniform_mix"]) * probs + group["uniform_mix"] / probs.numel()
         k = int(state["sst_draws"])
-        gen = torch.Generator().manual_seed((int(state["sst_seed"]) * 7_919 + k) % (2**63 - 1))
+        gen = generator(sst_draw_seed(int(state["sst_seed"]), k))
         # Without replacement: r distinct vectors. multinomial needs r nonzero probabilities.
         probs = probs.cpu() + (probs.cpu() == 0) * 1e-30
         state["sst_idx"] = torch.multinomial(probs, rank, replacement=False, generator=gen).sort().values.to(s.device)
@@ -119,7 +120,7 @@ class SSTAdamW(LowRankAdamW):
         if not state:
             state["iters"] = torch.zeros((), dtype=torch.int64)
             state["sst_draws"] = torch.zeros((), dtype=torch.int64)
-            state["sst_seed"] = torch.tensor(self.seed * 1_000_003 + index, dtype=torch.int64)
+            state["sst_seed"] = torch.tensor(parameter_seed(self.seed, index), dtype=torch.int64)
             self._decompose(p, group, state)
         elif self._written_elsewhere(p, state):
             # The factors describe a weight that is gone: restart the round from the one written.

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 import slimtrain.kernels
+from slimtrain._seeds import stable_seed
 from slimtrain.adapters import NolaConfig
 from slimtrain.adapters import _common
 from slimtrain.adapters.nola import layer as nola_layer
@@ -50,7 +51,7 @@ def legacy_bases64(seed, k, shape):
     blocks = []
     for b in range(math.ceil(k / 32)):
         n = min(32, k - 32 * b)
-        g = torch.Generator().manual_seed(_common.stable_seed(seed, b))
+        g = torch.Generator().manual_seed(stable_seed(seed, b))
         blocks.append(torch.empty(n, *shape).uniform_(-1, 1, generator=g).double() / math.sqrt(k))
     return torch.cat(blocks)
 

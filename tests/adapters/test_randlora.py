@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from slimtrain.adapters import RandLoraConfig
-from slimtrain.adapters._common import stable_seed
+from slimtrain._seeds import stable_seed
 from slimtrain.adapters.randlora import RandLoraLayer, generated_basis, make_bases, randlora_delta, scaled_bases
 from slimtrain.kernels import backends_used, use_backend
 

@@ -138,10 +138,10 @@ def test_adapter_config_with_plain_string_peft_type_loads(value, tmp_path):
 def test_registration_on_import_and_stable_seeds_in_a_fresh_process():
     """A new interpreter registers on import, and derives the same basis seeds although its str hashes are
     salted differently (PYTHONHASHSEED fixed there, random here): seeds come from hashlib, not hash()."""
-    from slimtrain.adapters._common import stable_seed
+    from slimtrain._seeds import stable_seed
 
     code = ("import slimtrain.adapters; from peft.utils.peft_types import PeftType; "
-            "from slimtrain.adapters._common import stable_seed; "
+            "from slimtrain._seeds import stable_seed; "
             "print(PeftType('NOLA').value, stable_seed('nola', 0, 'lin0', 'A'))")
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
@@ -200,7 +200,7 @@ def test_largest_seed_is_usable_everywhere_it_goes(value):
 
     import torch
 
-    from slimtrain.adapters._common import MAX_SEED
+    from slimtrain._seeds import MAX_SEED
 
     cfg = dataclasses.replace(MLP_CONFIGS[value](), seed=MAX_SEED, init_weights=False)
     out = peft.get_peft_model(_mlp(), cfg)(torch.randn(2, 16))

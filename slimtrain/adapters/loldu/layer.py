@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._common import DeltaLayer, cpu_generator, stable_seed
+from ..._seeds import generator, stable_seed
+from .._common import DeltaLayer
 from ..registry import peft_api
 
 BufferDict = peft_api.BufferDict
@@ -154,7 +155,7 @@ class LoLDULayer(DeltaLayer):
         diag = d0.clone()
         if not config.init_weights:
             # Test-only: a deterministic non-identity adapter (seeded from the module name, not the global RNG).
-            g = cpu_generator(stable_seed("loldu-init", key, r))
+            g = generator(stable_seed("loldu-init", key, r))
             diag = diag * (1.0 + 0.5 * torch.randn(r, generator=g, dtype=torch.float64))
 
         self.r[adapter_name] = r

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.philox import philox_combine, philox_project, philox_uniform
-from .._common import DeltaLayer, seeded_uniform, stable_seed, uniform_on_cpu
+from ..._seeds import stable_seed
+from .._common import DeltaLayer, seeded_uniform, uniform_on_cpu
 from ..registry import peft_api
 from .config import NolaConfig
 

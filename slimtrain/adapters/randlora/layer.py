@@ -12,7 +12,8 @@ from torch import nn
 
 from ...kernels.basis_matmul import philox_linear, philox_matmul
 from ...kernels.philox import philox_uniform
-from .._common import GENERATOR_VERSION, DeltaLayer, stable_seed, uniform_on_cpu
+from ..._seeds import generator, randlora_init_seed, stable_seed
+from .._common import GENERATOR_VERSION, DeltaLayer, uniform_on_cpu
 from .config import RandLoraConfig
 
 
@@ -209,8 +210,8 @@ class RandLoraLayer(DeltaLayer):
         self.forward_mode[adapter_name] = config.forward_mode
         p = config.randlora_dropout
         self.slimrandlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
-        lam = torch.zeros(r, n) if config.init_weights else torch.randn(r, n, generator=torch.Generator().manual_seed(
-            config.seed + 1)) * 0.1
+        lam = torch.zeros(r, n) if config.init_weights else torch.randn(r, n, generator=generator(
+            randlora_init_seed(config.seed))) * 0.1
         self.slimrandlora_lambda[adapter_name] = nn.Parameter(lam)
         self.slimrandlora_gamma[adapter_name] = nn.Parameter(torch.full((n, self.d_small), 1.0 / self.d_large))
         self._move_adapter_to_device_of_base_layer(adapter_name)

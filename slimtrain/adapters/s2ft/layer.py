@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._common import DeltaLayer, cpu_generator, stable_seed
+from ..._seeds import generator, stable_seed
+from .._common import DeltaLayer
 from ..registry import peft_api
 
 BufferDict = peft_api.BufferDict
@@ -97,7 +98,7 @@ class S2FTLayer(DeltaLayer):
         if config.init_weights:
             delta = torch.zeros(shape)
         else:  # test-only: a deterministic non-zero block, seeded from the module name
-            delta = 0.02 * torch.randn(shape, generator=cpu_generator(stable_seed("s2ft-init", key)))
+            delta = 0.02 * torch.randn(shape, generator=generator(stable_seed("s2ft-init", key)))
         # fp32 for fp32/bf16/fp16 bases (DeltaLayer's contract), float64 for a float64 base
         delta = delta.to(torch.promote_types(self.get_base_layer().weight.dtype, torch.float32))
         self.scaling[adapter_name] = 1.0  # S²FT has no scale; DeltaLayer keys adapters by this dict

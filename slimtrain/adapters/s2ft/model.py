@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import zlib
 from typing import Optional
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..._seeds import generator, s2ft_selection_seed
 from .._common import BaseTunerLayer, SlimTuner, base_layer_kind
 from .config import S2FTConfig
 from .layer import Linear, S2FTLayer
@@ -61,8 +61,7 @@ def select_units(
     """``k`` sorted unit ids out of ``num_units``: seeded uniform draw, or the ``k`` largest ``scores``."""
     if selection == "weight_norm":
         return torch.topk(scores, k).indices.sort().values
-    # crc32, not hash(): Python salts str hashes per process, and the selection must repeat across processes.
-    g = torch.Generator().manual_seed((seed * 2654435761 + zlib.crc32(tag.encode())) % (2**63))
+    g = generator(s2ft_selection_seed(seed, tag))
     return torch.randperm(num_units, generator=g)[:k].sort().values
 
 

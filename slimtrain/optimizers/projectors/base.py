@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._seeds import generator, projector_stream_seed
+
 
 class Projector:
     """Base class. Subclasses implement :meth:`refresh` and :meth:`basis`."""
@@ -68,9 +70,7 @@ class Projector:
     def _generator(state: dict, k: int, device: torch.device) -> torch.Generator:
         # One independent stream per (parameter seed, refresh index): resume needs nothing but the
         # two integers, and the draw never touches the global RNG.
-        g = torch.Generator(device=device)
-        g.manual_seed((int(state["proj_seed"]) * 1_000_003 + k) % (2**63 - 1))
-        return g
+        return generator(projector_stream_seed(int(state["proj_seed"]), k), device)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
