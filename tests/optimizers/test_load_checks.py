@@ -107,3 +107,20 @@ def test_same_method_loads_and_records_it():
     target = GaLoreAdamW(groups(mlp()), lr=1e-2)
     target.load_state_dict(eight.state_dict())
     assert target.param_groups[1]["state_bits"] == 8
+
+
+def test_a_users_subclass_is_its_method():
+    """A subclass defined outside slimtrain (tests and users write them) writes and reads its method's state:
+    it is neither a new method nor a name in another optimizer's refusal."""
+
+    class RecordingFira(FiraAdamW):
+        pass
+
+    model = mlp()
+    fira = RecordingFira(groups(model), lr=1e-2)
+    train(model, fira, 1)
+    assert fira.state_dict()["slimtrain"]["method"] == "FiraAdamW"
+    FiraAdamW(groups(mlp()), lr=1e-2).load_state_dict(fira.state_dict())
+    legacy = torch.load(DATA / "fira-svd.pt", weights_only=True)["opt"]  # no recorded method: told by its keys
+    with pytest.raises(RuntimeError, match=r"written by FiraAdamW into GaLoreAdamW"):
+        GaLoreAdamW(groups(mlp()), lr=1e-2).load_state_dict(legacy)
