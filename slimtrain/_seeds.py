@@ -10,8 +10,8 @@ wrote them computed: a formula is never changed, only added (a new stream family
 
 .. math:: \\mathrm{child}(s, k) = (s \\cdot M + k) \\bmod (2^{63} - 1)
 
-(:func:`child_seed`), so every (parent, counter) pair has its own seed and each family's seeds are
-spread differently over ``[0, 2**63 - 1)``:
+(:func:`child_seed`), a different multiplier per family so that one parameter's streams of different
+families do not line up:
 
 =====================  ==========================  ===============================================
 ``M``                  parent, counter             function
