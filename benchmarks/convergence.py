@@ -14,6 +14,12 @@ steps, batches, order and initial weights with:
     python benchmarks/convergence.py --quick         # smoke run: 3 steps, seconds
     python benchmarks/convergence.py --optimizers galore8bit fira8bit frugal8bit dct8bit sst8bit \
         --adamw-lrs 0.001 --section "8-bit optimizer states"    # a second table, below the first
+    python benchmarks/convergence.py --seeds 3               # every row over seeds 0, 1, 2: ~3x the time
+
+``--seeds N`` trains each row N times, with seeds ``--seed`` to ``--seed + N - 1`` (a seed sets the
+initial weights and the batch order; the train/validation split stays the same), and reports the mean
+final validation loss with the spread as min-max over the seeds, so that a difference between rows
+can be read against the seed-to-seed variation. ``--seeds 1`` (the default) is the single-seed table.
 
 Writes ``convergence.md`` (the command on top) and ``convergence.png`` into ``--out-dir``. With
 ``--section TITLE`` the run's table becomes a section of ``convergence.md`` (its own command on top,
@@ -53,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per row, seeds --seed .. --seed+N-1; the table reports mean and min-max (default 1)")
     p.add_argument("--rank", type=int, default=None, help="default: a quarter of the hidden size")
     p.add_argument("--update-proj-gap", type=int, default=None, help="default: 200")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
@@ -63,17 +71,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps of 2 x 32 bytes, one AdamW lr")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1 (got {args.seeds})")
     if args.quick:
         args.steps, args.batch_size, args.seq_len, args.eval_every, args.eval_batches = 3, 2, 32, 3, 1
         args.adamw_lrs = args.adamw_lrs[:1]
     return args
 
 
-def recipe_config(args, optimizer: str, lr: float | None) -> argparse.Namespace:
+def seeds(args) -> list[int]:
+    return list(range(args.seed, args.seed + args.seeds))
+
+
+def recipe_config(args, optimizer: str, lr: float | None, seed: int | None = None) -> argparse.Namespace:
     cfg = pretrain.parse_args([
         "--model", args.model, "--optimizer", optimizer, "--steps", str(args.steps),
         "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--eval-every", str(args.eval_every),
-        "--eval-batches", str(args.eval_batches), "--seed", str(args.seed), "--threads", str(args.threads),
+        "--eval-batches", str(args.eval_batches), "--seed", str(args.seed if seed is None else seed), "--threads", str(args.threads),
         "--out", "-", "--no-progress",
     ])
     cfg.out, cfg.lr, cfg.rank, cfg.update_proj_gap = None, lr, args.rank, args.update_proj_gap
@@ -94,7 +108,8 @@ def main(argv=None) -> list[dict]:
         check_optimizer_name(name, OPTIMIZER_NAMES + REFERENCE_NAMES)
     command = " ".join(["python", "benchmarks/convergence.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     os.makedirs(args.out_dir, exist_ok=True)
-    data = pretrain.load_data(recipe_config(args, "adamw", None))  # one split, one batch order for all runs
+    # One split, and one batch order per seed, for all runs.
+    data = {seed: pretrain.load_data(recipe_config(args, "adamw", None, seed)) for seed in seeds(args)}
     t_start = time.perf_counter()
 
     # The middle AdamW lr first and the rest of the grid last, and the table rewritten after every run:
@@ -109,12 +124,30 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-def _train(args, name: str, lr: float | None, data) -> dict:
-    cfg = recipe_config(args, name, lr)
-    print(f"[convergence] {name} lr={cfg.lr if cfg.lr is not None else DEFAULTS[name]['lr']} ...", flush=True)
-    summary = pretrain.run(cfg, data)
-    print(f"[convergence]   val loss {summary['final_val_loss']:.4f} in {summary['elapsed_s']:.0f} s", flush=True)
-    return dict(name=name, available=True, lr=DEFAULTS[name]["lr"] if lr is None else lr, rank=cfg.rank, **summary)
+def _train(args, name: str, lr: float | None, data: dict) -> dict:
+    summaries = []
+    for seed, seed_data in data.items():
+        cfg = recipe_config(args, name, lr, seed)
+        print(f"[convergence] {name} lr={cfg.lr if cfg.lr is not None else DEFAULTS[name]['lr']} seed {seed} ...", flush=True)
+        summaries.append(pretrain.run(cfg, seed_data))
+        print(f"[convergence]   val loss {summaries[-1]['final_val_loss']:.4f} in {summaries[-1]['elapsed_s']:.0f} s", flush=True)
+    row = dict(name=name, available=True, lr=DEFAULTS[name]["lr"] if lr is None else lr, rank=cfg.rank, **summaries[0])
+    if len(summaries) > 1:
+        losses = [s["final_val_loss"] for s in summaries]
+        mean = sum(losses) / len(losses)
+        histories = [dict(s["val_history"]) for s in summaries]
+        steps = [step for step, _ in summaries[0]["val_history"] if all(step in h for h in histories)]
+        row.update(final_val_loss=mean, val_perplexity=math.exp(mean) if math.isfinite(mean) else math.inf,
+                   seed_losses=losses, elapsed_s=sum(s["elapsed_s"] for s in summaries),
+                   val_history=[(step, sum(h[step] for h in histories) / len(histories)) for step in steps])
+    return row
+
+
+def _loss_cell(r: dict) -> str:
+    """The final validation loss: one seed's, or the mean over seeds with min-max in brackets."""
+    if "seed_losses" not in r:
+        return f"{r['final_val_loss']:.4f}"
+    return f"{r['final_val_loss']:.4f} ({min(r['seed_losses']):.4f}-{max(r['seed_losses']):.4f})"
 
 
 def _notes(args, best: dict) -> list[str]:
@@ -138,6 +171,12 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
     config = model_config(args.model, 256, args.seq_len)
     n_params = sum(p.numel() for p in build_model(config, 0).parameters())
     tokens = args.steps * args.batch_size * args.seq_len
+    if args.seeds == 1:
+        seed_text = f"seed {args.seed}: the same initial weights and batch order for every row"
+    else:
+        seed_text = (f"seeds {', '.join(map(str, seeds(args)))} (each seed its own initial weights and batch order, "
+                     "the same for every row): final val loss is the mean over the seeds with the min-max in "
+                     "brackets; val ppl, ratios and curves use the mean; wall s is the total over the seeds")
     h = "#" if args.section is None else "##"  # a section sits one level below the main title
     png = "convergence.png" if args.section is None else f"convergence-{_slug(args.section)}.png"
     if len(args.adamw_lrs) > 1:
@@ -160,7 +199,7 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
         "",
         f"Model `{args.model}` ({n_params / 1e6:.2f}M parameters, byte vocabulary), {args.steps} steps of "
         f"{args.batch_size} x {args.seq_len} bytes ({tokens / 1e6:.2f}M tokens), 10% warm-up then cosine to "
-        f"10%, seed {args.seed}: the same initial weights and batch order for every row. Validation: "
+        f"10%, {seed_text}. Validation: "
         f"{args.eval_batches} batches of held-out plays, nats per byte. Low-rank optimizers project the "
         f"attention and MLP matrices (rank {args.rank or default_rank(smallest_matrix_dim(config))}, "
         f"T = {args.update_proj_gap or 200}); embeddings, norms and lm_head get AdamW inside the same optimizer.",
@@ -180,7 +219,7 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
             continue
         tag = (" (best)" if r is best else " (grid)") if r["name"] == "adamw" and len(adamw) > 1 else ""
         lines.append(
-            f"| {r['name']}{tag} | {impl} | {r['lr']:g} | {r['final_val_loss']:.4f} | {r['val_perplexity']:.3f} | "
+            f"| {r['name']}{tag} | {impl} | {r['lr']:g} | {_loss_cell(r)} | {r['val_perplexity']:.3f} | "
             f"{r['final_val_loss'] / best['final_val_loss']:.3f} | {r['optimizer_state_bytes']:,} | "
             f"{r['optimizer_state_bytes'] / best['optimizer_state_bytes']:.3f} | {r['elapsed_s']:.0f} |"
         )

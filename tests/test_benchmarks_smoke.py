@@ -24,6 +24,18 @@ def test_convergence_quick(tmp_path):
     assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_convergence_quick_seeds_reports_mean_and_spread(tmp_path):
+    rows = _load("convergence").main(["--quick", "--seeds", "2", "--optimizers", "galore", "--out-dir", str(tmp_path)])
+    report = (tmp_path / "convergence.md").read_text()
+    assert "seeds 0, 1 (" in report
+    for r in rows:
+        lo, hi = min(r["seed_losses"]), max(r["seed_losses"])
+        assert len(r["seed_losses"]) == 2 and lo <= r["final_val_loss"] <= hi
+        assert f"| {r['final_val_loss']:.4f} ({lo:.4f}-{hi:.4f}) |" in report
+    adamw = rows[0]["seed_losses"]
+    assert adamw[0] != adamw[1]  # another seed: other weights and batches
+
+
 def test_convergence_rejects_unknown_optimizer_before_training(tmp_path):
     with pytest.raises(ValueError, match="Invalid --optimizer: 'lion'"):
         _load("convergence").main(["--quick", "--optimizers", "galore", "lion", "--out-dir", str(tmp_path)])
