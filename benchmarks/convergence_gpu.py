@@ -14,6 +14,13 @@ initial weights and the same batches in the same order. Runs:
     python benchmarks/convergence_gpu.py                  # on a GPU: writes benchmarks/results/convergence_gpu.md
     python benchmarks/convergence_gpu.py --quick --device cpu --out /tmp/c.md    # smoke run, seconds
 
+It needs galore-torch (the reference) and bitsandbytes (the 8-bit forms' quantization maps) and refuses
+to start without them. On a GPU machine without PyPI, put the wheels that ``scripts/fetch_gpu_wheels.sh``
+fetches on ``PYTHONPATH`` first, as ``scripts/gpu_check.sh`` does:
+
+    site=$(mktemp -d) && python -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl && \
+        PYTHONPATH="$site:$PWD" python benchmarks/convergence_gpu.py
+
 **Corpus.** The ``.py`` files of ``--corpus-packages`` (default: those of torch, transformers, triton,
 jax, scipy, numpy, sympy that are installed; found with ``importlib.util.find_spec``, nothing imported),
 sorted by path. A file goes to validation when a hash of its path relative to site-packages falls in the
@@ -28,8 +35,8 @@ input byte is seen twice in a run. Tokens are bytes (vocabulary 256); losses are
 runs the GaLore paper (see :mod:`slimtrain.recipes.runtime`); ``--dtype bf16-autocast`` for fp32 master
 weights. On the CPU fp32.
 
-**Runtime estimate (default 500 steps of 64 x 256 bytes, 16 runs).** The model has 25.5M parameters
-(25.2M in the 56 projected matrices). Training FLOPs per token ~= 6 N + 12 L d T = 153M + 12.6M = 166M,
+**Runtime estimate (default 500 steps of 64 x 256 bytes, 16 runs).** The model has 25.6M parameters
+(25.3M in the 56 projected matrices). Training FLOPs per token ~= 6 N + 12 L d T = 153M + 12.6M = 166M,
 so a step of 16,384 tokens is 2.7 TFLOP and a run 1.36 PFLOP. At an assumed 100 TFLOP/s (10% of an
 H100's dense bf16 peak: a 512-wide model in eager Hugging Face code is bound by its element-wise kernels
 and launches, not its matmuls) that is ~14 s per run; adding ~10 s per run for optimizer steps (~60
@@ -343,8 +350,21 @@ def run_labels(args) -> list[str]:
     return adamw[:1] + fp32 + adamw[1:] + eight
 
 
+def check_dependencies(labels: list[str]) -> None:
+    """Fail in seconds, not after the first runs, when a package the runs need is missing."""
+    needed = {"galore_torch": "galore-torch"} if "galore-torch" in labels else {}
+    if any(label.endswith("8bit") for label in labels):
+        needed["bitsandbytes"] = "bitsandbytes"
+    missing = [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"convergence_gpu needs {', '.join(missing)}: pip install {' '.join(missing)} (or slimtrain[dev]; "
+                          "without PyPI, the wheels of scripts/fetch_gpu_wheels.sh on PYTHONPATH), or leave those "
+                          "runs out with --optimizers")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_dependencies(run_labels(args))
     command = " ".join(["python", "benchmarks/convergence_gpu.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -383,7 +403,7 @@ def _ok(rows, label):
     return next((r for r in rows if r["label"] == label and r["status"] == "ok" and math.isfinite(r["val_loss"])), None)
 
 
-def target_checks(rows: list[dict]) -> list[str]:
+def target_checks(args, rows: list[dict]) -> list[str]:
     """The issue's targets, each a measured fact with PASS/FAIL (or NOT MEASURED)."""
     galore, ref, fira = _ok(rows, "galore"), _ok(rows, "galore-torch"), _ok(rows, "fira")
     block, subspace = _ok(rows, "frugal-block"), _ok(rows, "frugal")
@@ -409,8 +429,8 @@ def target_checks(rows: list[dict]) -> list[str]:
         if not below:
             out.append("  Not explained by this run. Differences from the paper's setting that could account for it: "
                        "a short budget (FRUGAL resets its moments every T steps and its signSGD part runs at "
-                       "lr 1e-3 against GaLore's 1e-2), batch 64 x 256 bytes instead of 512 x 256 tokens, bytes "
-                       "instead of a 32k vocabulary.")
+                       f"lr 1e-3 against GaLore's 1e-2), batch {args.batch_size} x {args.seq_len} bytes instead of "
+                       "512 x 256 tokens, bytes instead of a 32k vocabulary.")
     else:
         out.append("- FRUGAL vs GaLore order: **NOT MEASURED** (a run is missing).")
     return out
@@ -492,7 +512,8 @@ def write_report(args, command: str, corpus: Corpus, rows: list[dict], total_s: 
     for r in rows:
         label = r["label"]
         impl = "torch.optim.AdamW" if label.startswith("adamw@") else RUNS[label][2]
-        name = "adamw" + (" (best)" if r is best and len(adamw) > 1 else "") if label.startswith("adamw@") else label
+        tag = (" (best)" if r is best else " (grid)") if len(adamw) > 1 else ""
+        name = "adamw" + tag if label.startswith("adamw@") else label
         if r["status"] != "ok":
             lines.append(f"| {name} | {impl} | - | {r['status']} | - | - | - | - | - | - | - | - |")
             continue
@@ -503,7 +524,7 @@ def write_report(args, command: str, corpus: Corpus, rows: list[dict], total_s: 
             f"{math.exp(min(r['val_loss'], 700)):.3f} | {ratio} | {r['tokens_per_s']:,.0f} | {mem} | "
             f"{r['state_bytes']:,} | {r['wall_s']:.0f} | `{r['data_sha1'][:10]}` |"
         )
-    lines += ["", "## Targets (issue 16)", "", *target_checks(rows), ""]
+    lines += ["", "## Targets (issue 16)", "", *target_checks(args, rows), ""]
     skipped = [r["label"] for r in rows if r["status"].startswith("skipped")]
     if skipped:
         lines += [f"Not run, for the time budget: {', '.join(skipped)}.", ""]

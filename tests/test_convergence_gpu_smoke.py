@@ -72,3 +72,12 @@ def test_refuses_a_corpus_too_small(bench, tmp_path):
 def test_cpu_run_needs_out(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--quick", "--device", "cpu"])
+
+
+def test_time_budget_skips_runs_and_says_so(bench, tmp_path):
+    out = tmp_path / "c.md"
+    result = bench.main(["--quick", "--device", "cpu", "--out", str(out), "--corpus-packages", "numpy",
+                         "--optimizers", "galore", "--time-budget", "0"])
+    assert [r["status"].split(":")[0] for r in result["rows"]] == ["skipped", "skipped"]
+    report = out.read_text()
+    assert "Not run, for the time budget: adamw@0.001, galore." in report and "**NOT MEASURED**" in report
