@@ -2,8 +2,9 @@
 reuse them). Nothing here knows a particular method.
 
 * Random bases: :func:`seeded_uniform` (a basis for a given ``GENERATOR_VERSION``), :func:`uniform_on_cpu`,
-  from seeds derived in :mod:`slimtrain._seeds` (``stable_seed``: hashlib, never Python's salted ``hash()``). Bases come from counter-based Philox (:mod:`slimtrain.kernels.philox`), generated
-  on the target device with the same bits on CPU and GPU; the global RNG is never touched.
+  from seeds derived in :mod:`slimtrain._seeds` (``stable_seed``: hashlib, never Python's salted ``hash()``).
+  Bases come from counter-based Philox (:mod:`slimtrain.kernels.philox`), generated on the target device
+  with the same bits on CPU and GPU; the global RNG is never touched.
 * Input checks: none of its own; the configs use :mod:`slimtrain._validation`, shared with the optimizers
   (one message format), and :func:`check_seed` below.
 * :func:`base_layer_kind`: which base layers a tuner may wrap; bitsandbytes 4-bit and anything else is
