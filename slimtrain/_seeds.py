@@ -56,6 +56,10 @@ PARAMETER = 1_000_003
 ROUNDING = 2_000_029
 SST_DRAW = 7_919
 
+#: The largest optimizer ``seed``: a parameter's seed ``seed * 1_000_003 + index`` is kept as an int64 tensor
+#: (``proj_seed``, ``sst_seed``, ``sr_seed``), and must fit for every index below 2**31.
+MAX_OPTIMIZER_SEED = (MAX_SEED - 2**31) // PARAMETER
+
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A fresh ``torch.Generator`` on ``device`` seeded with ``seed``; independent of ``torch.manual_seed``."""

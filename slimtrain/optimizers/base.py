@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import _seeds
 from .._seeds import parameter_seed
 from ..kernels.apply import lowrank_apply_, residual_from_back, residual_with_row_sq_norms
 from . import _validation as V
@@ -152,7 +153,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         for k, v in options.items():
             V.check_drop_in_option(k, v)
         V.check_choice("nonfinite", nonfinite, V.NONFINITE_POLICIES)
-        V.check_int("seed", seed, minimum=0)
+        V.check_int("seed", seed, minimum=0, maximum=_seeds.MAX_OPTIMIZER_SEED)
         projector = self.default_projector if projector is None else projector
         self._projectors: dict[str, Projector] = {}
         projector_name = self._register_projector(projector)

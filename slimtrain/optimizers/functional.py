@@ -28,15 +28,6 @@ from ..kernels.apply import ResidualOperands
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
 
 
-def __getattr__(name: str):
-    # ``adam_direction_`` was this module's name for the reference, the dispatched op's name too. Kept only
-    # for optimizers/spectral.py, which is being finished by someone else: move it to
-    # ``adam_direction_reference`` (or the dispatched ``kernels.adam_direction_``), then delete this.
-    if name == "adam_direction_":
-        return adam_direction_reference
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     r"""Bias-corrected step size :math:`\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t)`."""
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)

@@ -42,8 +42,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import _seeds
+from ..kernels.adam import adam_direction_
 from . import _validation as V
-from .functional import adam_direction_, adam_step_size
+from .functional import adam_step_size
 from .groups import _LINEAR_TYPES, _matches
 
 # Integer bookkeeping scalars stay on the CPU so reading them never synchronizes a GPU.
@@ -203,7 +205,7 @@ class SpectralLinear(nn.Module):
         re-SVD path. Returns the new ``active_idx``."""
         if u is None or v is None:
             u, _, v = self.factors()
-        gen = torch.Generator().manual_seed((int(self.sample_seed) * 7_919 + int(self.sample_draws)) % (2**63 - 1))
+        gen = _seeds.generator(_seeds.sst_draw_seed(int(self.sample_seed), int(self.sample_draws)))
         active = sample_spectrum(self.s, self.rank, self.uniform_mix, gen).to(self.active_idx.device)
         keep = torch.ones(self.d, dtype=torch.bool, device=active.device)
         keep[active] = False
@@ -287,7 +289,7 @@ def to_spectral(model: nn.Module, target_modules: str | list[str], rank: int, *,
                              f"of shape {tuple(shape)})")
     for k, (name, linear) in enumerate(targets):
         _replace(model, name, SpectralLinear.from_linear(
-            linear, rank, seed=seed * 1_000_003 + k, uniform_mix=uniform_mix, enhanced_grad=enhanced_grad))
+            linear, rank, seed=_seeds.parameter_seed(seed, k), uniform_mix=uniform_mix, enhanced_grad=enhanced_grad))
     return model
 
 

@@ -56,6 +56,9 @@ ERROR_CASES = [
     ("sst-projector", SSTAdamW, {}, {"projector": "dct"}, ValueError, r"Invalid projector: 'dct' \(SSTAdamW samples"),
     ("sst-round", SSTAdamW, {}, {"iterations_per_round": 0}, ValueError, r"Invalid iterations_per_round: 0"),
     ("seed", GaLoreAdamW, {}, {"seed": -1}, ValueError, r"Invalid seed: -1"),
+    # a parameter's seed, seed * 1_000_003 + index, is an int64 tensor: 10**13 overflowed at the first step
+    ("seed-int64", GaLoreAdamW, {}, {"seed": 10**13}, ValueError,
+     r"Invalid seed: 10000000000000 \(expected an integer in \[0, 9223344364674\]\)"),
     ("state_bits", GaLoreAdamW, {}, {"state_bits": 4}, ValueError, r"Invalid state_bits: 4 \(expected one of 32, 8\)"),
     ("group-state_bits", FiraAdamW, {"state_bits": 16}, {}, ValueError, r"Invalid state_bits: 16 \(expected one of 32, 8\)"),
     ("8bit-class-bits", GaLoreAdamW8bit, {}, {"state_bits": 32}, ValueError, r"Invalid state_bits: 32 \(GaLoreAdamW8bit keeps 8-bit states; use GaLoreAdamW"),
