@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _seeds
-from ..kernels.adam import adam_direction_
+from ..kernels.adam import adam_direction_, adam_direction_reference
 from . import _validation as V
 from .functional import adam_step_size
 from .groups import _LINEAR_TYPES, _matches
@@ -399,8 +399,11 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
             self._init_moments(state, p)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        direction = adam_direction_(p.grad.to(state["exp_avg"].dtype), state["exp_avg"], state["exp_avg_sq"],
-                                    beta1, beta2, group["eps"])
+        # fp32 moments go through the dispatched kernel; fp64 ones (fp64 factors) through its reference,
+        # since the kernel keeps optimizer state in fp32 only.
+        adam = adam_direction_ if state["exp_avg"].dtype == torch.float32 else adam_direction_reference
+        direction = adam(p.grad.to(state["exp_avg"].dtype), state["exp_avg"], state["exp_avg_sq"],
+                         beta1, beta2, group["eps"])
         return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
 
     @torch.no_grad()

@@ -11,6 +11,8 @@ from .._seeds import generator, parameter_seed, sst_draw_seed
 from . import _validation as V
 from . import quantized as Q
 from .base import LowRankAdamW, matrix_shape
+# The paper's form (the weight replaced by its factors, state for the sampled vectors only), exported here too.
+from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, sample_spectrum, to_spectral  # noqa: F401
 from .functional import adam_step_size, sst_factor_grads
 
 
@@ -100,15 +102,9 @@ class SSTAdamW(LowRankAdamW):
     def _resample(self, group: dict, state: dict) -> None:
         s = state["sst_s"]
         rank = group["rank"]
-        probs = s.clamp(min=0).double()
-        total = probs.sum()
-        probs = probs / total if total > 0 else torch.full_like(probs, 1.0 / probs.numel())
-        probs = (1 - group["uniform_mix"]) * probs + group["uniform_mix"] / probs.numel()
         k = int(state["sst_draws"])
         gen = generator(sst_draw_seed(int(state["sst_seed"]), k))
-        # Without replacement: r distinct vectors. multinomial needs r nonzero probabilities.
-        probs = probs.cpu() + (probs.cpu() == 0) * 1e-30
-        state["sst_idx"] = torch.multinomial(probs, rank, replacement=False, generator=gen).sort().values.to(s.device)
+        state["sst_idx"] = sample_spectrum(s, rank, group["uniform_mix"], gen).to(s.device)
         state["sst_draws"].fill_(k + 1)
         m, n = state["sst_u"].shape[0], state["sst_v"].shape[0]
         for key, rows in (("u", m), ("v", n)):
@@ -165,7 +161,3 @@ class SSTAdamW8bit(Q.EightBitStates, SSTAdamW):
     of their fp32 bytes. Smaller ones stay fp32. The factors ``U``, ``Σ``, ``V`` stay fp32:
     they are the weight itself, not a running statistic. See ``docs/low_bit.md``.
     """
-
-
-# The paper's form: the weight replaced by its factors, state for the sampled vectors only.
-from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, to_spectral  # noqa: E402, F401

@@ -247,6 +247,23 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
             assert torch.equal(value, resumed_opt.state[q][key]), key
 
 
+def test_float64_factors_step_in_float64_like_float32():
+    """fp64 factors keep fp64 moments (Adam's reference; the kernel holds fp32 state only). One step from the
+    same weights and batch agrees with the fp32 run to fp32 rounding of the update (lr 1e-2, |Adam| <= ~1)."""
+    runs = []
+    for dtype in (torch.float32, torch.float64):
+        model = to_spectral(mlp().to(dtype), ["0", "2"], rank=4)
+        opt = SpectralSSTAdamW(model, lr=1e-2)
+        x = torch.randn(16, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        assert opt.state[model[0].s]["exp_avg"].dtype == dtype
+        # compared as merged weights: the two SVDs may pick singular vectors of opposite signs
+        runs.append([p.detach().double() for p in merge_spectral(model).parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_training_reduces_the_loss():
     # Fitting one fixed batch: AdamW (lr 1e-2) takes the loss from 0.58 to 0.001 in 100 steps, this from
     # 0.58 to 0.069 (rank 4 of 8..24, all three matrices spectral); a quarter leaves margin for the BLAS.
