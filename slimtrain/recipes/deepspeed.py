@@ -22,7 +22,7 @@ of the batch the single-process recipe would use (and splits it again into the c
 single-process ones up to fp32 rounding (a mean of per-rank means, not one mean), and the logged train
 loss is the whole batch's (averaged over ranks). A projector refresh can amplify that rounding: on the
 tiny model at 2 ranks, losses equal to 1e-6 at ``--rank 8`` but up to 1.6e-3 apart at the default rank 48
-(measured; README, DeepSpeed paragraph). That holds for configs that set ``"gradient_clipping": 0.0`` as the shipped ones do: a config
+(``benchmarks/zero_vs_one_process.py``). That holds for configs that set ``"gradient_clipping": 0.0`` as the shipped ones do: a config
 without the key gets DeepSpeed's default, clipping the gradient norm at 1.0 (DeepSpeed 0.19.8).
 Validation runs the same batches on every rank: under ZeRO-3 each forward pass gathers the weights
 collectively, so all ranks must run it.
