@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._validation import check_int
 from . import _dispatch, _triton
 from ._triton import tl, triton
 from .philox import (
@@ -35,7 +36,6 @@ from .philox import (
     _MASK32,
     _accumulator_dtype,
     _check_float_tensor,
-    _is_int,
     _stream,
     _Stream,
     _to_float,
@@ -168,9 +168,7 @@ def _block(shape, rows, cols) -> tuple[int, int]:
     rows = dims[0] if rows is None else rows
     cols = dims[1] if cols is None else cols
     for name, value, limit in (("rows", rows, dims[0]), ("cols", cols, dims[1])):
-        if not _is_int(value) or not 1 <= value <= limit:
-            raise ValueError(f"Invalid {name}: {value!r} (expected an int in [1, {limit}] for a basis of shape "
-                             f"{dims})")
+        check_int(name, value, minimum=1, maximum=limit)
     return rows, cols
 
 

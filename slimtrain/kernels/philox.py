@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_int
 from . import _device, _dispatch, _triton
 from ._triton import tl, triton
 
@@ -102,21 +103,18 @@ def _fp32(value: float) -> float:
 
 def _stream(seed, shape, low, high, num_basis, offset) -> _Stream:
     """Check every user-facing argument once, with the parameter name and value in each message."""
-    if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**63 - 1])")
+    check_int("seed", seed, minimum=0, maximum=_MAX_SEED)
     dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
     if not dims or not all(_is_int(d) and d >= 1 for d in dims) or math.prod(dims) > _MAX_NUMEL:
         raise ValueError(f"Invalid shape: {shape!r} (expected a non-empty tuple of positive ints with at most "
                          f"2**31 - 1 elements)")
-    if not _is_int(num_basis) or num_basis < 1:
-        raise ValueError(f"Invalid num_basis: {num_basis!r} (expected an int >= 1)")
+    check_int("num_basis", num_basis, minimum=1)
     for name, value in (("low", low), ("high", high)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (expected a finite float)")
     if not low < high:
         raise ValueError(f"Invalid high: {high!r} (expected a float > low = {low!r})")
-    if not _is_int(offset) or offset < 0:
-        raise ValueError(f"Invalid offset: {offset!r} (expected an int >= 0)")
+    check_int("offset", offset, minimum=0)
     half, center = _fp32((high - low) / 2), _fp32((high + low) / 2)
     if not (math.isfinite(half) and math.isfinite(center)):
         raise ValueError(f"Invalid low, high: {low!r}, {high!r} (expected an interval representable in float32)")

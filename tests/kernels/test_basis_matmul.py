@@ -136,7 +136,7 @@ def test_empty_input_and_visible_choice():
 BAD_INPUTS = [
     (lambda: philox_linear(torch.ones(2, 7), SEED, (35,)), r"Invalid shape: \(35,\) \(expected the 2-D shape"),
     (lambda: philox_linear(torch.ones(2, 7), SEED, (5, 0)), r"Invalid shape: \(5, 0\)"),
-    (lambda: philox_linear(torch.ones(2, 7), SEED, (5, 7), rows=6), r"Invalid rows: 6 \(expected an int in \[1, 5\]"),
+    (lambda: philox_linear(torch.ones(2, 7), SEED, (5, 7), rows=6), r"Invalid rows: 6 \(expected an integer in \[1, 5\]"),
     (lambda: philox_linear(torch.ones(2, 7), SEED, (5, 7), cols=0), r"Invalid cols: 0"),
     (lambda: philox_linear(torch.ones(2, 7), SEED, (5, 7), cols=2.0), r"Invalid cols: 2.0"),
     (lambda: philox_linear(torch.ones(2, 6), SEED, (5, 7)), r"Invalid x: shape \(2, 6\) \(expected \(\.\.\., 7\)"),
