@@ -22,6 +22,8 @@ families do not line up:
 :data:`PARAMETER`      ``proj_seed``, refresh k    :func:`projector_stream_seed`
 :data:`PARAMETER`      optimizer ``seed``,         :func:`block_order_seed` (not reduced; the
                        refresh k                   parameter seed's formula, as FRUGAL has used it)
+:data:`PARAMETER`      a recipe's ``--seed``,      :func:`data_order_seed` (not reduced; the recipes'
+                       epoch                       batch order)
 :data:`ROUNDING`       ``sr_seed``, rounding t     :func:`rounding_stream_seed`
 (2_000_029)
 :data:`SST_DRAW`       ``sst_seed``, draw k        :func:`sst_draw_seed`
@@ -88,6 +90,12 @@ def block_order_seed(seed: int, refresh: int) -> int:
     """FRUGAL's random choice of active blocks at refresh ``refresh``: ``seed * 1_000_003 + refresh``, not
     reduced (the formula of :func:`parameter_seed`, as FRUGAL has always drawn it)."""
     return parameter_seed(seed, refresh)
+
+
+def data_order_seed(seed: int, epoch: int) -> int:
+    """The recipes' batch order for ``epoch`` (:class:`slimtrain.recipes.data.TokenBlocks`): ``seed * 1_000_003 +
+    epoch``, not reduced (the parameter seed's formula, as the recipes have used it)."""
+    return int(seed) * PARAMETER + int(epoch)
 
 
 def rounding_stream_seed(sr_seed: int, step: int) -> int:

@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .._seeds import data_order_seed, generator
+
 VOCAB_SIZE = 256  # byte-level
 DOCUMENT_SEPARATOR = b"\n\n"
 
@@ -144,7 +146,7 @@ class BlockBatches:
 
     def _block_order(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = generator(data_order_seed(self.seed, epoch))
             self._epoch, self._order = epoch, torch.randperm(self.n_blocks, generator=g)
         return self._order
 
