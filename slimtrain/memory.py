@@ -27,8 +27,10 @@ import torch
 
 from .optimizers import _validation as V
 from .optimizers import quantized as Q
-from .optimizers.base import matrix_shape, projects_left
+from .optimizers.base import LowRankAdamW
 from .optimizers.groups import low_rank_param_groups
+from .optimizers.rule import matrix_shape
+from .optimizers.state import ABSMAX_SUFFIX, ROUNDING, Slot
 
 # name -> (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers); GaLore's configs/llama_*.json
 LLAMA_SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -44,14 +46,8 @@ PAPER_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}
 
 OPTIMIZERS = ("adamw", "galore", "fira", "frugal", "dct", "sst")
 PROJECTORS = ("svd", "randomized", "dct", "random", "columns")
-DEFAULT_PROJECTOR = {"galore": "svd", "fira": "svd", "frugal": "svd", "dct": "dct", "sst": "svd"}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "other")
-_COUNTER = 8  # every step count, seed and index is an int64 scalar
-# Bookkeeping scalars per projected matrix: step, iters, refresh_offset, proj_refreshes, proj_seed.
-_PROJECTED_COUNTERS = 5
-# SST: iters, sst_draws, sst_seed, step, vec_step.
-_SST_COUNTERS = 5
 
 
 @dataclass
@@ -214,74 +210,53 @@ def component_of(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# What each optimizer holds per parameter (mirrors the optimizers' state creation)
+# What each optimizer holds per parameter: its own declaration (slimtrain.optimizers.state)
 
 
-def moment_bytes(numel: int, state_bits: int, min_8bit_size: int, block_size: int) -> tuple[int, int]:
-    """(value bytes, absmax bytes) of ONE moment of ``numel`` elements."""
-    if state_bits == 8 and numel >= min_8bit_size:
-        return numel, 4 * Q.num_blocks(numel, block_size)
-    return 4 * numel, 0
+def _category(slot: Slot) -> str:
+    """The table column a state tensor is counted in."""
+    if slot.key.endswith(ABSMAX_SUFFIX):
+        return "absmax"
+    if slot.key.startswith("exp_avg"):
+        return "moments"
+    if slot.key.startswith(("proj_", "sst_")) and not slot.host:
+        return "projector"  # bases, indices, SST's factors
+    return "counters"  # step counts, seeds, flags, Fira's limiter norm
 
 
-def _adam(c: Component, numel: int, bits: int, min_8bit_size: int, block_size: int) -> None:
-    values, absmax = moment_bytes(numel, bits, min_8bit_size, block_size)
-    c.moments += 2 * values
-    c.absmax += 2 * absmax
+def _build_optimizer(model: torch.nn.Module, s: dict, target_modules) -> LowRankAdamW:
+    """The optimizer ``s`` describes, on ``model``'s parameters (nothing is allocated before a step). Built with
+    fp32 states and then told its groups keep ``state_bits`` (the declaration reads only the groups), so an
+    estimate of 8-bit states needs no bitsandbytes."""
+    from .optimizers import OPTIMIZERS
+
+    if s["optimizer"] == "adamw":  # slimtrain's dense path: no group is projected
+        opt = LowRankAdamW(model.parameters(), min_8bit_size=s["min_8bit_size"], block_size=s["block_size"])
+    else:
+        kwargs = dict(min_8bit_size=s["min_8bit_size"], block_size=s["block_size"])
+        if s["optimizer"] != "sst":
+            kwargs["projector"] = s["projector"]
+        if s["optimizer"] == "frugal":
+            kwargs.update(density=s["density"], mode=s["frugal_mode"])
+        groups = low_rank_param_groups(model, target_modules, rank=s["rank"], proj_type=s["proj_type"])
+        opt = OPTIMIZERS[s["optimizer"]](groups, **kwargs)
+    for group in opt.param_groups:
+        group["state_bits"] = s["state_bits"]
+    return opt
 
 
-def _param_state(p: torch.Tensor, projected: bool, s: dict) -> Component:
-    """The optimizer state one parameter gets, as its optimizer creates it at the first step."""
+def _param_state(opt: LowRankAdamW, p: torch.Tensor, group: dict, rounds: bool) -> Component:
+    """The optimizer state ``p`` gets at its first step, from the optimizer's declaration. Stochastic rounding's
+    slots follow the estimate's ``weight_dtype``, not ``p``'s (a meta model is built in fp32)."""
+    slots = [slot for slot in opt.state_spec(p, group) if slot not in ROUNDING]
+    projected = "rank" in group and matrix_shape(p) is not None
+    if rounds and (not projected or opt.rule.stochastic_rounding):
+        slots += ROUNDING
     c = Component("")
-    bits, min_size, bs = s["state_bits"], s["min_8bit_size"], s["block_size"]
-    shape = matrix_shape(p)
-    opt = s["optimizer"]
-    if not projected or shape is None or opt == "adamw":
-        c.counters += _COUNTER  # step
-        _adam(c, p.numel(), bits, min_size, bs)
-        return c
-    if opt == "sst":
-        m, n = shape
-        d, r = min(m, n), s["rank"]
-        c.projector += 4 * (m * d + d + n * d) + 8 * r  # U, sigma, V (fp32), sampled indices
-        c.counters += _SST_COUNTERS * _COUNTER
-        _adam(c, d, bits, min_size, bs)  # sigma's moments
-        _adam(c, m * r, bits, min_size, bs)  # sampled columns of U
-        _adam(c, n * r, bits, min_size, bs)  # sampled columns of V
-        return c
-    m, n = (shape[1], shape[0]) if projects_left(shape, s["proj_type"]) else shape
-    r = round(s["density"] * n) if opt == "frugal" and s["density"] is not None else s["rank"]
-    if r == 0:
-        return c  # FRUGAL at density 0: nothing is state-full
-    c.counters += _PROJECTED_COUNTERS * _COUNTER
-    _adam(c, m * r, bits, min_size, bs)
-    projector = s["projector"]
-    if projector in ("svd", "randomized"):
-        c.projector += 4 * r * n  # fp32 basis, r x n
-    elif projector in ("dct", "columns"):
-        c.projector += 8 * r  # int64 indices
-    elif projector == "random":
-        c.counters += _COUNTER  # proj_rank; the basis is regenerated from the seed
-    if opt == "fira":
-        c.counters += 4  # the limiter's previous residual norm (fp32 scalar)
+    for slot in slots:
+        field_name = _category(slot)
+        setattr(c, field_name, getattr(c, field_name) + slot.nbytes)
     return c
-
-
-def _frugal_block_state(members: list[torch.Tensor], s: dict) -> dict[int, Component]:
-    """FRUGAL block mode at its first window: every member holds an ``active`` flag; the active ones
-    (``round(density * K)`` counted from the last matrix, the default ``block_order="descending"``)
-    hold full AdamW state."""
-    k = round(s["density"] * len(members))
-    active = set(range(len(members) - k, len(members)))
-    out = {}
-    for i, p in enumerate(members):
-        c = Component("")
-        c.counters += 1  # bool flag
-        if i in active:
-            c.counters += _COUNTER
-            _adam(c, p.numel(), s["state_bits"], s["min_8bit_size"], s["block_size"])
-        out[id(p)] = c
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +307,10 @@ def estimate_memory(
     _check("state_bits", state_bits, Q.STATE_BITS)
     _check("weight_dtype", weight_dtype, tuple(DTYPE_BYTES))
     _check("frugal_mode", frugal_mode, ("subspace", "block"))
-    projector = projector or DEFAULT_PROJECTOR.get(optimizer)
+    if projector is None and optimizer != "adamw":
+        from .optimizers import OPTIMIZERS as CLASSES
+
+        projector = CLASSES[optimizer].default_projector
     if optimizer not in ("adamw", "sst"):
         _check("projector", projector, PROJECTORS)
     # The optimizers' own checks (what their constructors would refuse is not estimated).
@@ -354,22 +332,10 @@ def estimate_memory(
         model = meta_model(load_config(config_or_name))
     s = dict(
         optimizer=optimizer, rank=rank, state_bits=state_bits, min_8bit_size=min_8bit_size,
-        block_size=block_size, projector=projector, proj_type=proj_type, density=density,
+        block_size=block_size, projector=projector, proj_type=proj_type, density=density, frugal_mode=frugal_mode,
     )
-    projected: set[int] = set()
-    members: list[torch.Tensor] = []
-    if optimizer != "adamw":
-        groups = low_rank_param_groups(model, target_modules, rank=rank)
-        members = [p for p in groups[-1]["params"] if matrix_shape(p) is not None]
-        projected = {id(p) for p in groups[-1]["params"]}
-        if not (optimizer == "frugal" and density is not None):
-            for p in members:
-                if not 1 <= rank <= min(matrix_shape(p)):
-                    raise ValueError(
-                        f"Invalid rank: {rank} (expected 1 <= rank <= {min(matrix_shape(p))} for parameter of "
-                        f"shape {tuple(p.shape)})"
-                    )
-    block = _frugal_block_state(members, s) if optimizer == "frugal" and frugal_mode == "block" else {}
+    opt = _build_optimizer(model, s, target_modules)  # refuses what the optimizer would (a rank too large, ...)
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
     wbytes = DTYPE_BYTES[weight_dtype]
     rounds = bf16_stochastic_round and weight_dtype == "bf16"
 
@@ -387,10 +353,7 @@ def estimate_memory(
             largest_grad, largest_row = p.numel() * wbytes, row
         if not layerwise:
             row.grads += p.numel() * wbytes
-        state = block[id(p)] if id(p) in block else _param_state(p, id(p) in projected, s)
-        if rounds and not (optimizer == "sst" and id(p) in projected and matrix_shape(p) is not None):
-            state.counters += 2 * _COUNTER  # sr_seed, sr_step (SST rewrites its weights from fp32 factors)
-        row.add(state)
+        row.add(_param_state(opt, p, groups[id(p)], rounds))
     if layerwise and largest_row is not None:
         largest_row.grads += largest_grad
     components = [rows[c] for c in COMPONENTS if rows[c].params]

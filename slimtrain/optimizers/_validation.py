@@ -112,3 +112,28 @@ def refuse_unknown(owner: str, what: str, unknown: Iterable[str], known: Iterabl
     s = "s" if len(unknown) > 1 else ""
     hint = f" ({'; '.join(notes)})" if notes else f" (accepted: {', '.join(known)})"
     raise TypeError(f"{owner} got unexpected {what}{s} {', '.join(map(repr, unknown))}{hint}")
+
+
+def check_group(group: dict) -> None:
+    """The checks every slimtrain optimizer makes of a param group's shared settings (the method's own are its
+    rule's, :meth:`StepRule.validate_group <slimtrain.optimizers.rule.StepRule.validate_group>`)."""
+    from .quantized import BLOCK_SIZES, STATE_BITS
+
+    check_lr(group["lr"])
+    check_betas(group["betas"])
+    check_nonneg("eps", group["eps"])
+    check_nonneg("weight_decay", group["weight_decay"])
+    check_choice("moments", group["moments"], MOMENT_POLICIES)
+    check_int_choice("state_bits", group["state_bits"], STATE_BITS)
+    check_int("min_8bit_size", group["min_8bit_size"], minimum=0)
+    check_int_choice("block_size", group["block_size"], BLOCK_SIZES)
+    check_bool("bf16_stochastic_round", group["bf16_stochastic_round"])
+    check_bool("maximize", group["maximize"])
+    for p in group["params"]:
+        check_param(p)
+    if "rank" not in group:
+        return
+    check_int("rank", group["rank"], minimum=1)
+    check_int("update_proj_gap", group["update_proj_gap"], minimum=1)
+    check_nonneg("scale", group["scale"])
+    check_choice("proj_type", group["proj_type"], PROJ_TYPES)

@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+from ..kernels.apply import residual_with_row_sq_norms
 from . import _validation as V
-from .base import LowRankAdamW, LowRankStep
+from .base import LowRankAdamW
 from .functional import Residual, fira_row_scale
-from .projectors import Projector
+from .lowrank import LowRankRule, LowRankStep
 from .quantized import EightBitStates
+from .state import Slot
 
 RESIDUAL_MODES = ("orthogonal", "fira_code")
+
+
+class FiraRule(LowRankRule):
+    """GaLore's rule plus Fira's residual: ``G' - c R B`` scaled per row by Adam's own per-row rescaling, under
+    a norm-growth limiter whose previous norm is the rule's one piece of extra state."""
+
+    name = "fira"
+    options = ("gamma", "residual")
+
+    def residual(self, group: dict, state: dict, step: LowRankStep, step_size: float) -> Residual:
+        coef = group["scale"] if group["residual"] == "fira_code" else 1.0
+        # On the torch backend the norms need G' - c R B in full: keep it for the apply (materialized)
+        # rather than computing it twice. The Triton kernels compute it twice and never store it.
+        materialized, row_sq = residual_and_row_sq_norms(step, coef)
+        row_scale, norm = fira_row_scale(step.low, step.direction, row_sq, state.get("residual_norm"), group["gamma"])
+        state["residual_norm"] = norm
+        return Residual(step.grad_t, step.low, "sgd", coef, step_size, row_scale, materialized)
+
+    def residual_slots(self, group: dict) -> list[Slot]:
+        return [Slot("residual_norm", (), torch.float32)]
+
+
+def residual_and_row_sq_norms(step: LowRankStep, coef: float) -> tuple[Tensor | None, Tensor]:
+    """``(residual, row_sq)``: ``sum_j (G' - c R B)_ij^2`` per row, through the fused kernel when the basis is
+    dense, and ``G' - c R B`` itself wherever it had to be materialized for that (the torch backend,
+    projectors without a dense basis), ``None`` where the kernel did without. Put it in
+    :attr:`Residual.materialized`: applying the step then reuses it instead of computing it again."""
+    if step.basis is not None:
+        return residual_with_row_sq_norms(step.grad_t, step.low, step.basis, coef)
+    back_low = step.projector.project_back(step.low, step.state, step.grad_t.shape[1])
+    residual = step.grad_t.float() - back_low.mul_(coef)
+    return residual, residual.square().sum(1)
 
 
 class FiraAdamW(LowRankAdamW):
@@ -38,22 +75,13 @@ class FiraAdamW(LowRankAdamW):
 
     default_projector = "svd"
     default_moments = "keep"
-    method_options = ("gamma", "residual")
+    rule_type = FiraRule
 
     def __init__(self, params, lr: float = 1e-3, *args, gamma: float = 1.01, residual: str = "orthogonal", **kwargs):
         if not (isinstance(gamma, (int, float)) and gamma >= 1.0):
             raise ValueError(f"Invalid gamma: {gamma} (expected a number >= 1)")
         V.check_choice("residual", residual, RESIDUAL_MODES)
         super().__init__(params, lr, *args, gamma=gamma, residual=residual, **kwargs)
-
-    def _residual(self, group: dict, state: dict, projector: Projector, step: LowRankStep, step_size: float) -> Residual:
-        coef = group["scale"] if group["residual"] == "fira_code" else 1.0
-        # On the torch backend the norms need G' - c R B in full: keep it for the apply (materialized)
-        # rather than computing it twice. The Triton kernels compute it twice and never store it.
-        materialized, row_sq = self._residual_with_row_sq_norms(step, projector, state, coef)
-        row_scale, norm = fira_row_scale(step.low, step.direction, row_sq, state.get("residual_norm"), group["gamma"])
-        state["residual_norm"] = norm
-        return Residual(step.grad_t, step.low, "sgd", coef, step_size, row_scale, materialized)
 
 
 class FiraAdamW8bit(EightBitStates, FiraAdamW):

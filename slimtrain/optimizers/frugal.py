@@ -1,5 +1,5 @@
 """FRUGAL (Zmushko et al., ICML 2025, arXiv:2411.07837): Adam in a state-full subspace, state-free
-signSGD (or SGD) on the rest of the gradient."""
+signSGD (or SGD) on the rest of the gradient. Two step rules, one per mode."""
 
 from __future__ import annotations
 
@@ -9,12 +9,144 @@ from torch import Tensor
 from .._seeds import block_order_seed, generator
 from . import _validation as V
 from . import quantized as Q
-from .base import LowRankAdamW, LowRankStep, matrix_shape, projects_left
+from .base import LowRankAdamW
 from .functional import STATE_FREE_RULES, Residual, adam_step_size, state_free_residual
-from .projectors import Projector
+from .lowrank import MOMENTS, LowRankRule, LowRankStep, projects_left
+from .rule import Capabilities, StepRule, matrix_shape
+from .state import Slot, counter, counters, moment_slots
+from .updates import DenseUpdate, Update
 
 MODES = ("subspace", "block")
 BLOCK_ORDERS = ("descending", "ascending", "random")
+OPTIONS = ("density", "inactive_update_rule", "inactive_lr_scale")
+
+
+def _state_free(grad: Tensor, group: dict) -> DenseUpdate:
+    """The state-free rule on a whole gradient (FRUGAL's inactive matrices, or density 0)."""
+    update = state_free_residual(grad, torch.zeros((), device=grad.device), group["inactive_update_rule"])
+    return DenseUpdate(update, group["lr"] * group["inactive_lr_scale"])
+
+
+class FrugalSubspaceRule(LowRankRule):
+    """``mode="subspace"``: GaLore's rule at rank ``round(density * n)``, and the state-free rule on ``G - R B``."""
+
+    name = "frugal"
+    options = OPTIONS
+
+    def validate_group(self, opt, group: dict) -> None:
+        if group["density"] is None:
+            super().validate_group(opt, group)
+
+    def rank_for(self, group: dict, shape_t: torch.Size) -> int:
+        if group["density"] is None:
+            return group["rank"]
+        return round(group["density"] * shape_t[1])
+
+    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Update:
+        transposed = projects_left(grad.shape, group["proj_type"])
+        if self.rank_for(group, grad.T.shape if transposed else grad.shape) == 0:
+            # density 0: nothing is state-full; the whole gradient takes the state-free rule.
+            return _state_free(opt._descent(grad.float(), group), group)
+        return super().update(opt, p, grad, group, state, index)
+
+    def residual(self, group: dict, state: dict, step: LowRankStep, step_size: float) -> Residual | None:
+        rule = group["inactive_update_rule"]
+        if rule == "none":
+            return None
+        return Residual(step.grad_t, step.low, rule, scale=group["lr"] * group["inactive_lr_scale"])
+
+    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+        shape = matrix_shape(p)
+        if self.rank_for(group, shape[::-1] if projects_left(shape, group["proj_type"]) else shape) == 0:
+            return []
+        return super().state_spec(opt, p, group)
+
+    def identity(self) -> dict:
+        return {"mode": "subspace"}
+
+
+class FrugalBlockRule(StepRule):
+    """``mode="block"``: every ``update_proj_gap`` steps ``round(density * K)`` of the K projected matrices become
+    active and hold full AdamW state, reset each window; the others take the state-free rule."""
+
+    name = "frugal"
+    options = OPTIONS
+    capabilities = Capabilities(shardable=False, layerwise=False, reason=(
+        "FrugalAdamW(mode='block') chooses the active matrices once per step over all of them; use "
+        "mode='subspace' (or, layer-wise, a regular optimizer.step())"))
+
+    def validate_group(self, opt, group: dict) -> None:
+        pass  # whole matrices are active or not: no rank to fit
+
+    def __init__(self, block_order: str = "descending"):
+        self.block_order = block_order
+        self.block_iters = 0
+
+    @staticmethod
+    def members(opt) -> list[Tensor]:
+        return [p for g in opt.param_groups if "rank" in g for p in g["params"] if matrix_shape(p) is not None]
+
+    def active_blocks(self, opt, refresh_index: int) -> list[int]:
+        members = self.members(opt)
+        count = len(members)
+        density = next(g["density"] for g in opt.param_groups if "rank" in g)
+        k = round(density * count)
+        if k == 0 or count == 0:
+            return []
+        if self.block_order == "random":
+            gen = generator(block_order_seed(opt.seed, refresh_index))
+            return sorted(torch.randperm(count, generator=gen)[:k].tolist())
+        start = (refresh_index * k) % count
+        window = [(start + i) % count for i in range(k)]
+        if self.block_order == "descending":
+            window = [count - 1 - i for i in window]
+        return sorted(window)
+
+    def prepare_step(self, opt) -> None:
+        gap = next((g["update_proj_gap"] for g in opt.param_groups if "rank" in g), None)
+        if gap is None:
+            return
+        if self.block_iters % gap == 0:
+            active = set(self.active_blocks(opt, self.block_iters // gap))
+            for i, p in enumerate(self.members(opt)):
+                state = opt.state[p]
+                # Stochastic rounding's stream outlives the window, so it never repeats.
+                rounding = {k: state[k] for k in ("sr_seed", "sr_step") if k in state}
+                state.clear()  # moments reset at every refresh; inactive matrices hold nothing
+                state.update(rounding)
+                state["active"] = torch.tensor(i in active)
+                if i in active:
+                    state["step"] = torch.zeros((), dtype=torch.int64)
+                    Q.init_moments(state, opt._group_of(p), MOMENTS, p.shape, p.device)
+        self.block_iters += 1
+
+    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Update:
+        grad = opt._descent(grad.reshape(p.shape).float(), group)
+        if not bool(state["active"]):
+            return _state_free(grad, group)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        direction = Q.adam_direction(state, group, grad)
+        return DenseUpdate(direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"])
+
+    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+        """During the first window (``block_order``'s first active set)."""
+        index = next(i for i, q in enumerate(self.members(opt)) if q is p)
+        if index not in self.active_blocks(opt, 0):
+            return [counter("active", torch.bool)]
+        return [counter("active", torch.bool), *counters("step"), *moment_slots(group, MOMENTS, p.shape)]
+
+    def host_keys(self, opt, p: Tensor, group: dict) -> set[str]:
+        return {"active", "step"}
+
+    def extra_state(self) -> dict:
+        return {"block_iters": self.block_iters}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.block_iters = int(extra.get("block_iters", 0))
+
+    def identity(self) -> dict:
+        return {"mode": "block"}
 
 
 class FrugalAdamW(LowRankAdamW):
@@ -52,7 +184,7 @@ class FrugalAdamW(LowRankAdamW):
 
     default_projector = "svd"
     default_moments = "reset"
-    method_options = ("density", "inactive_update_rule", "inactive_lr_scale")
+    rule_type = FrugalSubspaceRule
 
     def __init__(
         self,
@@ -74,129 +206,20 @@ class FrugalAdamW(LowRankAdamW):
         V.check_nonneg("inactive_lr_scale", inactive_lr_scale)
         if density is None and mode == "block":
             raise ValueError("Invalid density: None (block mode needs a density in [0, 1])")
-        self.mode = mode
-        self.block_order = block_order
-        self._block_iters = 0
-        super().__init__(
-            params,
-            lr,
-            *args,
-            density=density,
-            inactive_update_rule=inactive_update_rule,
-            inactive_lr_scale=inactive_lr_scale,
-            **kwargs,
-        )
+        rule = FrugalBlockRule(block_order) if mode == "block" else FrugalSubspaceRule()
+        super().__init__(params, lr, *args, rule=rule, density=density, inactive_update_rule=inactive_update_rule,
+                         inactive_lr_scale=inactive_lr_scale, **kwargs)
 
-    # Ranks ------------------------------------------------------------------------------------
-    def _validate_projected_params(self, group: dict) -> None:
-        if group["density"] is None:
-            super()._validate_projected_params(group)
-
-    def _rank_for(self, group: dict, shape_t: torch.Size) -> int:
-        if group["density"] is None:
-            return group["rank"]
-        return round(group["density"] * shape_t[1])
-
-    # Subspace mode ----------------------------------------------------------------------------
-    def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
-        if self.mode == "block":
-            self._step_block(p, group, state)
-            return
-        shape = matrix_shape(p)
-        transposed = projects_left(shape, group["proj_type"])
-        grad = self._descent(p.grad.reshape(shape).float(), group)
-        grad_t = grad.T if transposed else grad
-        if self._rank_for(group, grad_t.shape) == 0:
-            # density 0: nothing is state-full; the whole gradient takes the state-free rule.
-            update = state_free_residual(grad_t, torch.zeros_like(grad_t), group["inactive_update_rule"])
-            if update is None:
-                return
-            update = update.T if transposed else update
-            self._apply(p, group, update.reshape(p.shape), group["lr"] * group["inactive_lr_scale"])
-            return
-        super()._step_projected(p, group, state, index)
-
-    def _residual(
-        self, group: dict, state: dict, projector: Projector, step: LowRankStep, step_size: float
-    ) -> Residual | None:
-        rule = group["inactive_update_rule"]
-        if rule == "none":
-            return None
-        return Residual(step.grad_t, step.low, rule, scale=group["lr"] * group["inactive_lr_scale"])
-
-    # Block mode -------------------------------------------------------------------------------
-    def _extra_state(self) -> dict:
-        return {**super()._extra_state(), "block_iters": self._block_iters}
-
-    def _load_extra_state(self, extra: dict) -> None:
-        super()._load_extra_state(extra)
-        self._block_iters = int(extra.get("block_iters", 0))
-
-    def _identity(self) -> dict:
-        return {**super()._identity(), "mode": self.mode}
-
-    def _saved_identity(self, state_dict: dict) -> dict:
-        saved = super()._saved_identity(state_dict)
-        if "mode" not in saved and saved["method"] == "FrugalAdamW":  # written before the mode was recorded:
-            # only block mode keeps "active"
-            keys = {k for st in state_dict["state"].values() for k in st}
-            if keys:
-                saved["mode"] = "block" if "active" in keys else "subspace"
-        return saved
-
-    def _block_members(self) -> list[Tensor]:
-        return [p for g in self.param_groups if "rank" in g for p in g["params"] if matrix_shape(p) is not None]
+    @property
+    def mode(self) -> str:
+        return "block" if isinstance(self.rule, FrugalBlockRule) else "subspace"
 
     def active_blocks(self, refresh_index: int) -> list[int]:
         """Indices (into the projected matrices, in group order) active during refresh window
-        ``refresh_index``. Deterministic: every data-parallel rank computes the same set."""
-        members = self._block_members()
-        count = len(members)
-        density = next(g["density"] for g in self.param_groups if "rank" in g)
-        k = round(density * count)
-        if k == 0 or count == 0:
-            return []
-        if self.block_order == "random":
-            gen = generator(block_order_seed(self.seed, refresh_index))
-            return sorted(torch.randperm(count, generator=gen)[:k].tolist())
-        start = (refresh_index * k) % count
-        window = [(start + i) % count for i in range(k)]
-        if self.block_order == "descending":
-            window = [count - 1 - i for i in window]
-        return sorted(window)
-
-    def _prepare_step(self, work) -> None:
-        if self.mode != "block":
-            return
-        gap = next((g["update_proj_gap"] for g in self.param_groups if "rank" in g), None)
-        if gap is None:
-            return
-        if self._block_iters % gap == 0:
-            active = set(self.active_blocks(self._block_iters // gap))
-            for i, p in enumerate(self._block_members()):
-                state = self.state[p]
-                # Stochastic rounding's stream outlives the window, so it never repeats.
-                rounding = {k: state[k] for k in ("sr_seed", "sr_step") if k in state}
-                state.clear()  # moments reset at every refresh; inactive matrices hold nothing
-                state.update(rounding)
-                state["active"] = torch.tensor(i in active)
-                if i in active:
-                    state["step"] = torch.zeros((), dtype=torch.int64)
-                    Q.init_moments(state, self._group_of(p), ("exp_avg", "exp_avg_sq"), p.shape, p.device)
-        self._block_iters += 1
-
-    def _step_block(self, p: Tensor, group: dict, state: dict) -> None:
-        grad = self._descent(p.grad.float(), group)
-        if bool(state["active"]):
-            beta1, beta2 = group["betas"]
-            state["step"] += 1
-            direction = Q.adam_direction(state, group, grad)
-            step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"]
-            self._apply(p, group, direction, step_size)
-            return
-        update = state_free_residual(grad, torch.zeros((), device=p.device), group["inactive_update_rule"])
-        if update is not None:
-            self._apply(p, group, update, group["lr"] * group["inactive_lr_scale"])
+        ``refresh_index`` in block mode. Deterministic: every data-parallel rank computes the same set."""
+        if not isinstance(self.rule, FrugalBlockRule):
+            raise RuntimeError("FrugalAdamW(mode='subspace') has no active blocks (mode='block' has)")
+        return self.rule.active_blocks(self, refresh_index)
 
 
 class FrugalAdamW8bit(Q.EightBitStates, FrugalAdamW):

@@ -58,11 +58,8 @@ class LayerwiseStepper:
         if not isinstance(optimizer, LowRankAdamW):
             raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a slimtrain optimizer)")
         V.check_int("accumulation_steps", accumulation_steps, minimum=1)
-        if getattr(optimizer, "mode", None) == "block":
-            raise RuntimeError(
-                "FrugalAdamW(mode='block') cannot run layer-wise: choosing the active blocks needs the whole "
-                "step. Use mode='subspace' or a regular optimizer.step()."
-            )
+        if not optimizer.rule.capabilities.layerwise:
+            raise RuntimeError(f"{type(optimizer).__name__} cannot run layer-wise: {optimizer.rule.capabilities.reason}")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self._calls: dict[int, int] = {}

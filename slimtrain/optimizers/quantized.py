@@ -40,12 +40,12 @@ from .._seeds import generator, rounding_stream_seed
 from ..kernels import _bnb
 from ..kernels.adam import adam_direction_
 from ..kernels.adam8bit import adam8bit_direction_
+from .state import ABSMAX_SUFFIX, moment_slots
 
 STATE_BITS = (32, 8)
 # The block sizes bitsandbytes' CUDA kernels accept; its CPU kernel takes any, but a checkpoint must
 # resume on either device.
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-ABSMAX_SUFFIX = "_absmax"
 SECOND_MOMENT_PREFIX = "exp_avg_sq"
 
 
@@ -102,24 +102,15 @@ def _quantized(state: dict, key: str) -> bool:
     return state[key].dtype == torch.uint8
 
 
-def stores_8bit(group: dict, numel: int) -> bool:
-    """Whether a moment of ``numel`` elements in ``group`` is kept in 8 bits."""
-    return group.get("state_bits", 32) == 8 and numel >= group["min_8bit_size"]
-
-
 def init_moments(state: dict, group: dict, keys: Sequence[str], shape: Sequence[int], device: torch.device) -> None:
-    """Create zero moments of ``shape``: 8-bit when the group asks for it and the moment has at least
-    ``group["min_8bit_size"]`` elements, fp32 otherwise."""
-    shape = torch.Size(shape)
-    if stores_8bit(group, shape.numel()):
-        blocks = num_blocks(shape.numel(), group["block_size"])
-        for key in keys:
-            zero_code = 0 if is_second_moment(key) else int(dynamic_map(True).abs().argmin())
-            state[key] = torch.full(shape, zero_code, dtype=torch.uint8, device=device)
-            state[key + ABSMAX_SUFFIX] = torch.zeros(blocks, dtype=torch.float32, device=device)
-        return
-    for key in keys:
-        state[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+    """Create zero moments of ``shape`` as :func:`~slimtrain.optimizers.state.moment_slots` declares them: 8-bit
+    when the group asks for it and the moment has at least ``group["min_8bit_size"]`` elements, fp32 otherwise."""
+    for slot in moment_slots(group, keys, shape):
+        if slot.dtype == torch.uint8:  # the code that decodes to 0: the map's own zero
+            zero_code = 0 if is_second_moment(slot.key) else int(dynamic_map(True).abs().argmin())
+            state[slot.key] = torch.full(slot.shape, zero_code, dtype=torch.uint8, device=device)
+        else:
+            state[slot.key] = torch.zeros(slot.shape, dtype=slot.dtype, device=device)
 
 
 def zero_moments_(state: dict, keys: Sequence[str]) -> None:

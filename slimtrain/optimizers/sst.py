@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -10,10 +11,144 @@ from torch import Tensor
 from .._seeds import generator, parameter_seed, sst_draw_seed
 from . import _validation as V
 from . import quantized as Q
-from .base import LowRankAdamW, matrix_shape
+from .base import LowRankAdamW
+from .functional import adam_step_size, sst_factor_grads
+from .rule import Capabilities, StepRule, matrix_shape
 # The paper's form (the weight replaced by its factors, state for the sampled vectors only), exported here too.
 from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, sample_spectrum, to_spectral  # noqa: F401
-from .functional import adam_step_size, sst_factor_grads
+from .state import Slot, counters, moment_slots
+from .updates import Update
+
+
+@dataclass
+class Rewrite(Update):
+    """SST's step: the weight rebuilt from its updated factors, written over the parameter."""
+
+    rule: SSTRule
+    weight: Tensor
+
+    def apply_(self, opt, p: Tensor, group: dict) -> None:
+        p.copy_(self.weight.reshape(p.shape))
+        self.rule.written[id(p)] = (p.data_ptr(), p._version)
+
+    def materialize(self) -> Tensor:
+        raise RuntimeError(SSTRule.capabilities.reason)
+
+
+class SSTRule(StepRule):
+    """Adam on all singular values and on ``r`` sampled singular vector pairs of the weight, resampled every
+    ``update_proj_gap`` steps, re-SVD every ``iterations_per_round`` samples; the weight is rewritten from the
+    factors at each step."""
+
+    name = "sst"
+    options = ("iterations_per_round", "uniform_mix")
+    capabilities = Capabilities(shardable=False, layerwise=True, reason=(
+        "SSTAdamW rewrites whole weights from their singular factors, which ZeRO (stage >= 1) shards; use stage "
+        "0, or GaLoreAdamW, FiraAdamW, FrugalAdamW or DCTAdamW"))
+    stochastic_rounding = False
+
+    def __init__(self):
+        self.written: dict[int, tuple[int, int]] = {}
+
+    # A weight written outside the optimizer ----------------------------------------------------
+    # Each step rebuilds W from the factors, so a write between steps (model.load_state_dict, zero_(),
+    # nn.init) would be undone. After writing W the optimizer records its storage and version counter:
+    # every in-place write through the parameter bumps the counter, and replacing `.data` changes the
+    # storage, so the check costs nothing per step. A checksum would read all of W every step and, on a
+    # GPU, synchronize to compare it on the host. (A write through `p.data.<op>_()` escapes the counter,
+    # as it escapes autograd.) Counters are per process: without a record (after load_state_dict or a
+    # copy) W is compared once with the factors, bit for bit: a resume on the same device matches; one
+    # on another device that differs by rounding starts a new round, which is safe.
+    def forget_tensors(self) -> None:
+        self.written.clear()
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "written": {}}  # tensor addresses and version counters are per process
+
+    @staticmethod
+    def _matches_factors(p: Tensor, state: dict) -> bool:
+        rebuilt = ((state["sst_u"] * state["sst_s"]) @ state["sst_v"].T).reshape(p.shape)
+        return torch.equal(p, rebuilt.to(p.dtype))
+
+    def _written_elsewhere(self, p: Tensor, state: dict) -> bool:
+        record = self.written.get(id(p))
+        if record is None:
+            return not self._matches_factors(p, state)
+        return record != (p.data_ptr(), p._version)
+
+    @staticmethod
+    def _decompose(p: Tensor, group: dict, state: dict) -> None:
+        w = p.detach().reshape(matrix_shape(p)).float()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        state["sst_u"], state["sst_s"], state["sst_v"] = u.contiguous(), s, vh.T.contiguous()
+        d = s.numel()
+        Q.init_moments(state, group, ("exp_avg_s", "exp_avg_sq_s"), (d,), p.device)
+        state["step"] = torch.zeros((), dtype=torch.int64)
+
+    @staticmethod
+    def _resample(group: dict, state: dict) -> None:
+        s = state["sst_s"]
+        rank = group["rank"]
+        k = int(state["sst_draws"])
+        gen = generator(sst_draw_seed(int(state["sst_seed"]), k))
+        state["sst_idx"] = sample_spectrum(s, rank, group["uniform_mix"], gen).to(s.device)
+        state["sst_draws"].fill_(k + 1)
+        m, n = state["sst_u"].shape[0], state["sst_v"].shape[0]
+        for key, rows in (("u", m), ("v", n)):
+            Q.init_moments(state, group, (f"exp_avg_{key}", f"exp_avg_sq_{key}"), (rows, rank), s.device)
+        state["vec_step"] = torch.zeros((), dtype=torch.int64)
+
+    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Rewrite:
+        gap = group["update_proj_gap"]
+        if not state:
+            state["iters"] = torch.zeros((), dtype=torch.int64)
+            state["sst_draws"] = torch.zeros((), dtype=torch.int64)
+            state["sst_seed"] = torch.tensor(parameter_seed(opt.seed, index), dtype=torch.int64)
+            self._decompose(p, group, state)
+        elif self._written_elsewhere(p, state):
+            # The factors describe a weight that is gone: restart the round from the one written.
+            self._decompose(p, group, state)
+            self._resample(group, state)
+        iters = int(state["iters"])
+        if iters % gap == 0:
+            d = state["sst_s"].numel()
+            per_round = group["iterations_per_round"] or math.ceil(d / group["rank"])
+            if iters > 0 and (iters // gap) % per_round == 0:
+                self._decompose(p, group, state)  # end of round: re-SVD restores orthogonal factors
+            self._resample(group, state)
+        u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
+        grad = opt._descent(grad.float(), group)
+        grad_s, grad_u, grad_v = sst_factor_grads(grad, u, v, idx)
+
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        state["step"] += 1
+        state["vec_step"] += 1
+        state["iters"] += 1
+        dir_s = Q.adam_direction(state, group, grad_s, "exp_avg_s", "exp_avg_sq_s")
+        if group["weight_decay"]:
+            s.mul_(1.0 - lr * group["weight_decay"])
+        s.add_(dir_s, alpha=-adam_step_size(lr, beta1, beta2, int(state["step"]))).clamp_(min=0)
+
+        vec_size = adam_step_size(lr, beta1, beta2, int(state["vec_step"]))
+        for key, factor, g in (("u", u, grad_u), ("v", v, grad_v)):
+            direction = Q.adam_direction(state, group, g, f"exp_avg_{key}", f"exp_avg_sq_{key}")
+            cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
+            cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            factor.index_copy_(1, idx, cols)
+        return Rewrite(self, (u * s) @ v.T)
+
+    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+        m, n = matrix_shape(p)
+        d, r = min(m, n), group["rank"]
+        return [
+            *counters("iters", "sst_draws", "sst_seed", "step", "vec_step"),
+            Slot("sst_u", (m, d), torch.float32), Slot("sst_s", (d,), torch.float32),
+            Slot("sst_v", (n, d), torch.float32), Slot("sst_idx", (r,), torch.int64),
+            *moment_slots(group, ("exp_avg_s", "exp_avg_sq_s"), (d,)),
+            *moment_slots(group, ("exp_avg_u", "exp_avg_sq_u"), (m, r)),
+            *moment_slots(group, ("exp_avg_v", "exp_avg_sq_v"), (n, r)),
+        ]
 
 
 class SSTAdamW(LowRankAdamW):
@@ -54,7 +189,7 @@ class SSTAdamW(LowRankAdamW):
 
     default_projector = "svd"
     default_moments = "reset"
-    method_options = ("iterations_per_round", "uniform_mix")
+    rule_type = SSTRule
 
     def __init__(self, params, lr: float = 1e-3, *args, iterations_per_round: int | None = None, uniform_mix: float = 0.0, **kwargs):
         if kwargs.get("projector") not in (None, "svd"):
@@ -65,92 +200,7 @@ class SSTAdamW(LowRankAdamW):
         if iterations_per_round is not None:
             V.check_int("iterations_per_round", iterations_per_round, minimum=1)
         V.check_unit_interval("uniform_mix", uniform_mix)
-        self._written: dict[int, tuple[int, int]] = {}
         super().__init__(params, lr, *args, iterations_per_round=iterations_per_round, uniform_mix=uniform_mix, **kwargs)
-
-    # A weight written outside the optimizer ----------------------------------------------------
-    # Each step rebuilds W from the factors, so a write between steps (model.load_state_dict, zero_(),
-    # nn.init) would be undone. After writing W the optimizer records its storage and version counter:
-    # every in-place write through the parameter bumps the counter, and replacing `.data` changes the
-    # storage, so the check costs nothing per step. A checksum would read all of W every step and, on a
-    # GPU, synchronize to compare it on the host. (A write through `p.data.<op>_()` escapes the counter,
-    # as it escapes autograd.) Counters are per process: without a record (after load_state_dict or a
-    # copy) W is compared once with the factors, bit for bit: a resume on the same device matches; one
-    # on another device that differs by rounding starts a new round, which is safe.
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._written = {}
-
-    def _matches_factors(self, p: Tensor, state: dict) -> bool:
-        rebuilt = ((state["sst_u"] * state["sst_s"]) @ state["sst_v"].T).reshape(p.shape)
-        return torch.equal(p, rebuilt.to(p.dtype))
-
-    def _written_elsewhere(self, p: Tensor, state: dict) -> bool:
-        record = self._written.get(id(p))
-        if record is None:
-            return not self._matches_factors(p, state)
-        return record != (p.data_ptr(), p._version)
-
-    def _decompose(self, p: Tensor, group: dict, state: dict) -> None:
-        w = p.detach().reshape(matrix_shape(p)).float()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        state["sst_u"], state["sst_s"], state["sst_v"] = u.contiguous(), s, vh.T.contiguous()
-        d = s.numel()
-        Q.init_moments(state, group, ("exp_avg_s", "exp_avg_sq_s"), (d,), p.device)
-        state["step"] = torch.zeros((), dtype=torch.int64)
-
-    def _resample(self, group: dict, state: dict) -> None:
-        s = state["sst_s"]
-        rank = group["rank"]
-        k = int(state["sst_draws"])
-        gen = generator(sst_draw_seed(int(state["sst_seed"]), k))
-        state["sst_idx"] = sample_spectrum(s, rank, group["uniform_mix"], gen).to(s.device)
-        state["sst_draws"].fill_(k + 1)
-        m, n = state["sst_u"].shape[0], state["sst_v"].shape[0]
-        for key, rows in (("u", m), ("v", n)):
-            Q.init_moments(state, group, (f"exp_avg_{key}", f"exp_avg_sq_{key}"), (rows, rank), s.device)
-        state["vec_step"] = torch.zeros((), dtype=torch.int64)
-
-    def _step_projected(self, p: Tensor, group: dict, state: dict, index: int) -> None:
-        gap = group["update_proj_gap"]
-        if not state:
-            state["iters"] = torch.zeros((), dtype=torch.int64)
-            state["sst_draws"] = torch.zeros((), dtype=torch.int64)
-            state["sst_seed"] = torch.tensor(parameter_seed(self.seed, index), dtype=torch.int64)
-            self._decompose(p, group, state)
-        elif self._written_elsewhere(p, state):
-            # The factors describe a weight that is gone: restart the round from the one written.
-            self._decompose(p, group, state)
-            self._resample(group, state)
-        iters = int(state["iters"])
-        if iters % gap == 0:
-            d = state["sst_s"].numel()
-            per_round = group["iterations_per_round"] or math.ceil(d / group["rank"])
-            if iters > 0 and (iters // gap) % per_round == 0:
-                self._decompose(p, group, state)  # end of round: re-SVD restores orthogonal factors
-            self._resample(group, state)
-        u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
-        grad = self._descent(p.grad.reshape(matrix_shape(p)).float(), group)
-        grad_s, grad_u, grad_v = sst_factor_grads(grad, u, v, idx)
-
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        state["step"] += 1
-        state["vec_step"] += 1
-        state["iters"] += 1
-        dir_s = Q.adam_direction(state, group, grad_s, "exp_avg_s", "exp_avg_sq_s")
-        if group["weight_decay"]:
-            s.mul_(1.0 - lr * group["weight_decay"])
-        s.add_(dir_s, alpha=-adam_step_size(lr, beta1, beta2, int(state["step"]))).clamp_(min=0)
-
-        vec_size = adam_step_size(lr, beta1, beta2, int(state["vec_step"]))
-        for key, factor, g in (("u", u, grad_u), ("v", v, grad_v)):
-            direction = Q.adam_direction(state, group, g, f"exp_avg_{key}", f"exp_avg_sq_{key}")
-            cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
-            cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
-            factor.index_copy_(1, idx, cols)
-        p.copy_(((u * s) @ v.T).reshape(p.shape))
-        self._written[id(p)] = (p.data_ptr(), p._version)
 
 
 class SSTAdamW8bit(Q.EightBitStates, SSTAdamW):

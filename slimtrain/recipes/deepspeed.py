@@ -66,8 +66,14 @@ from .optim import optimizer_state_bytes
 MODULE = "slimtrain.recipes.deepspeed"
 STAGES = (1, 2, 3)
 CHECKPOINT_DIR = "checkpoint"
-# Optimizers whose update rewrites whole matrices, which ZeRO stages >= 1 never hand over whole.
-STAGE0_ONLY = ("sst", "sst8bit")
+
+def stage0_only(name: str) -> str | None:
+    """Why the recipe's optimizer ``name`` cannot run under ZeRO stages >= 1 (its rule is not shardable), or None."""
+    from ..optimizers import OPTIMIZERS
+
+    capabilities = OPTIMIZERS[name].rule_type.capabilities if name in OPTIMIZERS else None
+    return None if capabilities is None or capabilities.shardable else capabilities.reason
+
 # Config keys the recipe derives from --batch-size and the number of ranks.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -127,9 +133,9 @@ def validate(cfg: argparse.Namespace, world_size: int) -> dict:
         check_checkpoint(os.path.join(cfg.out, CHECKPOINT_DIR))
     config = load_config(cfg.ds_config) if cfg.ds_config is not None else shipped_config(cfg.zero)
     stage = config.get("zero_optimization", {}).get("stage", 0)
-    if cfg.optimizer in STAGE0_ONLY and stage >= 1:
-        raise ValueError(f"Invalid --optimizer {cfg.optimizer} at ZeRO stage {stage}: SST rewrites whole matrices, "
-                         "which ZeRO shards; use stage 0 (--ds-config) or another optimizer")
+    if stage0_only(cfg.optimizer) and stage >= 1:
+        raise ValueError(f"Invalid --optimizer {cfg.optimizer} at ZeRO stage {stage}: {stage0_only(cfg.optimizer)} "
+                         "(stage 0: --ds-config)")
     if (config.get("bf16") or {}).get("enabled") and cfg.dtype != "bf16":
         raise ValueError(f"Invalid --dtype: {cfg.dtype!r} with --ds-config {cfg.ds_config} enabling bf16: pass "
                          "--dtype bf16 (the recipe sets the config's bf16 section from --dtype)")

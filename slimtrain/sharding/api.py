@@ -7,7 +7,6 @@ import json
 import os
 
 from ..optimizers.base import LowRankAdamW
-from ..optimizers.sst import SSTAdamW
 from .zero import ZeroLowRankOptimizer
 
 
@@ -68,15 +67,9 @@ def check_config(config: dict, optimizer: LowRankAdamW) -> int:
             "FrugalAdamW(mode='block') run at stage 0 only, so in fp32)."
         )
     if stage >= 1:
-        if isinstance(optimizer, SSTAdamW):
-            raise ValueError(
-                f"Unsupported optimizer under zero_optimization.stage {stage}: SSTAdamW rewrites whole weights from "
-                "their singular factors; use stage 0, or GaLoreAdamW, FiraAdamW, FrugalAdamW or DCTAdamW."
-            )
-        if getattr(optimizer, "mode", None) == "block":
-            raise ValueError(
-                f"Unsupported FrugalAdamW(mode='block') under zero_optimization.stage {stage}; use mode='subspace'."
-            )
+        if not optimizer.rule.capabilities.shardable:
+            raise ValueError(f"Unsupported optimizer under zero_optimization.stage {stage}: "
+                             f"{optimizer.rule.capabilities.reason}.")
         if any(g.get("bf16_stochastic_round") for g in optimizer.param_groups):
             # Measured with DeepSpeed 0.19.8 at stages 1, 2 and 3, bf16 enabled: the partitions handed to
             # step() are fp32, so _apply never rounds (0 calls) and the option would be silently ignored.

@@ -10,6 +10,7 @@ import torch
 
 from slimtrain import kernels
 from slimtrain.optimizers import FiraAdamW
+from slimtrain.optimizers.fira import FiraRule
 
 from .._device import DEVICE
 from ..optimizers.helpers import CONFIGS, groups, mlp, train
@@ -46,18 +47,23 @@ def test_kernels_were_really_used():
         assert used[(op, DEVICE.type)] == "triton", used
 
 
-class _RecordingFira(FiraAdamW):
-    """Fira that records whether each residual it hands the apply carries the materialized ``G - c R B``,
-    and with ``two_pass`` drops it, so the apply recomputes ``R B`` as the torch path did before it kept it."""
+class _RecordingFiraRule(FiraRule):
+    """Fira's rule, recording whether each residual it hands the apply carries the materialized ``G - c R B``,
+    and with ``two_pass`` dropping it, so the apply recomputes ``R B`` as the torch path did before it kept it."""
 
-    def __init__(self, *args, two_pass: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, two_pass: bool = False):
         self.two_pass, self.kept = two_pass, []
 
-    def _residual(self, *args):
-        residual = super()._residual(*args)
+    def residual(self, *args):
+        residual = super().residual(*args)
         self.kept.append(residual.materialized is not None)
         return dataclasses.replace(residual, materialized=None) if self.two_pass else residual
+
+
+def _RecordingFira(*args, two_pass: bool = False, **kwargs) -> FiraAdamW:
+    opt = FiraAdamW(*args, rule=_RecordingFiraRule(two_pass), **kwargs)
+    opt.kept = opt.rule.kept
+    return opt
 
 
 @pytest.mark.parametrize("dtype, kwargs", [

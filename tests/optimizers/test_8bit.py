@@ -233,11 +233,11 @@ def test_refresh_policy_on_quantized_moments(policy, factory):
     state = opt.state[p]
     bs = group["block_size"]
     old = {k: Q.dequantize_blockwise(state[k], state[k + "_absmax"], signed=k == "exp_avg", block_size=bs) for k in ("exp_avg", "exp_avg_sq")}
-    projector = opt._projectors[group["projector"]]
+    projector = opt.projector(group)
     grad_t, transposed = (p.grad.T, True) if p.shape[0] < p.shape[1] else (p.grad, False)
     n = grad_t.shape[1]
     old_basis = projector.basis(state, n, p.device)
-    opt._refresh(group, state, torch.randn(grad_t.shape), transposed)
+    opt.rule.refresh(projector, group, state, torch.randn(grad_t.shape), transposed)
     if policy == "reset":
         assert int(state["step"]) == 0
         for k in ("exp_avg", "exp_avg_sq"):

@@ -35,7 +35,7 @@ def test_layerwise_matches_regular_step(accum):
 
 
 def test_block_mode_refused():
-    with pytest.raises(RuntimeError, match=r"mode='block'\) cannot run layer-wise"):
+    with pytest.raises(RuntimeError, match=r"FrugalAdamW cannot run layer-wise: FrugalAdamW\(mode='block'\) chooses"):
         LayerwiseStepper(FrugalAdamW(groups(mlp()), mode="block"))
 
 

@@ -1,6 +1,5 @@
 """When refreshes happen: every update_proj_gap steps, staggered across matrices on request."""
 
-import torch
 
 from slimtrain.optimizers import GaLoreAdamW
 

@@ -52,7 +52,7 @@ def _config_file(tmp_path, config: dict | str) -> str:
          r"Invalid --ds-config: train_micro_batch_size_per_gpu is 4, but --batch-size 16 on 2 ranks needs 8"),
         (["--batch-size", "3"], None, 2,
          r"Invalid --batch-size: 3 \(expected a multiple of 2 ranks x 1 accumulation steps = 2\)"),
-        (["--optimizer", "sst"], None, 1, r"Invalid --optimizer sst at ZeRO stage 2: SST rewrites whole matrices"),
+        (["--optimizer", "sst"], None, 1, r"Invalid --optimizer sst at ZeRO stage 2: SSTAdamW rewrites whole weights"),
         (["--resume"], None, 1, r"Invalid --resume: no checkpoint at .*checkpoint/latest"),
         (["--steps", "0"], None, 1, r"Invalid --steps: 0"),
         (["--device", "cpu"], None, 1, r"Invalid --device: 'cpu' with the deepspeed recipe \(each rank runs on the accelerator"),

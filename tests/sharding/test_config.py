@@ -26,7 +26,7 @@ BAD = [
     ("fp16", {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, _opt, r"Unsupported fp16\.enabled: true.*use bf16"),
     ("stage", {"zero_optimization": {"stage": 4}}, _opt, r"Invalid zero_optimization\.stage: 4 \(expected 0, 1, 2 or 3\)"),
     ("sst", {"zero_optimization": {"stage": 2}}, lambda: _opt(SSTAdamW), r"SSTAdamW rewrites whole weights"),
-    ("frugal-block", {"zero_optimization": {"stage": 1}}, lambda: _opt(FrugalAdamW, mode="block"), r"mode='block'\) under zero_optimization\.stage 1"),
+    ("frugal-block", {"zero_optimization": {"stage": 1}}, lambda: _opt(FrugalAdamW, mode="block"), r"under zero_optimization\.stage 1: FrugalAdamW\(mode='block'\) chooses the active matrices"),
     ("not-ours", {"zero_optimization": {"stage": 1}}, lambda: __import__("torch").optim.AdamW(mlp().parameters()), r"Invalid optimizer: AdamW"),
     ("stage-word", {"zero_optimization": {"stage": "two"}}, _opt, r"Invalid zero_optimization\.stage: 'two' \(expected 0, 1, 2 or 3\)"),
     ("stage-bool", {"zero_optimization": {"stage": True}}, _opt, r"Invalid zero_optimization\.stage: True"),

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..._seeds import generator, projector_stream_seed
+from ..state import Slot, counters
 
 
 class Projector:
@@ -34,6 +35,11 @@ class Projector:
         """Create the projector's entries in ``state`` before the first refresh."""
         state["proj_refreshes"] = torch.zeros((), dtype=torch.int64)
         state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+
+    def state_spec(self, rank: int, n: int) -> list[Slot]:
+        """The entries :meth:`init_state` and :meth:`refresh` keep for a rank-``rank`` subspace of ``n``-wide
+        oriented gradients (see :mod:`slimtrain.optimizers.state`). Subclasses add theirs."""
+        return counters("proj_refreshes", "proj_seed")
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         """Choose a new rank-``rank`` subspace from the oriented fp32 gradient ``grad_t`` (m' x n').

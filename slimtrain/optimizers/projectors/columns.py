@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..state import Slot
 from .base import Projector
 
 
@@ -16,6 +17,9 @@ class ColumnsProjector(Projector):
     """
 
     name = "columns"
+
+    def state_spec(self, rank: int, n: int) -> list[Slot]:
+        return [*super().state_spec(rank, n), Slot("proj_idx", (rank,), torch.int64)]
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         k = self._bump(state)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ...kernels.dct_scores import dct_scores
 from .._validation import check_choice
+from ..state import Slot
 from .base import Projector
 
 _DENSE_CACHE: dict[tuple[int, str], Tensor] = {}
@@ -83,6 +84,9 @@ class DCTProjector(Projector):
         check_choice("backend", backend, ("fft", "matmul"))
         self.norm = norm
         self.backend = backend
+
+    def state_spec(self, rank: int, n: int) -> list[Slot]:
+        return [*super().state_spec(rank, n), Slot("proj_idx", (rank,), torch.int64)]
 
     def scores(self, grad_t: Tensor) -> Tensor:
         if self.backend == "matmul":

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..state import Slot, counter
 from .base import Projector
 
 
@@ -21,6 +22,9 @@ class RandomProjector(Projector):
     """
 
     name = "random"
+
+    def state_spec(self, rank: int, n: int) -> list[Slot]:
+        return [*super().state_spec(rank, n), counter("proj_rank")]
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         self._bump(state)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_int
+from ..state import Slot
 from .base import Projector
 
 
@@ -29,6 +30,9 @@ class RandomizedProjector(Projector):
         self.oversample = oversample
         self.niter = niter
         self.warm_start = warm_start
+
+    def state_spec(self, rank: int, n: int) -> list[Slot]:
+        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), torch.float32)]
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         k_refresh = self._bump(state)

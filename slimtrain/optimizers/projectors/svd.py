@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..state import Slot
 from .base import Projector
 
 
@@ -17,6 +18,9 @@ class SVDProjector(Projector):
     """
 
     name = "svd"
+
+    def state_spec(self, rank: int, n: int) -> list[Slot]:
+        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), torch.float32)]
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         self._bump(state)

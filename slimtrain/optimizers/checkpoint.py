@@ -1,0 +1,164 @@
+"""Checkpoints of the low-rank family: what a state dict records beside torch's, and the checks that refuse
+one this optimizer would misread before anything is changed.
+
+A slimtrain state dict is torch's (``state``, ``param_groups``) plus a ``"slimtrain"`` entry: optimizer-level
+counters (skipped steps, the rule's own, e.g. FRUGAL's block window) and the writer's identity (its method
+and the rule settings that change what the state means). Only tensors and plain values: it loads with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import quantized as Q
+
+
+class Checkpointing:
+    """Mixin of :class:`~slimtrain.optimizers.base.LowRankAdamW`: ``state_dict``/``load_state_dict`` and copies."""
+
+    def __getstate__(self) -> dict:
+        # torch pickles only defaults, state and param_groups; a copy also needs the method and its settings.
+        keep = ("rule", "_projectors", "seed", "nonfinite", "skipped_steps")
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in keep}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Checkpoints from older versions lack newer options: fill them from the defaults.
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        # A copied or unpickled optimizer holds new parameter objects; a loaded one, new state.
+        self._known_params = {id(p) for g in self.param_groups for p in g["params"]}
+        self.rule.forget_tensors()
+
+    def _extra_state(self) -> dict:
+        """Optimizer-level counters and identity saved beside torch's ``state`` and ``param_groups``."""
+        return {"skipped_steps": self.skipped_steps, **self.rule.extra_state(), **self._identity()}
+
+    def _identity(self) -> dict:
+        """What a checkpoint must have been written by for this optimizer to resume it: the method (an 8-bit
+        twin is its method with ``state_bits=8``, which the param groups carry) and its rule's settings."""
+        methods = _methods()
+        return {"method": next(c for c in type(self).__mro__ if c in methods).__name__, **self.rule.identity()}
+
+    def _saved_identity(self, state_dict: dict) -> dict:
+        """The identity recorded in ``state_dict`` (keys of :meth:`_identity`). Checkpoints written before
+        it was recorded (commit e556968 and earlier) are told apart by the method options their param
+        groups hold; GaLore's and DCT's have none, so either is taken for the other (the projector check
+        in :meth:`load_state_dict` still applies). FRUGAL's mode, unrecorded then, shows in its state: only
+        block mode keeps ``active``."""
+        extra = state_dict.get("slimtrain", {})
+        saved = {k: extra[k] for k in self._identity() if k in extra}
+        if "method" not in saved:
+            owners = _option_owners()
+            present = {k for g in state_dict["param_groups"] for k in g} & set(owners)
+            candidates = sorted(c.__name__ for c in _methods() if set(c.rule_type.options) == present)
+            mine = self._identity()["method"]
+            if mine in candidates or len(candidates) == 1:
+                saved["method"] = mine if mine in candidates else candidates[0]
+            else:
+                saved["method"] = f"one of {', '.join(candidates)}" if candidates else "an unknown method"
+        if "mode" in self._identity() and "mode" not in saved and saved["method"] == self._identity()["method"]:
+            keys = {k for st in state_dict["state"].values() for k in st}
+            if keys:
+                saved["mode"] = "block" if "active" in keys else "subspace"
+        return saved
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Refuse a state dict this optimizer would misread, before anything is changed."""
+        me = type(self).__name__
+        groups = state_dict["param_groups"]
+        if "slimtrain" not in state_dict or any("projector" not in g for g in groups):
+            raise RuntimeError(
+                f"Cannot load this state dict into {me}: it was written by {_foreign_writer(groups)}, not by a "
+                f"slimtrain optimizer (its param groups have no 'projector'). Its moments would be read as {me}'s "
+                f"and the low-rank groups would lose their 'rank'; start {me} from fresh state, or resume with the "
+                "optimizer that wrote it"
+            )
+        saved, mine = self._saved_identity(state_dict), self._identity()
+        if saved != {k: v for k, v in mine.items() if k in saved}:
+            raise RuntimeError(
+                f"Cannot load a state dict written by {_describe(saved)} into {_describe(mine)}: their states differ "
+                f"(keys, meaning and update rule); build {_describe(saved)} to resume it"
+            )
+        for i, (sg, g) in enumerate(zip(groups, self.param_groups)):
+            if ("rank" in sg or "rank" in g) and sg["projector"] != g["projector"]:
+                raise RuntimeError(
+                    f"Cannot load this state dict into {me}: its param group {i} was written with projector "
+                    f"{sg['projector']!r}, this optimizer's group {i} uses {g['projector']!r} (their bases are "
+                    f"stored differently); build {me} with projector={sg['projector']!r} to resume it"
+                )
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.rule.load_extra_state(extra)
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["slimtrain"] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._check_loadable(state_dict)
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("slimtrain", {})
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor but `step` to its parameter's dtype; ours hold int64 indices,
+        # seeds and fp32 moments of bf16 parameters, so restore each tensor's saved dtype, on the host
+        # where the state's declaration keeps it (counters read every step) and on the parameter's device
+        # otherwise.
+        params = {
+            pid: (p, g) for sg, g in zip(saved_groups, self.param_groups) for pid, p in zip(sg["params"], g["params"])
+        }
+        for pid, saved in state_dict["state"].items():
+            p, group = params[pid]
+            host = self.state_host_keys(p, group)
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    device = "cpu" if key in host else p.device
+                    self.state[p][key] = value.to(device=device, dtype=value.dtype, copy=True)
+        self._load_extra_state(extra)
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor held in optimizer state (what a memory table should count)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if isinstance(v, Tensor))
+
+
+def _methods() -> list[type]:
+    """``LowRankAdamW`` and every slimtrain subclass that is a method. An 8-bit twin is its method, and so is a
+    user's subclass (e.g. one that records something): it writes and reads that method's state, and must not
+    change which names a checkpoint check reports."""
+    from .base import LowRankAdamW
+
+    found, todo = [], [LowRankAdamW]
+    while todo:
+        c = todo.pop(0)
+        todo.extend(c.__subclasses__())
+        ours = c.__module__.split(".")[0] == "slimtrain"
+        if ours and not issubclass(c, Q.EightBitStates) and c not in found:
+            found.append(c)
+    return found
+
+
+def _option_owners() -> dict[str, str]:
+    """Every method's own options -> that method's class name."""
+    return {k: c.__name__ for c in reversed(_methods()) for k in c.rule_type.options}
+
+
+def _describe(identity: dict) -> str:
+    rest = ", ".join(f"{k}={v!r}" for k, v in identity.items() if k != "method")
+    return f"{identity['method']}({rest})" if rest else identity["method"]
+
+
+def _foreign_writer(groups: list[dict]) -> str:
+    """A guess at which optimizer wrote param groups without slimtrain's keys, for the refusal."""
+    keys = {k for g in groups for k in g}
+    if "decoupled_weight_decay" in keys:
+        return "torch.optim.AdamW" if all(g.get("decoupled_weight_decay") for g in groups) else "torch.optim.Adam"
+    if "amsgrad" in keys:
+        return "torch.optim.Adam or AdamW"
+    return "another optimizer"
+

@@ -1,0 +1,168 @@
+"""GaLore's step rule, which Fira, FRUGAL's subspace mode and the DCT optimizer extend: refresh a subspace
+on schedule, project the gradient, run Adam there, and (for the methods that have one) add a rule for the
+part of the gradient outside the subspace.
+
+Everything happens in the oriented frame of ``projectors/base.py``: ``G'`` (``m' x n'``) is the gradient,
+transposed when the projection is on the left, so that the projected side is always the last dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._seeds import parameter_seed
+from ..kernels.apply import lowrank_apply_, residual_from_back
+from . import quantized as Q
+from .functional import Residual, adam_step_size, rotate_moments_
+from .projectors import Projector
+from .rule import Capabilities, StepRule, matrix_shape
+from .updates import Update, apply_, decay_factors, rounds_stochastically
+from .state import Slot, counters, moment_slots
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def projects_left(shape: torch.Size, proj_type: str) -> bool:
+    """Whether the projection compresses the rows (left, ``P.T @ G``) rather than the columns.
+
+    ``std`` compresses the smaller dimension (galore-torch's rule, ties go right), ``reverse_std`` the
+    larger, ``left``/``right`` force a side.
+    """
+    m, n = shape
+    if proj_type == "std":
+        return m < n
+    if proj_type == "reverse_std":
+        return m >= n
+    return proj_type == "left"
+
+
+@dataclass
+class LowRankStep(Update):
+    """One matrix's step in the oriented frame, before it touches the weight: the weight moves by
+    ``-(alpha * direction @ basis + residual term)``."""
+
+    grad_t: Tensor  # G' (m' x n'), fp32 or the parameter's dtype, possibly a transposed view
+    low: Tensor  # R = G' B^T (m' x r)
+    direction: Tensor  # Adam's m / (sqrt(v) + eps) in the subspace (m' x r)
+    alpha: float  # the subspace step in weight units: scale * bias-corrected lr
+    basis: Tensor | None  # B (r x n'), None for projectors without a dense basis (columns)
+    transposed: bool
+    projector: Projector
+    state: dict
+    residual: Residual | None = None
+
+    def apply_(self, opt, p: Tensor, group: dict) -> None:
+        """In place through the fused kernel (:func:`slimtrain.kernels.apply.lowrank_apply_`), never building
+        the full update, wherever the basis is dense and the weight needs no stochastic rounding."""
+        if self.basis is None or not p.is_contiguous() or rounds_stochastically(p, group):
+            apply_(opt, p, group, self.materialize().reshape(p.shape), 1.0)
+            return
+        weight = p.view(matrix_shape(p))
+        before, after = decay_factors(group)
+        residual = self.residual.operands() if self.residual is not None else None
+        lowrank_apply_(weight.T if self.transposed else weight, self.direction, self.basis, alpha=self.alpha,
+                       residual=residual, decay_before=before, decay_after=after)
+
+    def materialize(self) -> Tensor:
+        """In the user's orientation, with the same arithmetic as the fused kernel's torch reference (so a
+        ZeRO owner and one process agree exactly on CPU)."""
+        n = self.grad_t.shape[1]
+        update = self.projector.project_back(self.direction, self.state, n).mul_(self.alpha)
+        residual = self.residual
+        if residual is not None:
+            back_low = None
+            if residual.materialized is None:
+                back_low = self.projector.project_back(residual.low, self.state, n)
+            update.add_(residual_from_back(residual.operands(), back_low), alpha=residual.scale)
+        return update.T if self.transposed else update
+
+
+class LowRankRule(StepRule):
+    """GaLore: Adam on ``G' B^T`` in a subspace refreshed every ``update_proj_gap`` steps; the gradient
+    outside it is discarded. Subclasses change :meth:`rank_for` and :meth:`residual`."""
+
+    name = "galore"
+    capabilities = Capabilities()
+
+    def rank_for(self, group: dict, shape_t: torch.Size) -> int:
+        """The subspace dimension for a matrix whose oriented shape is ``shape_t``."""
+        return group["rank"]
+
+    def residual(self, group: dict, state: dict, step: LowRankStep, step_size: float) -> Residual | None:
+        """The method's rule for the gradient outside the subspace (see
+        :class:`~slimtrain.optimizers.functional.Residual`), or ``None`` (GaLore: discarded). ``step_size`` is
+        Adam's bias-corrected learning rate for this step."""
+        return None
+
+    def residual_slots(self, group: dict) -> list[Slot]:
+        """State :meth:`residual` keeps (Fira: its limiter's norm)."""
+        return []
+
+    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> LowRankStep:
+        """Refresh the subspace if due, project, run Adam in the subspace and ask for the residual rule:
+        everything but touching the weight."""
+        grad = opt._descent(grad, group)
+        projector = opt.projector(group)
+        transposed = projects_left(grad.shape, group["proj_type"])
+        grad_t = grad.T if transposed else grad
+        grad32 = grad_t.float()  # no copy for fp32; the residual reads grad_t as it is
+        if not state:
+            self.init_state(opt, grad, group, state, index, (grad_t.shape[0], self.rank_for(group, grad_t.shape)))
+        if self.refresh_due(group, state):
+            self.refresh(projector, group, state, grad32, transposed)
+        basis = projector.dense_basis(state, grad_t.shape[1], grad_t.device)
+        low = grad32 @ basis.T if basis is not None else projector.project(grad32, state)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["iters"] += 1
+        direction = Q.adam_direction(state, group, low)
+        step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed, projector, state)
+        step.residual = self.residual(group, state, step, step_size)
+        return step
+
+    def init_state(self, opt, grad: Tensor, group: dict, state: dict, index: int, low_shape: tuple[int, int]) -> None:
+        state["step"] = torch.zeros((), dtype=torch.int64)
+        state["iters"] = torch.zeros((), dtype=torch.int64)
+        offset = 0
+        if group["stagger"]:
+            # Spread the group's matrices over the refresh window by their position in the optimizer.
+            offset = (index * group["update_proj_gap"]) // max(opt._num_params(), 1)
+        state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
+        opt.projector(group).init_state(state, seed=parameter_seed(opt.seed, index))
+        Q.init_moments(state, group, MOMENTS, low_shape, grad.device)
+
+    @staticmethod
+    def refresh_due(group: dict, state: dict) -> bool:
+        if int(state["proj_refreshes"]) == 0:
+            return True
+        it = int(state["iters"]) - int(state["refresh_offset"])
+        return it >= 0 and it % group["update_proj_gap"] == 0
+
+    def refresh(self, projector: Projector, group: dict, state: dict, grad_t: Tensor, transposed: bool) -> None:
+        """A new subspace from the oriented fp32 gradient, and the group's moment policy applied to it."""
+        policy = group["moments"]
+        first = int(state["proj_refreshes"]) == 0
+        n = grad_t.shape[1]
+        old_basis = None
+        if policy == "rotate" and not first:
+            old_basis = projector.basis(state, n, grad_t.device)
+        projector.refresh(grad_t, state, self.rank_for(group, grad_t.shape), transposed=transposed)
+        if first:
+            return
+        if policy == "reset":
+            Q.zero_moments_(state, MOMENTS)
+            state["step"].zero_()
+        elif policy == "rotate":
+            with Q.fp32_moments(state, group, *MOMENTS) as (exp_avg, exp_avg_sq):
+                rotate_moments_(exp_avg, exp_avg_sq, old_basis, projector.basis(state, n, grad_t.device))
+
+    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+        shape = matrix_shape(p)
+        m, n = (shape[1], shape[0]) if projects_left(shape, group["proj_type"]) else shape
+        rank = self.rank_for(group, torch.Size((m, n)))
+        return (counters("step", "iters", "refresh_offset") + opt.projector(group).state_spec(rank, n)
+                + moment_slots(group, MOMENTS, (m, rank)) + self.residual_slots(group))
