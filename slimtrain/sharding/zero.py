@@ -284,8 +284,19 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
                 group[k] = v
         self.state.clear()
         for key, st in state_dict["state"].items():
-            self.state[self._flats[key]] = _clone_tree(st)
+            flat = self._flats[key]
+            g = self._units[id(flat)][1]
+            self.state[flat] = {name: self._placed(g, name, sub, flat.device) for name, sub in st.items()}
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def _placed(self, g: int, name: str, sub: dict, device: torch.device) -> dict:
+        """A loaded piece of state (``"dense"``, or ``"p<i>"`` for parameter ``i`` of group ``g``) on the devices
+        the optimizer's state declaration names: its counters on the host, everything else beside this rank's
+        partition, whatever device the checkpoint was read onto."""
+        i = 0 if name == "dense" else int(name[1:])
+        shape = self._shapes[g][i]  # from before partitioning: ZeRO-3 parameters hold no data here
+        host = self.inner.state_host_keys(torch.empty(shape, device="meta"), self.inner.param_groups[g])
+        return {k: (v.to("cpu" if k in host else device, copy=True) if isinstance(v, Tensor) else v) for k, v in sub.items()}
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held on this rank."""
@@ -302,10 +313,3 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
         walk(dict(self.state))
         return total
 
-
-def _clone_tree(obj):
-    if isinstance(obj, Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    return obj
