@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import peft
 import pytest
-import torch
 
 import slimtrain.adapters  # noqa: F401  (registers our methods)
 from slimtrain.adapters import DoraConfig, LoLDUConfig, NolaConfig, RandLoraConfig, S2FTConfig
