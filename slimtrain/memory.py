@@ -29,6 +29,8 @@ from .optimizers import _validation as V
 from .optimizers import quantized as Q
 from .optimizers.base import LowRankAdamW
 from .optimizers.groups import low_rank_param_groups
+from .optimizers.projectors import PROJECTORS as PROJECTOR_CLASSES
+from .optimizers.projectors.base import BASIS_DTYPES
 from .optimizers.rule import matrix_shape
 from .optimizers.state import ABSMAX_SUFFIX, ROUNDING, Slot
 
@@ -46,6 +48,7 @@ PAPER_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}
 
 OPTIMIZERS = ("adamw", "galore", "fira", "frugal", "dct", "sst")
 PROJECTORS = ("svd", "randomized", "dct", "random", "columns")
+BASIS_PROJECTORS = ("svd", "randomized")  # the projectors that store an r x n float basis
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "other")
 
@@ -235,7 +238,9 @@ def _build_optimizer(model: torch.nn.Module, s: dict, target_modules) -> LowRank
     else:
         kwargs = dict(min_8bit_size=s["min_8bit_size"], block_size=s["block_size"])
         if s["optimizer"] != "sst":
-            kwargs["projector"] = s["projector"]
+            projector = PROJECTOR_CLASSES[s["projector"]]
+            stored = {"basis_dtype": s["basis_dtype"]} if s["projector"] in BASIS_PROJECTORS else {}
+            kwargs["projector"] = projector(**stored)
         if s["optimizer"] == "frugal":
             kwargs.update(density=s["density"], mode=s["frugal_mode"])
         groups = low_rank_param_groups(model, target_modules, rank=s["rank"], proj_type=s["proj_type"])
@@ -280,6 +285,7 @@ def estimate_memory(
     bf16_stochastic_round: bool = False,
     layerwise: bool = False,
     model: torch.nn.Module | None = None,
+    basis_dtype: str = "fp32",
 ) -> MemoryEstimate:
     """Weights, gradients and optimizer state per component of a causal LM, in bytes.
 
@@ -297,6 +303,8 @@ def estimate_memory(
         proj_type, density, frugal_mode: as the optimizers' options (``frugal_mode`` ``"subspace"``
             or ``"block"``).
         min_8bit_size, block_size, bf16_stochastic_round: as the optimizers' options.
+        basis_dtype: ``"fp32"`` or ``"bf16"``: how the ``svd`` and ``randomized`` projectors store their basis
+            (their ``basis_dtype`` option).
         layerwise: gradients are stepped and freed one parameter at a time
             (:class:`~slimtrain.optimizers.LayerwiseStepper`), so only the largest is counted.
         model: count this model's parameters instead of building ``config_or_name`` on the meta device.
@@ -313,6 +321,10 @@ def estimate_memory(
         projector = CLASSES[optimizer].default_projector
     if optimizer not in ("adamw", "sst"):
         _check("projector", projector, PROJECTORS)
+    _check("basis_dtype", basis_dtype, tuple(BASIS_DTYPES))
+    if basis_dtype != "fp32" and (optimizer in ("adamw", "sst") or projector not in BASIS_PROJECTORS):
+        raise ValueError(f"Invalid basis_dtype: {basis_dtype!r} (only the {' and '.join(BASIS_PROJECTORS)} projectors "
+                         f"store a basis; {optimizer} with projector {projector!r} keeps none)")
     # The optimizers' own checks (what their constructors would refuse is not estimated).
     V.check_choice("proj_type", proj_type, V.PROJ_TYPES)
     V.check_int("min_8bit_size", min_8bit_size, minimum=0)
@@ -333,6 +345,7 @@ def estimate_memory(
     s = dict(
         optimizer=optimizer, rank=rank, state_bits=state_bits, min_8bit_size=min_8bit_size,
         block_size=block_size, projector=projector, proj_type=proj_type, density=density, frugal_mode=frugal_mode,
+        basis_dtype=basis_dtype,
     )
     opt = _build_optimizer(model, s, target_modules)  # refuses what the optimizer would (a rank too large, ...)
     groups = {id(p): g for g in opt.param_groups for p in g["params"]}
@@ -391,7 +404,8 @@ def _assumptions(
             out.append("FRUGAL block mode: round(density * K) of the K projected matrices hold full AdamW state")
         else:
             r = "round(density * n)" if s["optimizer"] == "frugal" and s["density"] is not None else f"rank {s['rank']}"
-            basis = {"svd": "an fp32 r x n basis", "randomized": "an fp32 r x n basis", "dct": "r int64 indices",
+            stored = f"{'an' if s['basis_dtype'] == 'fp32' else 'a'} {s['basis_dtype']} r x n basis"
+            basis = {"svd": stored, "randomized": stored, "dct": "r int64 indices",
                      "columns": "r int64 indices", "random": "a seed (basis regenerated)"}[s["projector"]]
             out.append(f"projected m x n matrix (oriented so n is the projected side, proj_type={s['proj_type']!r}): "
                        f"moments of m x {r}, projector ({s['projector']}) holds {basis}")
@@ -432,6 +446,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--block-size", type=int, default=256, help="8-bit quantization block (default: 256)")
     a("--stochastic-round", action="store_true", help="count bf16 stochastic rounding's per-parameter seed")
     a("--layerwise", action="store_true", help="layer-wise updates: one gradient alive at a time")
+    a("--basis-dtype", default="fp32", choices=tuple(BASIS_DTYPES),
+      help="how the svd/randomized projectors store their basis (default: fp32)")
     a("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -444,7 +460,7 @@ def run_cli(args: argparse.Namespace) -> MemoryEstimate:
             args.model, args.optimizer, rank=args.rank, state_bits=args.state_bits, weight_dtype=args.weight_dtype,
             target_modules=targets, projector=args.projector, density=args.density, frugal_mode=args.frugal_mode,
             min_8bit_size=args.min_8bit_size, block_size=args.block_size,
-            bf16_stochastic_round=args.stochastic_round, layerwise=args.layerwise,
+            bf16_stochastic_round=args.stochastic_round, layerwise=args.layerwise, basis_dtype=args.basis_dtype,
         )
     except (ValueError, OSError) as e:
         print(f"error: {_as_option(str(e), set(vars(args)) - {'model'})}", file=sys.stderr)

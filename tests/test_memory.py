@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtrain.memory import estimate_memory, main
 from slimtrain.optimizers import OPTIMIZERS, low_rank_param_groups
+from slimtrain.optimizers.projectors import RandomizedProjector, SVDProjector
 
 pytest.importorskip("bitsandbytes")
 
@@ -24,6 +25,8 @@ MIN_8BIT = 1024
 SETTINGS = [
     ("galore", {}, {}),
     ("galore", {"projector": "random"}, {"projector": "random"}),
+    ("galore", {"projector": SVDProjector(basis_dtype="bf16")}, {"basis_dtype": "bf16"}),
+    ("fira", {"projector": RandomizedProjector(basis_dtype="bf16")}, {"projector": "randomized", "basis_dtype": "bf16"}),
     ("galore", {"projector": "columns", "proj_type": "reverse_std"}, {"projector": "columns", "proj_type": "reverse_std"}),
     ("fira", {}, {}),
     ("frugal", {}, {}),
@@ -149,6 +152,9 @@ def test_slimtrain_memory_subcommand(capsys):
         ({"min_8bit_size": -1}, r"Invalid min_8bit_size: -1"),
         ({"rank": 0}, r"Invalid rank: 0 \(expected an integer >= 1\)"),
         ({"proj_type": "sideways"}, r"Invalid proj_type: 'sideways'"),
+        ({"basis_dtype": "fp16"}, r"Invalid basis_dtype: 'fp16' \(expected one of fp32, bf16\)"),
+        ({"optimizer": "dct", "basis_dtype": "bf16"}, r"Invalid basis_dtype: 'bf16' \(only the svd and randomized"),
+        ({"optimizer": "sst", "basis_dtype": "bf16"}, r"Invalid basis_dtype: 'bf16' \(only the svd and randomized"),
     ],
 )
 def test_settings_the_optimizers_refuse_are_not_estimated(kwargs, message):
@@ -163,6 +169,7 @@ def test_settings_the_optimizers_refuse_are_not_estimated(kwargs, message):
         (["60M", "--block-size", "7"], r"^error: Invalid --block-size: 7 \(expected one of 64, "),
         (["60M", "--density", "nan"], r"^error: Invalid --density: nan"),
         (["13B"], r"^error: Invalid model: '13B' \(expected one of 60M"),
+        (["60M", "--optimizer", "dct", "--basis-dtype", "bf16"], r"^error: Invalid --basis-dtype: 'bf16' \(only the svd"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtrain.optimizers.projectors import DCTProjector
+from slimtrain.optimizers.projectors import DCTProjector, SVDProjector
 from slimtrain.optimizers import (
     DCTAdamW,
     DCTAdamW8bit,
@@ -57,6 +57,7 @@ CONFIGS = [
     ("galore-svd", lambda g: GaLoreAdamW(g, lr=1e-2)),
     ("galore-randomized", lambda g: GaLoreAdamW(g, lr=1e-2, projector="randomized", moments="rotate")),
     ("galore-random", lambda g: GaLoreAdamW(g, lr=1e-2, projector="random", stagger=True)),
+    ("galore-bf16-basis", lambda g: GaLoreAdamW(g, lr=1e-2, projector=SVDProjector(basis_dtype="bf16"))),
     ("galore-columns", lambda g: GaLoreAdamW(g, lr=1e-2, projector="columns", moments="reset")),
     ("fira-svd", lambda g: FiraAdamW(g, lr=1e-2, weight_decay=0.01)),
     ("fira-dct", lambda g: FiraAdamW(g, lr=1e-2, projector="dct")),

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from slimtrain.optimizers.projectors import PROJECTORS, DCTProjector, RandomizedProjector, make_projector
+from slimtrain.optimizers import GaLoreAdamW
+from slimtrain.optimizers.projectors import (
+    PROJECTORS,
+    DCTProjector,
+    RandomizedProjector,
+    SVDProjector,
+    make_projector,
+)
 from slimtrain.optimizers.projectors.dct import dct_ii, dct_matrix, dct_rows
+
+from .helpers import groups, mlp, train
 
 scipy_fft = pytest.importorskip("scipy.fft")
 
@@ -92,3 +101,56 @@ def test_seeded_projectors_never_touch_global_rng():
         proj.refresh(torch.randn(10, 8, generator=torch.Generator().manual_seed(0)), state, 3, transposed=False)
         proj.basis(state, 8, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# ------------------------------------------------------------------------------------------ bf16 bases
+BF16_U = 2.0**-8  # bf16 unit roundoff (8 significant bits: round to nearest is within 2^-8 relative)
+
+
+class _RoundedThroughFp32(SVDProjector):
+    """An fp32 SVD projector whose basis is the bf16-rounded one, stored in fp32: the reference for
+    ``basis_dtype="bf16"``, which must step exactly as if its basis were this one."""
+
+    def refresh(self, grad_t, state, rank, *, transposed):
+        super().refresh(grad_t, state, rank, transposed=transposed)
+        state["proj_basis"] = state["proj_basis"].to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("projector", [SVDProjector(basis_dtype="bf16"), RandomizedProjector(basis_dtype="bf16")],
+                         ids=["svd", "randomized"])
+def test_bf16_basis_is_the_fp32_basis_rounded(projector):
+    g = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    fp32 = type(projector)()
+    state16, state32 = {}, {}
+    for proj, st in ((projector, state16), (fp32, state32)):
+        proj.init_state(st, seed=3)
+        proj.refresh(g, st, 8, transposed=False)
+    assert state16["proj_basis"].dtype == torch.bfloat16
+    assert torch.equal(state16["proj_basis"], state32["proj_basis"].to(torch.bfloat16))
+    # Rows stay orthonormal within the rounding: each element moves by at most u relative, so
+    # |(B~ B~^T - I)_ij| <= 2u sum_k |b_ik b_jk| + u^2 <= 2u + u^2 (Cauchy-Schwarz), plus the fp32 basis's own
+    # departure from orthonormality (measured on it).
+    b16, b32 = projector.basis(state16, 32, g.device), fp32.basis(state32, 32, g.device)
+    eye = torch.eye(8)
+    fp32_error = float((b32 @ b32.T - eye).abs().max())
+    assert float((b16.double() @ b16.double().T - eye.double()).abs().max()) <= 2 * BF16_U + BF16_U**2 + fp32_error
+
+
+def test_bf16_basis_steps_as_the_rounded_basis_in_fp32():
+    """Storing the basis in bf16 changes only its rounding: GaLore with it moves the weights exactly as GaLore
+    with the bf16-rounded basis kept in fp32 (the projection itself always runs in fp32)."""
+    runs = []
+    for projector in (SVDProjector(basis_dtype="bf16"), _RoundedThroughFp32()):
+        model = mlp()
+        opt = GaLoreAdamW(groups(model), lr=1e-2, projector=projector)
+        train(model, opt, 12)  # refreshes at steps 0, 5, 10
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def test_basis_dtype_is_checked_by_name():
+    with pytest.raises(ValueError, match=r"Invalid basis_dtype: 'fp16' \(expected one of 'fp32', 'bf16'\)"):
+        SVDProjector(basis_dtype="fp16")
+    with pytest.raises(ValueError, match=r"Invalid basis_dtype: torch.bfloat16"):
+        RandomizedProjector(basis_dtype=torch.bfloat16)

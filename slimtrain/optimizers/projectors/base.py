@@ -26,6 +26,12 @@ from ..._seeds import generator, projector_stream_seed
 from ..state import Slot, counters
 
 
+#: How a projector that stores its basis (``svd``, ``randomized``) keeps it: ``"fp32"`` (default) or ``"bf16"``,
+#: half the bytes (at LLaMA-7B, rank 1024: 1.88 GB of GaLore's state; galore-torch keeps it in the gradient's
+#: dtype). The basis is cast back to fp32 for every projection, so only the stored rounding differs.
+BASIS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class Projector:
     """Base class. Subclasses implement :meth:`refresh` and :meth:`basis`."""
 
@@ -65,6 +71,16 @@ class Projector:
         return low @ self.basis(state, n, low.device)
 
     # Helpers for subclasses -------------------------------------------------------------------
+    def _store_basis(self, state: dict, basis: Tensor) -> None:
+        """Keep an fp32 basis as ``proj_basis`` in the projector's ``basis_dtype``."""
+        state["proj_basis"] = basis.to(BASIS_DTYPES[self.basis_dtype]).contiguous()
+
+    @staticmethod
+    def _stored_basis(state: dict) -> Tensor:
+        """``proj_basis`` as fp32 (a cast, r x n, where it is stored in bf16)."""
+        basis = state["proj_basis"]
+        return basis if basis.dtype == torch.float32 else basis.float()
+
     @staticmethod
     def _bump(state: dict) -> int:
         """Count a refresh; return the refresh index (0 for the first) used to derive seeds."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import check_int
+from .._validation import check_bool, check_choice, check_int
 from ..state import Slot
-from .base import Projector
+from .base import BASIS_DTYPES, Projector
 
 
 class RandomizedProjector(Projector):
@@ -20,19 +20,24 @@ class RandomizedProjector(Projector):
         warm_start: start from the previous basis instead of a fresh Gaussian sketch. With a slowly
             rotating gradient subspace (the premise of GaLore) one warm power step tracks it well
             (LDAdam, Dion use the same idea).
+        basis_dtype: ``"fp32"`` (default) or ``"bf16"``: how the ``r x n`` basis is stored (see
+            :data:`~slimtrain.optimizers.projectors.base.BASIS_DTYPES`).
     """
 
     name = "randomized"
 
-    def __init__(self, oversample: int = 8, niter: int = 1, warm_start: bool = True):
+    def __init__(self, oversample: int = 8, niter: int = 1, warm_start: bool = True, basis_dtype: str = "fp32"):
         check_int("oversample", oversample, minimum=0)
         check_int("niter", niter, minimum=0)
+        check_bool("warm_start", warm_start)
+        check_choice("basis_dtype", basis_dtype, tuple(BASIS_DTYPES))
+        self.basis_dtype = basis_dtype
         self.oversample = oversample
         self.niter = niter
         self.warm_start = warm_start
 
     def state_spec(self, rank: int, n: int) -> list[Slot]:
-        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), torch.float32)]
+        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), BASIS_DTYPES[self.basis_dtype])]
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         k_refresh = self._bump(state)
@@ -48,7 +53,7 @@ class RandomizedProjector(Projector):
             y = grad_t @ (grad_t.T @ q)
         q, _ = torch.linalg.qr(y)
         _, _, vh = torch.linalg.svd(q.T @ grad_t, full_matrices=False)
-        state["proj_basis"] = vh[:rank].contiguous()
+        self._store_basis(state, vh[:rank])
 
     def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
-        return state["proj_basis"]
+        return self._stored_basis(state)

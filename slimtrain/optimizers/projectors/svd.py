@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ..state import Slot
-from .base import Projector
+from .._validation import check_choice
+from .base import BASIS_DTYPES, Projector
 
 
 class SVDProjector(Projector):
@@ -15,12 +16,20 @@ class SVDProjector(Projector):
     Cost per refresh is a full SVD, O(m n min(m, n)): 34 s for an 11008 x 4096 fp32 matrix on 2 CPU
     cores, against 6.4 s for ``"randomized"`` and 1.1 s for ``"dct"`` (``benchmarks/refresh_cost.py``).
     Prefer those for large matrices.
+
+    Args:
+        basis_dtype: ``"fp32"`` (default) or ``"bf16"``: how the ``r x n`` basis is stored (see
+            :data:`~slimtrain.optimizers.projectors.base.BASIS_DTYPES`).
     """
 
     name = "svd"
 
+    def __init__(self, basis_dtype: str = "fp32"):
+        check_choice("basis_dtype", basis_dtype, tuple(BASIS_DTYPES))
+        self.basis_dtype = basis_dtype
+
     def state_spec(self, rank: int, n: int) -> list[Slot]:
-        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), torch.float32)]
+        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), BASIS_DTYPES[self.basis_dtype])]
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         self._bump(state)
@@ -29,7 +38,7 @@ class SVDProjector(Projector):
         g = grad_t.T if transposed else grad_t
         U, _, Vh = torch.linalg.svd(g, full_matrices=False)
         basis = U[:, :rank].T if transposed else Vh[:rank]
-        state["proj_basis"] = basis.contiguous()
+        self._store_basis(state, basis)
 
     def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
-        return state["proj_basis"]
+        return self._stored_basis(state)
