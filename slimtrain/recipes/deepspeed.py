@@ -61,7 +61,7 @@ from importlib import resources
 import torch
 
 from . import outputs, pretrain, runtime
-from .optim import optimizer_state_bytes
+from .optim import capabilities, optimizer_state_bytes
 
 MODULE = "slimtrain.recipes.deepspeed"
 STAGES = (1, 2, 3)
@@ -69,10 +69,16 @@ CHECKPOINT_DIR = "checkpoint"
 
 def stage0_only(name: str) -> str | None:
     """Why the recipe's optimizer ``name`` cannot run under ZeRO stages >= 1 (its rule is not shardable), or None."""
-    from ..optimizers import OPTIMIZERS
+    rule = capabilities(name)
+    return None if rule is None or rule.shardable else rule.reason
 
-    capabilities = OPTIMIZERS[name].rule_type.capabilities if name in OPTIMIZERS else None
-    return None if capabilities is None or capabilities.shardable else capabilities.reason
+
+def not_under_deepspeed(name: str) -> str | None:
+    """Why the recipe's optimizer ``name`` cannot run under this recipe at any ZeRO stage, or None."""
+    if name == "spectral-sst":
+        return ("SpectralSSTAdamW steps the factors of to_spectral's layers, not a LowRankAdamW rule that "
+                "slimtrain.sharding can shard; run it with slimtrain pretrain")
+    return None
 
 # Config keys the recipe derives from --batch-size and the number of ranks.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -133,6 +139,8 @@ def validate(cfg: argparse.Namespace, world_size: int) -> dict:
         check_checkpoint(os.path.join(cfg.out, CHECKPOINT_DIR))
     config = load_config(cfg.ds_config) if cfg.ds_config is not None else shipped_config(cfg.zero)
     stage = config.get("zero_optimization", {}).get("stage", 0)
+    if not_under_deepspeed(cfg.optimizer):
+        raise ValueError(f"Invalid --optimizer {cfg.optimizer} with the deepspeed recipe: {not_under_deepspeed(cfg.optimizer)}")
     if stage0_only(cfg.optimizer) and stage >= 1:
         raise ValueError(f"Invalid --optimizer {cfg.optimizer} at ZeRO stage {stage}: {stage0_only(cfg.optimizer)} "
                          "(stage 0: --ds-config)")

@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from . import outputs, runtime
 from .data import VOCAB_SIZE, BlockBatches, Splits, check_files, eval_batches, load_splits, shakespeare_files
 from .models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
-from .optim import OPTIMIZER_NAMES, build_optimizer, check_optimizer_name, default_rank, optimizer_state_bytes
+from .optim import RECIPE_NAMES, build_optimizer, check_optimizer_name, default_rank, optimizer_state_bytes, prepare_model
 
 CONFIG, METRICS, PLOT, CHECKPOINT, SUMMARY = "config.json", "metrics.csv", "loss.png", "checkpoint.pt", "summary.json"
 CSV_FIELDS = ("step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "tokens_per_s")
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The recipe's options, on ``parser`` (shared by ``python -m`` and ``slimtrain pretrain``)."""
     a = parser.add_argument
     a("--model", default="tiny", help=f"model shape: {', '.join(MODEL_SHAPES)} (default: tiny, 1.9M parameters)")
-    a("--optimizer", default="galore", help=f"{', '.join(OPTIMIZER_NAMES)} (default: galore)")
+    a("--optimizer", default="galore", help=f"{', '.join(RECIPE_NAMES)} (default: galore)")
     a("--lr", type=float, default=None, help="peak learning rate (default: the method's, e.g. 0.01 GaLore, 1e-3 AdamW)")
     a("--rank", type=int, default=None, help="projection rank (default: a quarter of the smallest matrix dimension)")
     a("--update-proj-gap", type=int, default=None, help="steps between subspace refreshes (default: 200)")
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate(
     cfg: argparse.Namespace,
-    allowed_optimizers: tuple[str, ...] = OPTIMIZER_NAMES,
+    allowed_optimizers: tuple[str, ...] = RECIPE_NAMES,
     checkpoint: str = CHECKPOINT,
     resolve_device: bool = True,
 ) -> argparse.Namespace:
@@ -150,6 +150,8 @@ def validate(
         raise ValueError(f"Invalid --weight-decay: {cfg.weight_decay} (expected a number >= 0)")
     if cfg.optimizer == "adamw" and (cfg.rank, cfg.update_proj_gap, cfg.scale) != (None, None, None):
         raise ValueError("Invalid --rank/--update-proj-gap/--scale with --optimizer adamw (AdamW has no projection)")
+    if cfg.optimizer == "spectral-sst" and cfg.scale is not None:
+        raise ValueError(f"Invalid --scale: {cfg.scale} with --optimizer spectral-sst (SpectralSSTAdamW has no update scale)")
     if cfg.warmup is not None and not 0 <= cfg.warmup < cfg.steps:
         raise ValueError(f"Invalid --warmup: {cfg.warmup} (expected 0 <= warmup < steps = {cfg.steps})")
     if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
@@ -272,9 +274,12 @@ def build_model_and_optimizer(
     The weights are initialised in fp32 on the CPU (the same ``--seed`` gives the same model on every
     device), then moved to ``cfg.device`` and, for ``--dtype bf16``, cast to bf16 before the optimizer
     is built, as galore-torch's ``torchrun_main.py`` does. ``place=False`` leaves them in fp32 on the CPU
-    (DeepSpeed places and casts them itself).
+    (DeepSpeed places and casts them itself). For ``spectral-sst`` the attention and MLP layers are
+    replaced by their fp32 factors first (:func:`~slimtrain.recipes.optim.prepare_model`), before the
+    optimizer is built and before :meth:`LocalSteps.load` restores a checkpoint into them.
     """
     model = build_model(model_config(cfg.model, VOCAB_SIZE, cfg.seq_len), cfg.seed)
+    prepare_model(cfg.optimizer, model, rank=cfg.rank)
     if cfg.activation_checkpointing:
         runtime.enable_activation_checkpointing(model)  # each LlamaDecoderLayer
     if place:

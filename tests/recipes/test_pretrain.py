@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from slimtrain.cli import main as cli_main
+from slimtrain.optimizers import SpectralLinear, SpectralSSTAdamW
 from slimtrain.recipes import pretrain
+from slimtrain.recipes.optim import VARIANT_NAMES
 
 # A few steps of the tiny model on 2 x 32-byte sequences of a small corpus (conftest.py): about a second per run.
 TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
@@ -46,12 +48,18 @@ def _available_low_rank():
     return [n for n in ("galore", "fira", "frugal", "dct", "sst") if n in OPTIMIZERS]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", *_available_low_rank()])
-def test_resume_is_bit_exact(tmp_path, corpus, optimizer):
-    # update-proj-gap 2 puts subspace refreshes (and FRUGAL's resets) on both sides of the stop.
+# spectral-sst at rank 96 of the tiny model's 192: a round is ceil(192 / 96) = 2 resamples, so with a gap
+# of 1 the layers are re-SVD'd every 2 steps, on both sides of the stop.
+@pytest.mark.parametrize("optimizer, rank, gap", [
+    ("adamw", None, None), *[(n, "8", "2") for n in _available_low_rank()],
+    ("frugal-block", "8", "2"), ("spectral-sst", "8", "2"), ("spectral-sst", "96", "1"),
+])
+def test_resume_is_bit_exact(tmp_path, corpus, optimizer, rank, gap):
+    # update-proj-gap 2 puts subspace refreshes (and FRUGAL's resets, or its block window moving)
+    # on both sides of the stop.
     args = ["--optimizer", optimizer, "--steps", "6", "--eval-every", "2"]
     if optimizer != "adamw":
-        args += ["--rank", "8", "--update-proj-gap", "2"]
+        args += ["--rank", rank, "--update-proj-gap", gap]
     _run(tmp_path / "straight", corpus, *args)
     _run(tmp_path / "stopped", corpus, *args, "--stop-at", "3")
     assert int(_rows(tmp_path / "stopped")[-1]["step"]) == 3
@@ -72,9 +80,30 @@ def test_resume_is_bit_exact(tmp_path, corpus, optimizer):
     ]
 
 
+@pytest.mark.parametrize("optimizer", VARIANT_NAMES)
+def test_variants_train_and_count_their_state(tmp_path, corpus, optimizer):
+    summary = _run(tmp_path / "run", corpus, "--optimizer", optimizer, "--rank", "8", "--steps", "2", "--eval-every", "2")
+    assert math.isfinite(summary["final_val_loss"])
+    cfg = pretrain.validate(pretrain.parse_args([*TINY, "--data", *corpus, "--out", str(tmp_path / "x"),
+                                                 "--optimizer", optimizer, "--rank", "8"]))
+    model, optimizer_ = pretrain.build_model_and_optimizer(cfg)
+    if optimizer == "spectral-sst":
+        assert isinstance(optimizer_, SpectralSSTAdamW)
+        assert sum(isinstance(m, SpectralLinear) for m in model.modules()) == 7 * 4  # q k v o gate up down, 4 layers
+        state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
+        held = sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if torch.is_tensor(v))
+        assert summary["optimizer_state_bytes"] == held > 0  # SpectralSSTAdamW.state_bytes(), every tensor it holds
+    else:
+        assert (optimizer_.mode, optimizer_.defaults["density"], optimizer_.rule.block_order) == ("block", 0.25, "descending")
+        assert optimizer_.defaults["lr"] == 1e-3 and optimizer_.rule.capabilities.layerwise is False
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--optimizer", "spectral-sst", "--scale", "0.5"],
+         r"Invalid --scale: 0.5 with --optimizer spectral-sst \(SpectralSSTAdamW has no update scale\)"),
+        (["--optimizer", "spectral-sst", "--rank", "500"], r"Invalid --rank: 500 \(expected 1 <= rank <= 192"),
         (["--optimizer", "adam"], r"Invalid --optimizer: 'adam' \(expected one of adamw, galore, .*fira.*frugal.*dct.*sst"),
         (["--rank", "500"], r"Invalid --rank: 500 \(expected 1 <= rank <= 192"),
         (["--rank", "0"], r"Invalid --rank: 0"),
