@@ -15,6 +15,11 @@ steps, batches, order and initial weights with:
     python benchmarks/convergence.py --optimizers galore8bit fira8bit frugal8bit dct8bit sst8bit \
         --adamw-lrs 0.001 --section "8-bit optimizer states"    # a second table, below the first
     python benchmarks/convergence.py --seeds 3               # every row over seeds 0, 1, 2: ~3x the time
+    python benchmarks/convergence.py --optimizers frugal@0.003 frugal-block frugal-block@0.003 spectral-sst \
+        --adamw-lrs 0.001 --section "FRUGAL modes and spectral SST"    # NAME@LR: that optimizer at lr LR
+
+``--optimizers`` takes the recipe's names (``slimtrain pretrain --optimizer``) and the two references;
+``NAME@LR`` runs NAME at peak lr LR instead of its default, and the table's lr column says so.
 
 ``--seeds N`` trains each row N times, with seeds ``--seed`` to ``--seed + N - 1`` (a seed sets the
 initial weights and the batch order; the train/validation split stays the same), and reports the mean
@@ -42,11 +47,13 @@ import torch
 
 from slimtrain.recipes import pretrain
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
-from slimtrain.recipes.optim import DEFAULTS, OPTIMIZER_NAMES, REFERENCE_NAMES, check_optimizer_name, default_rank
+from slimtrain.recipes.optim import DEFAULTS, RECIPE_NAMES, REFERENCE_NAMES, check_optimizer_name, default_rank
 
 SLIMTRAIN_LOW_RANK = ["galore", "fira", "frugal", "dct", "sst"]  # 8-bit twins: add with --optimizers
 IMPLEMENTATION = {"adamw": "torch.optim.AdamW", "galore-torch": "galore_torch.GaLoreAdamW 1.0",
-                  "apollo-torch": "apollo_torch.APOLLOAdamW"}
+                  "apollo-torch": "apollo_torch.APOLLOAdamW",
+                  "frugal-block": "slimtrain frugal, mode='block'", "frugal-block8bit": "slimtrain frugal8bit, mode='block'",
+                  "spectral-sst": "slimtrain to_spectral + SpectralSSTAdamW"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--update-proj-gap", type=int, default=None, help="default: 200")
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--optimizers", nargs="+", default=SLIMTRAIN_LOW_RANK + list(REFERENCE_NAMES),
-                   help="low-rank optimizers to compare with AdamW")
+                   metavar="NAME[@LR]", help="low-rank optimizers to compare with AdamW; NAME@LR sets the lr")
     p.add_argument("--section", default=None, metavar="TITLE",
                    help="write the table as a section of convergence.md, keeping the main table (e.g. 8-bit rows)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps of 2 x 32 bytes, one AdamW lr")
@@ -77,6 +84,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.batch_size, args.seq_len, args.eval_every, args.eval_batches = 3, 2, 32, 3, 1
         args.adamw_lrs = args.adamw_lrs[:1]
     return args
+
+
+def parse_optimizer(text: str) -> tuple[str, float | None]:
+    """``NAME`` or ``NAME@LR`` from ``--optimizers`` as (name, lr); lr None means the optimizer's default.
+
+    Raises ``ValueError`` naming ``--optimizers`` for a malformed item, and ``check_optimizer_name``'s
+    ``--optimizer`` error for an unknown name.
+    """
+    name, at, lr_text = text.partition("@")
+    check_optimizer_name(name, RECIPE_NAMES + REFERENCE_NAMES)
+    if not at:
+        return name, None
+    try:
+        lr = float(lr_text)
+    except ValueError:
+        lr = math.nan
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"Invalid --optimizers: {text!r} (expected NAME or NAME@LR with LR a number > 0, e.g. frugal@0.003)")
+    return name, lr
 
 
 def seeds(args) -> list[int]:
@@ -91,21 +117,24 @@ def recipe_config(args, optimizer: str, lr: float | None, seed: int | None = Non
         "--out", "-", "--no-progress",
     ])
     cfg.out, cfg.lr, cfg.rank, cfg.update_proj_gap = None, lr, args.rank, args.update_proj_gap
-    return pretrain.validate(cfg, allowed_optimizers=OPTIMIZER_NAMES + REFERENCE_NAMES)
+    return pretrain.validate(cfg, allowed_optimizers=RECIPE_NAMES + REFERENCE_NAMES)
 
 
 def available(name: str) -> bool:
     if name in ("adamw",) + REFERENCE_NAMES:
         return True
-    from slimtrain.optimizers import OPTIMIZERS
+    from slimtrain.recipes.optim import slimtrain_optimizer_class
 
-    return name in OPTIMIZERS
+    try:
+        slimtrain_optimizer_class(name)
+    except RuntimeError:  # not in this slimtrain build
+        return False
+    return True
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    for name in args.optimizers:  # fail before the first run, not after an hour
-        check_optimizer_name(name, OPTIMIZER_NAMES + REFERENCE_NAMES)
+    optimizers = [parse_optimizer(text) for text in args.optimizers]  # fail before the first run, not after an hour
     command = " ".join(["python", "benchmarks/convergence.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     os.makedirs(args.out_dir, exist_ok=True)
     # One split, and one batch order per seed, for all runs.
@@ -116,7 +145,7 @@ def main(argv=None) -> list[dict]:
     # if the benchmark is stopped early, what it has measured is already written (marked partial).
     grid = sorted(args.adamw_lrs)
     mid = grid[len(grid) // 2]
-    jobs = [("adamw", mid)] + [(name, None) for name in args.optimizers] + [("adamw", lr) for lr in grid if lr != mid]
+    jobs = [("adamw", mid)] + optimizers + [("adamw", lr) for lr in grid if lr != mid]
     rows = []
     for i, (name, lr) in enumerate(jobs):
         rows.append(_train(args, name, lr, data) if available(name) else dict(name=name, available=False))
@@ -207,7 +236,7 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
         f"{reference} Other optimizers use their papers' defaults, untuned: GaLore/Fira/DCT/galore-torch lr 0.01 "
         "scale 0.25; FRUGAL lr 1e-3 density 0.25; SST lr 1e-3; APOLLO lr 0.01 scale 1 (channel-wise, random "
         "projection). An `8bit` form takes its fp32 twin's defaults and keeps moments of >= 4096 elements in "
-        "8 bits (blockwise, 256 per block).",
+        f"8 bits (blockwise, 256 per block).{_variant_text(args)}",
         "",
         "| optimizer | implementation | lr | final val loss | val ppl | loss / AdamW | state bytes | state / AdamW | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -237,6 +266,23 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
                          f"validation loss, {args.model} LLaMA on Shakespeare, {args.steps} steps")
     if not partial:
         print("\n".join(lines))
+
+
+def _variant_text(args) -> str:
+    """Sentences for the rows that are not a method at its defaults (empty for the default rows)."""
+    names = {text.partition("@")[0] for text in args.optimizers}
+    text = ""
+    if any("@" in t for t in args.optimizers):
+        text += " A row given as NAME@LR in --optimizers runs at that lr instead of its default (the lr column)."
+    if names & {"frugal-block", "frugal-block8bit"}:
+        text += (" `frugal-block` is FrugalAdamW(mode='block'): a quarter of the projected matrices (density 0.25) "
+                 "get full AdamW for T steps and the rest signSGD, the window moving from the last matrix down "
+                 "(block_order 'descending'), as the FRUGAL code's pre-training scripts run it.")
+    if "spectral-sst" in names:
+        text += (" `spectral-sst` is SST as its paper runs it: the attention and MLP layers replaced by their "
+                 "singular factors (to_spectral, the rank above) and trained by SpectralSSTAdamW (lr 1e-3, T as "
+                 "above); its state bytes are SpectralSSTAdamW.state_bytes(), the factors themselves are weights.")
+    return text
 
 
 _SECTION = re.compile(r"^<!-- section: (.+?) -->\n", re.M)

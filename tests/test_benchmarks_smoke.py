@@ -81,6 +81,44 @@ def test_convergence_section_keeps_the_main_table(tmp_path):
     assert "| fira |" in report and "| galore |" not in report and "| dct8bit |" in report
 
 
+def test_convergence_name_at_lr_sets_the_lr_in_its_own_section(tmp_path):
+    convergence = _load("convergence")
+    convergence.main(["--quick", "--optimizers", "galore", "--out-dir", str(tmp_path)])
+    main_table = (tmp_path / "convergence.md").read_text()
+    rows = convergence.main(["--quick", "--optimizers", "frugal-block@0.003", "frugal-block", "spectral-sst",
+                             "--section", "FRUGAL modes", "--out-dir", str(tmp_path)])
+    assert [(r["name"], r["lr"]) for r in rows] == [("adamw", 1e-3), ("frugal-block", 3e-3), ("frugal-block", 1e-3),
+                                                    ("spectral-sst", 1e-3)]
+    report = (tmp_path / "convergence.md").read_text()
+    assert report.startswith(main_table.rstrip("\n"))
+    section = report[len(main_table):]
+    assert "| frugal-block | slimtrain frugal, mode='block' | 0.003 |" in section
+    assert "| frugal-block | slimtrain frugal, mode='block' | 0.001 |" in section
+    assert "| spectral-sst | slimtrain to_spectral + SpectralSSTAdamW | 0.001 |" in section
+
+
+@pytest.mark.parametrize("text, expected", [("frugal", ("frugal", None)), ("frugal@0.003", ("frugal", 0.003)),
+                                            ("spectral-sst@1e-3", ("spectral-sst", 1e-3)), ("galore-torch@0.01", ("galore-torch", 0.01))])
+def test_convergence_parses_name_at_lr(text, expected):
+    assert _load("convergence").parse_optimizer(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("frugal@", r"Invalid --optimizers: 'frugal@' \(expected NAME or NAME@LR with LR a number > 0"),
+    ("frugal@fast", r"Invalid --optimizers: 'frugal@fast'"),
+    ("frugal@-0.1", r"Invalid --optimizers: 'frugal@-0.1'"),
+    ("frugal@0", r"Invalid --optimizers: 'frugal@0'"),
+    ("frugal@nan", r"Invalid --optimizers: 'frugal@nan'"),
+    ("frugal@1@2", r"Invalid --optimizers: 'frugal@1@2'"),
+    ("lion@0.1", r"Invalid --optimizer: 'lion'"),
+    ("@0.1", r"Invalid --optimizer: ''"),
+])
+def test_convergence_refuses_bad_optimizers_before_training(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        _load("convergence").main(["--quick", "--optimizers", "galore", text, "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "convergence.md").exists()
+
+
 def test_step_time_quick(tmp_path):
     names = ["adamw", "galore-torch", "galore", "dct8bit"]
     rows = _load("step_time").main(["--quick", "--optimizers", *names, "--out-dir", str(tmp_path)])
