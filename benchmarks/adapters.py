@@ -12,6 +12,15 @@ torch.profiler(profile_memory=True) on CPU. The base model's own weights (~87 Mi
 ``--rounds`` steps per method, taken round-robin after one warm-up step each.
 
     python benchmarks/adapters.py --out benchmarks/results/adapters.md
+    python benchmarks/adapters.py --device cuda       # issue 14's GPU harness: writes results/adapters_gpu.md
+
+**The layer-stack harness** (``--device cuda``, or ``--harness`` on any device) is issue 14's speed test:
+forward + backward of ``--layers`` (4) x ``Linear(--dim, --dim)`` (4096) in bf16 on ``--tokens`` (4096) tokens,
+every layer targeted, adapters at PEFT's defaults (``autocast_adapter_dtype=True``: adapter weights in fp32
+beside the bf16 base). The medians are over ``--rounds`` round-robin calls, each between two synchronizations,
+as ratios against PEFT's LoRA r16. Rows marked "adapter in bf16" pass ``autocast_adapter_dtype=False``, so the
+adapter computes in the base's dtype. Every method's full-size matmuls then run in bf16, not fp32 (our lead on
+why RandLoRA and PEFT's RandLora both took 13.6x LoRA on an H200).
 """
 
 from __future__ import annotations
@@ -248,13 +257,134 @@ def randlora_layer_table(rounds: int) -> str:
     return "\n".join(rows)
 
 
+HARNESS_TARGETS = ["0", "1", "2", "3"]
+
+
+def harness_methods(layers: int) -> dict[str, tuple]:
+    """label -> (config factory, get_peft_model keyword arguments) for the layer-stack harness."""
+    t = [str(i) for i in range(layers)]
+    bf16 = {"autocast_adapter_dtype": False}
+    return {
+        "base layers only": (None, {}),
+        "PEFT LoRA r16": (lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=t), {}),
+        "PEFT DoRA r16": (lambda: peft.LoraConfig(r=16, lora_alpha=32, use_dora=True, target_modules=t), {}),
+        "PEFT RandLora r32": (lambda: peft.RandLoraConfig(r=32, target_modules=t), {}),
+        "slimtrain DoRA r16": (lambda: adapters.DoraConfig(r=16, dora_alpha=32, target_modules=t), {}),
+        "slimtrain NOLA r16 k=l=64 (bases regenerated)": (
+            lambda: adapters.NolaConfig(r=16, num_basis_A=64, num_basis_B=64, target_modules=t), {}),
+        "slimtrain NOLA r16 k=l=64 (cached bases)": (
+            lambda: adapters.NolaConfig(r=16, num_basis_A=64, num_basis_B=64, cache_bases=True, target_modules=t), {}),
+        "slimtrain RandLoRA r32": (lambda: adapters.RandLoraConfig(r=32, target_modules=t), {}),
+        "slimtrain RandLoRA r32 (B generated)": (
+            lambda: adapters.RandLoraConfig(r=32, cache_bases=False, target_modules=t), {}),
+        "slimtrain RandLoRA r32, adapter in bf16": (lambda: adapters.RandLoraConfig(r=32, target_modules=t), bf16),
+        "PEFT RandLora r32, adapter in bf16": (lambda: peft.RandLoraConfig(r=32, target_modules=t), bf16),
+        "slimtrain LoLDU r16": (lambda: adapters.LoLDUConfig(r=16, target_modules=t), {}),
+    }
+
+
+def harness(args) -> tuple[str, dict]:
+    """The layer-stack harness: a markdown table and the medians (seconds) by label."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(*[torch.nn.Linear(args.dim, args.dim, bias=False) for _ in range(args.layers)])
+    base = base.to(device=device, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(args.tokens, args.dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    models = {}
+    for label, (make, kwargs) in harness_methods(args.layers).items():
+        if make is None:
+            models[label] = base
+            continue
+        try:
+            models[label] = get_peft_model(copy.deepcopy(base), make(), **kwargs)
+        except (TypeError, ValueError, ImportError) as e:  # a method this PEFT or device cannot build: said so
+            models[label] = f"not built: {type(e).__name__}: {str(e).splitlines()[0]}"
+
+    def fwd_bwd(m):
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+        m(x).float().square().mean().backward()
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    runnable = {k: m for k, m in models.items() if not isinstance(m, str)}
+    for m in runnable.values():
+        fwd_bwd(m)
+        fwd_bwd(m)
+    times = {k: [] for k in runnable}
+    for _ in range(args.rounds):
+        for k, m in runnable.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fwd_bwd(m)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lora = med.get("PEFT LoRA r16")
+    lines = ["| adapter | ms | vs PEFT LoRA r16 |", "|---|---|---|"]
+    for k, m in models.items():
+        if isinstance(m, str):
+            lines.append(f"| {k} | {m} | - |")
+        else:
+            lines.append(f"| {k} | {med[k] * 1e3:.2f} | {med[k] / lora:.2f} |" if lora else f"| {k} | {med[k] * 1e3:.2f} | - |")
+    return "\n".join(lines), med
+
+
+def harness_report(args, argv) -> str:
+    table_md, _ = harness(args)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        import importlib.metadata as md
+
+        try:
+            triton_version = md.version("triton")
+        except md.PackageNotFoundError:
+            triton_version = "not installed"
+        where = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
+                 f"Triton {triton_version}")
+    else:
+        where = f"the CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    return "\n\n".join([
+        "# Adapters on a layer stack: forward + backward, slimtrain vs PEFT",
+        f"Command: `{command}`",
+        f"Environment: {where}; transformers {transformers.__version__}, peft {peft.__version__}. "
+        f"{args.layers} x Linear({args.dim}, {args.dim}), no bias, bf16, {args.tokens} tokens; every layer targeted; "
+        f"median of {args.rounds} round-robin calls after two warm-up calls each, each call between two "
+        "synchronizations.",
+        table_md,
+        "Issue 14's targets, as ratios in this run: NOLA (bases regenerated) at most 1.2x LoRA, RandLoRA at most "
+        "2.5x LoRA in both modes, DoRA at most 1.3x LoRA.",
+    ])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default: the MiniLM table) or cuda[:N] (the harness)")
+    parser.add_argument("--harness", action="store_true", help="the layer-stack harness on --device (implied on CUDA)")
+    parser.add_argument("--dim", type=int, default=4096, help="harness: layer width (default 4096)")
+    parser.add_argument("--layers", type=int, default=4, help="harness: layers (default 4)")
+    parser.add_argument("--tokens", type=int, default=4096, help="harness: tokens (default 4096)")
     parser.add_argument("--rounds", type=int, default=5, help="timed round-robin steps per method (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" or args.harness:
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available here")
+        for name in ("dim", "layers", "tokens", "rounds"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
+        md = harness_report(args, argv)
+        print(md)
+        out = args.out or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "adapters_gpu.md")
+                           if torch.device(args.device).type == "cuda" else None)
+        if out:
+            with open(out, "w") as f:
+                f.write(md + "\n")
+        return
     base, batch = load()
     results = measure_all(methods(), base, batch, args.rounds)
     layer_table = randlora_layer_table(args.rounds)
