@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2, help="sequences in the gradient's batch")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default: the shape's); e.g. 4 layers of the 1B shape, as issue 13 allows")
     p.add_argument("--kernel-backends", nargs="+", default=["auto"], choices=KERNEL_BACKENDS,
                    help="slimtrain's kernels: auto (default: Triton on CUDA, torch elsewhere); each other one adds a "
                         "row per slimtrain optimizer")
@@ -101,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.optimizers:  # fail before building a 60M model, not after
         if name not in LOCAL_PEERS:
             check_optimizer_name(name, OPTIMIZER_NAMES + REFERENCE_NAMES + LOCAL_PEERS)
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"Invalid --layers: {args.layers} (expected an integer >= 1)")
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Invalid --device: {args.device} (CUDA is not available here)")
@@ -200,6 +204,8 @@ def main(argv=None) -> list[dict]:
     command = " ".join(["python", "benchmarks/step_time.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     host = machine(args.device)
     config = model_config(args.model, args.vocab, args.seq_len)
+    if args.layers is not None:
+        config.num_hidden_layers = args.layers
     rank = args.rank or PAPER_RANKS.get(args.model.upper(), default_rank(smallest_matrix_dim(config)))
     model = build_model(config, seed=0).to(args.device)
     params = list(model.parameters())
@@ -244,7 +250,8 @@ def write_report(args, command: str, host: str, rows: list[dict], n_params: int,
         f"Machine: {host}. Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"the timed loop took {total_s / 60:.1f} min.",
         "",
-        f"Model `{args.model}` LLaMA ({n_params / 1e6:.1f}M parameters, vocabulary {args.vocab}, fp32, on "
+        f"Model `{args.model}`{'' if args.layers is None else f' with {args.layers} layers'} LLaMA "
+        f"({n_params / 1e6:.1f}M parameters, vocabulary {args.vocab}, fp32, on "
         f"{args.device}); low-rank "
         f"optimizers project the attention and MLP matrices at rank {rank} (FRUGAL: density 0.25), embeddings, "
         f"norms and lm_head get AdamW inside the same optimizer. All optimizers step the same parameters with the "

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issues 13, 14 and 16, gpu_check.sh's sibling. Each part writes a results file naming the
+# GPU and the versions, under benchmarks/results/:
+#   step       step_time_gpu.md       optimizer step time and transient memory, 4 layers of the LLaMA-1B shape,
+#                                     fp32 master weights, rank 512, beside torch AdamW (fused) and galore-torch,
+#                                     bitsandbytes AdamW8bit; slimtrain on Triton and on its torch kernels (issue 13)
+#   adapters   adapters_gpu.md        4 x Linear(4096, 4096), bf16, 4096 tokens, forward + backward (issue 14)
+#   memory7b   llama7b_memory_gpu.md  peak memory of layer-wise LLaMA-7B steps vs slimtrain memory (issue 13)
+#   convergence convergence_gpu.md    LLaMA-60M on Python sources, every optimizer (issue 16; ~7 min alone)
+#
+#   bash scripts/gpu_bench.sh step adapters               # the parts named, in that order
+#   SLIMTRAIN_WHEELS=.whl bash scripts/gpu_bench.sh step   # first install those wheels into a side directory
+#
+# Budget per part, on one H100/H200 (each is cut by `timeout` at its limit and leaves what it measured):
+# step 300 s (it writes its table at the end: a cut run leaves none), adapters 120 s, memory7b 420 s, convergence 580 s. A device session of 15 minutes fits
+# gpu_check.sh plus one or two short parts; plan the long ones for sessions of their own.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+[ "$#" -ge 1 ] || { echo "usage: gpu_bench.sh PART... (step, adapters, memory7b, convergence)" >&2; exit 2; }
+for part in "$@"; do
+    case "$part" in step|adapters|memory7b|convergence) ;; *) echo "gpu_bench.sh: unknown part '$part'" >&2; exit 2;; esac
+done
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_bench.sh: torch sees no CUDA device')" || exit 2
+
+if [ -n "${SLIMTRAIN_WHEELS:-}" ]; then
+    site="$(mktemp -d /tmp/slimtrain-site.XXXXXX)"
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$SLIMTRAIN_WHEELS"/*.whl \
+        || { echo "gpu_bench.sh: could not install the wheels in $SLIMTRAIN_WHEELS" >&2; exit 2; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+unset TRITON_INTERPRET SLIMTRAIN_KERNELS
+
+status=0
+for part in "$@"; do
+    echo "== gpu_bench.sh: $part"
+    case "$part" in
+        step) timeout 300 python benchmarks/step_time.py --device cuda --model 1b --layers 4 --rank 512 \
+                  --steps 12 --gap 8 --warmup 1 --optimizers adamw adamw-fused galore-torch galore fira frugal dct galore8bit dct8bit bnb-adamw8bit \
+                  --kernel-backends auto torch ;;
+        adapters) timeout 120 python benchmarks/adapters.py --device cuda ;;
+        memory7b) timeout 420 python benchmarks/llama7b_memory.py --time-budget 300 ;;
+        convergence) timeout 580 python benchmarks/convergence_gpu.py ;;
+    esac
+    rc=$?
+    [ "$rc" -eq 0 ] || { echo "gpu_bench.sh: $part ended with status $rc" >&2; status=$rc; }
+done
+exit "$status"
