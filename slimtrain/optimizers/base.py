@@ -16,13 +16,13 @@ from torch import Tensor
 from .. import _seeds
 from . import _validation as V
 from . import quantized as Q
-from .checkpoint import Checkpointing
+from .checkpoint import Checkpointing, _option_owners
 from .functional import adam_step_size
 from .lowrank import MOMENTS, LowRankRule, projects_left  # noqa: F401  (projects_left: re-exported)
 from .projectors import PROJECTORS, Projector, make_projector
 from .rule import StepRule, matrix_shape
-from .updates import DenseUpdate, apply_
 from .state import ROUNDING, Slot, counters, host_keys, moment_slots, rounding_slots
+from .updates import DenseUpdate, apply_
 
 logger = logging.getLogger("slimtrain.optimizers")
 
@@ -105,6 +105,8 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         rule: StepRule | None = None,
         **options,
     ):
+        if rule is not None and not isinstance(rule, StepRule):
+            raise TypeError(f"Invalid rule: {rule!r} (expected a slimtrain.optimizers.rule.StepRule instance)")
         self.rule = self.rule_type() if rule is None else rule
         method = {k: options.pop(k) for k in self.rule.options if k in options}
         V.refuse_unknown(type(self).__name__, "keyword argument", set(options) - set(V.DROP_IN_OPTIONS),
@@ -149,8 +151,6 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
 
     def _option_owners(self) -> dict[str, str]:
         """Other methods' options -> their class name (for the hint in a refusal)."""
-        from .checkpoint import _option_owners
-
         return {k: v for k, v in _option_owners().items() if k not in self.rule.options}
 
     def add_param_group(self, param_group: dict) -> None:

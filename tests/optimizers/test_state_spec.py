@@ -164,3 +164,8 @@ def test_the_documented_new_method_works_as_the_docs_say():
     train(model, opt, 4, start=3)
     train(twin, resumed, 4, start=3)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_rule_must_be_a_step_rule():
+    with pytest.raises(TypeError, match=r"Invalid rule: 'galore' \(expected a slimtrain.optimizers.rule.StepRule"):
+        LowRankAdamW(groups(mlp()), rule="galore")
