@@ -154,3 +154,13 @@ def test_basis_dtype_is_checked_by_name():
         SVDProjector(basis_dtype="fp16")
     with pytest.raises(ValueError, match=r"Invalid basis_dtype: torch.bfloat16"):
         RandomizedProjector(basis_dtype=torch.bfloat16)
+
+
+def test_dense_dct_basis_is_one_copy_per_device_whatever_its_spelling():
+    from slimtrain.optimizers.projectors import dct as dct_module
+
+    a = dct_matrix(24, torch.device("cpu"))
+    assert dct_matrix(24, "cpu") is a
+    if torch.cuda.is_available():  # where it mattered: "cuda" and "cuda:0" made two copies
+        assert dct_matrix(24, "cuda") is dct_matrix(24, torch.device("cuda", torch.cuda.current_device()))
+    assert sum(1 for key in dct_module._DENSE_CACHE if key[0] == 24) == (2 if torch.cuda.is_available() else 1)

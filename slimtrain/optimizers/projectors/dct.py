@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor
 
+from ...kernels._device import canonical
 from ...kernels.dct_scores import dct_scores
 from .._validation import check_choice
 from ..state import Slot
@@ -46,8 +47,9 @@ def dct_rows(idx: Tensor, n: int, device: torch.device) -> Tensor:
 
 
 def dct_matrix(n: int, device: torch.device) -> Tensor:
-    """The orthonormal n x n DCT-II matrix, built once per (n, device) and shared by all layers."""
-    key = (n, str(device))
+    """The orthonormal n x n DCT-II matrix, built once per (n, device) and shared by all layers (``cuda`` and
+    ``cuda:0`` are one device, so one copy)."""
+    key = (n, str(canonical(device)))
     if key not in _DENSE_CACHE:
         _DENSE_CACHE[key] = dct_rows(torch.arange(n), n, device)
     return _DENSE_CACHE[key]
