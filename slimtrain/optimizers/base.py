@@ -167,6 +167,9 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
     def _validate_group(self, group: dict) -> None:
         V.check_group(group)
         if group["state_bits"] == 8:
+            if not self.rule.capabilities.eight_bit:
+                raise ValueError(f"Invalid state_bits: 8 ({type(self).__name__} keeps no 8-bit states: "
+                                 f"{self.rule.capabilities.reason})")
             Q.require_bitsandbytes()
         if group["projector"] not in self._projectors:
             V.check_choice("projector", group["projector"], PROJECTORS)

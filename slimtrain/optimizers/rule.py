@@ -41,11 +41,14 @@ class Capabilities:
             compute it from the gathered gradient and scatter slices (stages 1-3).
         layerwise: it steps each matrix on its own gradient, with no decision taken over the whole step
             (FRUGAL's block selection is one), so it can run from a gradient hook.
-        reason: the sentence a refusal quotes when either is False.
+        eight_bit: its moments can be kept in 8 bits (``state_bits=8``): it reads and writes them only through
+            :func:`~slimtrain.optimizers.quantized.adam_direction` and the other helpers of ``quantized.py``.
+        reason: the sentence a refusal quotes when any is False.
     """
 
     shardable: bool = True
     layerwise: bool = True
+    eight_bit: bool = True
     reason: str = ""
 
 

@@ -169,3 +169,14 @@ def test_the_documented_new_method_works_as_the_docs_say():
 def test_a_rule_must_be_a_step_rule():
     with pytest.raises(TypeError, match=r"Invalid rule: 'galore' \(expected a slimtrain.optimizers.rule.StepRule"):
         LowRankAdamW(groups(mlp()), rule="galore")
+
+
+def test_a_rule_without_8bit_states_refuses_state_bits_8():
+    from slimtrain.optimizers.rule import Capabilities
+
+    class Fp32Only(LowRankRule):
+        capabilities = Capabilities(eight_bit=False, reason="its moments are updated in place in fp32")
+
+    LowRankAdamW(groups(mlp()), rule=Fp32Only())  # fp32: fine
+    with pytest.raises(ValueError, match=r"Invalid state_bits: 8 \(LowRankAdamW keeps no 8-bit states: its moments"):
+        LowRankAdamW(groups(mlp()), rule=Fp32Only(), state_bits=8)
