@@ -80,6 +80,7 @@ def not_under_deepspeed(name: str) -> str | None:
                 "slimtrain.sharding can shard; run it with slimtrain pretrain")
     return None
 
+
 # Config keys the recipe derives from --batch-size and the number of ranks.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
