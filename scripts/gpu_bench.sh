@@ -21,17 +21,7 @@ root="$(pwd)"
 for part in "$@"; do
     case "$part" in step|adapters|memory7b|convergence) ;; *) echo "gpu_bench.sh: unknown part '$part'" >&2; exit 2;; esac
 done
-python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_bench.sh: torch sees no CUDA device')" || exit 2
-
-if [ -n "${SLIMTRAIN_WHEELS:-}" ]; then
-    site="$(mktemp -d /tmp/slimtrain-site.XXXXXX)"
-    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$SLIMTRAIN_WHEELS"/*.whl \
-        || { echo "gpu_bench.sh: could not install the wheels in $SLIMTRAIN_WHEELS" >&2; exit 2; }
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-unset TRITON_INTERPRET SLIMTRAIN_KERNELS
+NAME=gpu_bench.sh . "$root/scripts/_gpu_env.sh"
 
 status=0
 for part in "$@"; do

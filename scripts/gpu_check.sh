@@ -20,17 +20,7 @@ root="$(pwd)"
 results="$root/benchmarks/results"
 mkdir -p "$results"
 
-python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: torch sees no CUDA device')" || exit 2
-
-if [ -n "${SLIMTRAIN_WHEELS:-}" ]; then
-    site="$(mktemp -d /tmp/slimtrain-site.XXXXXX)"
-    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$SLIMTRAIN_WHEELS"/*.whl \
-        || { echo "gpu_check.sh: could not install the wheels in $SLIMTRAIN_WHEELS" >&2; exit 2; }
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-unset TRITON_INTERPRET SLIMTRAIN_KERNELS
+NAME=gpu_check.sh . "$root/scripts/_gpu_env.sh"
 
 workers="${SLIMTRAIN_GPU_WORKERS:-$(python -c 'import os; print(min(16, os.cpu_count() or 1))')}"
 xdist=()
