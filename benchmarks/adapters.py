@@ -335,14 +335,10 @@ def harness_report(args, argv) -> str:
     table_md, _ = harness(args)
     device = torch.device(args.device)
     if device.type == "cuda":
-        import importlib.metadata as md
+        from slimtrain.recipes.runtime import package_version
 
-        try:
-            triton_version = md.version("triton")
-        except md.PackageNotFoundError:
-            triton_version = "not installed"
         where = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
-                 f"Triton {triton_version}")
+                 f"Triton {package_version('triton')}")
     else:
         where = f"the CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -281,19 +280,12 @@ def main(argv=None) -> list[dict]:
 # The results file
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _env(args) -> str:
     if args.device.type == "cuda":
         where = f"{torch.cuda.get_device_name(args.device)} ({args.device}), CUDA {torch.version.cuda}"
     else:
         where = f"the CPU ({os.cpu_count()} cores)"
-    versions = ", ".join(f"{d} {_version(d)}" for d in ("transformers", "bitsandbytes", "galore-torch"))
+    versions = ", ".join(f"{d} {runtime.package_version(d)}" for d in ("transformers", "bitsandbytes", "galore-torch"))
     return f"{where}; Python {platform.python_version()}, torch {torch.__version__}, {versions}"
 
 

@@ -118,16 +118,10 @@ def machine(device: torch.device) -> str:
     """The GPU and the versions that matter there, or: CPU model, core count, torch version and threads, and the
     load when the run started."""
     if device.type == "cuda":
-        import importlib.metadata as md
-
-        def version(dist):
-            try:
-                return md.version(dist)
-            except md.PackageNotFoundError:
-                return "not installed"
+        from slimtrain.recipes.runtime import package_version
 
         return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
-                + ", ".join(f"{d} {version(d)}" for d in ("triton", "bitsandbytes", "galore-torch"))
+                + ", ".join(f"{d} {package_version(d)}" for d in ("triton", "bitsandbytes", "galore-torch"))
                 + f", Python {platform.python_version()}")
     cpu = platform.processor() or platform.machine()
     try:

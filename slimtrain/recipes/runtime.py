@@ -23,6 +23,7 @@ The cross-entropy is computed on fp32 logits in every mode.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import resource
 import sys
 
@@ -117,3 +118,11 @@ def synchronize(device: str) -> None:
     """Wait for queued GPU work, so a step's wall time is its own (no-op on the CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def package_version(dist: str) -> str:
+    """An installed distribution's version, or ``"not installed"`` (for the environment line of a results file)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
