@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -50,6 +52,24 @@ def train(model: nn.Module, opt, steps: int, seed: int = 1, start: int = 0) -> f
         loss.backward()
         opt.step()
     return float(loss.detach())
+
+
+def load_checkpoint(model: nn.Module, opt, checkpoint: dict) -> None:
+    """Load ``checkpoint["model"]`` and ``checkpoint["opt"]`` (left unchanged), written by another run and
+    perhaps on another processor, as a resume on the processor that wrote them would find them.
+
+    After loading, SSTAdamW checks once that each weight is bit for bit the product of its saved factors, as
+    this processor computes it (``(U * S) @ V.T``), and re-decomposes the weight and draws anew where it is not.
+    Another processor's product differs in its last bits, so here each SST weight is rewritten as this
+    processor's product of the saved factors (a change of rounding size) and the saved round goes on.
+    """
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(copy.deepcopy(checkpoint["opt"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            state = opt.state[p]
+            if "sst_u" in state:
+                p.copy_(((state["sst_u"] * state["sst_s"]) @ state["sst_v"].T).reshape(p.shape).to(p.dtype))
 
 
 # One row per optimizer configuration every generic test runs over: (id, factory(groups) -> optimizer).
