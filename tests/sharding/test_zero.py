@@ -80,10 +80,10 @@ def test_two_ranks_match_single_process(case, distributed_results):
                 torch.testing.assert_close(q, p, rtol=1e-5, atol=5e-6)
                 continue
             # 8-bit moments: where the two means round to either side of a code boundary (a tie within
-            # rounding, which a processor's kernels make or not), a moment moves by one code, up to 1.4% of
-            # its block's absmax, and the parameters it updates by more than rounding: measured 8.1e-6 on 2 of
-            # 480 elements with MKL's processor-independent kernels (MKL_CBWR=COMPATIBLE), none with its AMD
-            # EPYC ones. Quantizing on one side only moves them by 7.8e-4.
+            # rounding, so whether one occurs depends on the processor's kernels), a moment moves by one code,
+            # up to 1.4% of its block's absmax, and the parameters it updates by more than rounding: measured
+            # 8.1e-6 on 2 of 480 elements with MKL's processor-independent kernels (MKL_CBWR=COMPATIBLE), none
+            # with its kernels for this AMD EPYC. Quantizing on one side only moves them by 7.8e-4.
             off = ~torch.isclose(q, p, rtol=1e-5, atol=5e-6)
             assert off.float().mean() <= 0.05 and (q - p).abs().max() <= 1e-4, (int(off.sum()), (q - p).abs().max())
 
