@@ -11,15 +11,15 @@ initial weights and the same batches in the same order. Runs:
   paper's pre-training setting), DCT, SST in optimizer form, SST in the paper's form (``sst-spectral``:
   ``to_spectral`` + ``SpectralSSTAdamW``), and the 8-bit forms of the five.
 
-    python benchmarks/convergence_gpu.py                  # on a GPU: writes benchmarks/results/convergence_gpu.md
-    python benchmarks/convergence_gpu.py --quick --device cpu --out /tmp/c.md    # smoke run, seconds
+    python -m benchmarks.convergence_gpu                  # on a GPU: writes benchmarks/results/convergence_gpu.md
+    python -m benchmarks.convergence_gpu --quick --device cpu --out /tmp/c.md    # smoke run, seconds
 
 It needs galore-torch (the reference) and bitsandbytes (the 8-bit forms' quantization maps) and refuses
 to start without them. On a GPU machine without PyPI, put the wheels that ``scripts/fetch_gpu_wheels.sh``
 fetches on ``PYTHONPATH`` first, as ``scripts/gpu_check.sh`` does:
 
     site=$(mktemp -d) && python -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl && \
-        PYTHONPATH="$site:$PWD" python benchmarks/convergence_gpu.py
+        PYTHONPATH="$site:$PWD" python -m benchmarks.convergence_gpu
 
 **Corpus.** The ``.py`` files of ``--corpus-packages`` (default: those of torch, transformers, triton,
 jax, scipy, numpy, sympy that are installed; found with ``importlib.util.find_spec``, nothing imported),
@@ -61,12 +61,11 @@ import math
 import os
 import platform
 import random
-import shlex
-import sys
 import time
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.memory import llama_from_shape
 from slimtrain.recipes import runtime
 from slimtrain.recipes.data import VOCAB_SIZE
@@ -97,7 +96,7 @@ RUNS: dict[str, tuple[str, dict, str]] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="60m", help="a shape of slimtrain.recipes.models (default: 60m; --quick: micro)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
@@ -365,7 +364,7 @@ def check_dependencies(labels: list[str]) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_dependencies(run_labels(args))
-    command = " ".join(["python", "benchmarks/convergence_gpu.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     corpus = load_corpus(args)

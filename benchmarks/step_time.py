@@ -18,11 +18,11 @@ Method, all in one process:
 - state: bytes of every distinct tensor reachable from ``optimizer.state`` after the last step
   (``recipes.optim.state_tensor_bytes``, which also counts galore-torch's projector objects).
 
-    python benchmarks/step_time.py                  # 60M shapes: 6 minutes on an idle 2-core CPU, one thread
-    python benchmarks/step_time.py --model 130m     # the 130M shapes at the paper's rank 256 (not run here)
-    python benchmarks/step_time.py --quick          # tiny model, byte vocabulary: seconds
-    python benchmarks/step_time.py --device cuda --model 1b --optimizers adamw adamw-fused galore-torch \
-        galore fira frugal dct galore8bit bnb-adamw8bit --kernel-backends auto torch     # issue 13, on a GPU
+    python -m benchmarks.step_time                  # 60M shapes: 6 minutes on an idle 2-core CPU, one thread
+    python -m benchmarks.step_time --model 130m     # the 130M shapes at the paper's rank 256 (not run here)
+    python -m benchmarks.step_time --quick          # tiny model, byte vocabulary: seconds
+    python -m benchmarks.step_time --device cuda --model 1b --optimizers adamw adamw-fused galore-torch \
+        galore fira frugal dct galore8bit bnb-adamw8bit --kernel-backends auto torch     # on a GPU
 
 Writes ``step_time.md`` into ``--out-dir`` with the command and the machine on top; on CUDA
 ``step_time_gpu.md``, naming the GPU and the versions of CUDA, Triton, bitsandbytes and galore-torch.
@@ -41,13 +41,12 @@ import argparse
 import datetime
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.memory import LLAMA_VOCAB, PAPER_RANKS
 from slimtrain.recipes.models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import (
@@ -78,7 +77,7 @@ AMORTIZE_GAP = 200  # the papers' default update_proj_gap
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="60m", help=f"shape: {', '.join(MODEL_SHAPES)} (default: 60m)")
     p.add_argument("--vocab", type=int, default=LLAMA_VOCAB, help=f"vocabulary (default: {LLAMA_VOCAB}, the paper's)")
     p.add_argument("--rank", type=int, default=None, help="projection rank (default: the paper's, else a quarter)")
@@ -195,7 +194,7 @@ def summarize(name: str, seconds: list[float], state_bytes: int, args, transient
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/step_time.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     host = machine(args.device)
     config = model_config(args.model, args.vocab, args.seq_len)
     if args.layers is not None:
