@@ -13,8 +13,8 @@ def invocation(file: str) -> str:
 
 
 def command_line(file: str, argv: list[str] | None, env: str = "") -> str:
-    """The command that reproduces a run, for its results file: ``env`` (variables the run needs, e.g.
-    ``DS_ACCELERATOR=cpu``), the invocation, and the arguments (``sys.argv[1:]`` when ``argv`` is None) quoted for
-    a POSIX shell."""
+    """The command that reproduces a run, for its results file: ``env`` (variables the run was started with that
+    change what it does, e.g. ``DS_ACCELERATOR=cpu``), the invocation, and the arguments (``sys.argv[1:]`` when
+    ``argv`` is None) quoted for a POSIX shell."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join([*([env] if env else []), invocation(file), *map(shlex.quote, args)])

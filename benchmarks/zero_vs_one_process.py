@@ -107,10 +107,12 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "zero_vs_one_process.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    accelerator = os.environ.get("DS_ACCELERATOR")
+    command = command_line(__file__, argv, env=f"DS_ACCELERATOR={accelerator}" if accelerator else "")
     lines = [
         "# 2 ZeRO-2 ranks vs one process (GaLore, tiny LLaMA)",
         "",
-        f"Produced by `{command_line(__file__, argv, env='DS_ACCELERATOR=cpu')}` (CPU, torch "
+        f"Produced by `{command}` (CPU, torch "
         f"{torch.__version__}). Losses in nats per byte; validation every 2 steps. `halves` is one process stepping "
         "on the mean of the two half-batch gradients.",
         "",
