@@ -14,7 +14,7 @@ torch.profiler(profile_memory=True) on CPU. The base model's own weights (~87 Mi
     python -m benchmarks.adapters --out benchmarks/results/adapters.md
     python -m benchmarks.adapters --device cuda       # the layer-stack harness on a GPU: writes results/adapters_gpu.md
 
-**The layer-stack harness** (``--device cuda``, or ``--harness`` on any device) is issue 14's speed test:
+**The layer-stack harness** (``--device cuda``, or ``--harness`` on any device) is the GPU speed test:
 forward + backward of ``--layers`` (4) x ``Linear(--dim, --dim)`` (4096) in bf16 on ``--tokens`` (4096) tokens,
 every layer targeted, adapters at PEFT's defaults (``autocast_adapter_dtype=True``: adapter weights in fp32
 beside the bf16 base). The medians are over ``--rounds`` round-robin calls, each between two synchronizations,
@@ -351,7 +351,7 @@ def harness_report(args, argv) -> str:
         f"median of {args.rounds} round-robin calls after two warm-up calls each, each call between two "
         "synchronizations.",
         table_md,
-        "Issue 14's targets, as ratios in this run: NOLA (bases regenerated) at most 1.2x LoRA, RandLoRA at most "
+        "The targets, as ratios in this run: NOLA (bases regenerated) at most 1.2x LoRA, RandLoRA at most "
         "2.5x LoRA in both modes, DoRA at most 1.3x LoRA.",
     ])
 

@@ -1,6 +1,6 @@
 """Do slimtrain's low-rank optimizers train LLaMA-60M as well as galore-torch and AdamW, on a GPU?
 
-Issue 16: the GaLore paper's smallest shape (LLaMA-60M: hidden 512, intermediate 1376, 8 layers, 8 heads;
+The setting: the GaLore paper's smallest shape (LLaMA-60M: hidden 512, intermediate 1376, 8 layers, 8 heads;
 rank 128, update_proj_gap 200, scale 0.25) with a byte vocabulary, trained on a real corpus that no run
 repeats: the Python sources of the packages installed beside slimtrain. Every optimizer sees the same
 initial weights and the same batches in the same order. Runs:
@@ -41,10 +41,10 @@ so a step of 16,384 tokens is 2.7 TFLOP and a run 1.36 PFLOP. At an assumed 100 
 H100's dense bf16 peak: a 512-wide model in eager Hugging Face code is bound by its element-wise kernels
 and launches, not its matmuls) that is ~14 s per run; adding ~10 s per run for optimizer steps (75
 parameters stepped one by one), three projector refreshes and evaluation gives ~25 s per run and ~7 min
-for all 16, under the issue's 12 minutes. This is an estimate, not a measurement: ``--time-budget``
+for all 16, within 12 minutes. This is an estimate, not a measurement: ``--time-budget``
 (default 540 s, so the command fits a 10-minute device call) stops starting runs once the next one,
 estimated at 1.25x the longest so far, would overrun it, and the results say which runs were skipped.
-Runs go in order of what the issue's targets need (galore-torch, GaLore, Fira, FRUGAL first), and the
+Runs go in order of what the targets need (galore-torch, GaLore, Fira, FRUGAL first), and the
 table is rewritten after every run, so a stopped benchmark leaves what it measured.
 """
 
@@ -80,7 +80,7 @@ DEFAULT_PACKAGES = ["torch", "transformers", "triton", "jax", "scipy", "numpy", 
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "jaxlib": "jaxlib"}
 
 # label -> (optimizer name in recipes.optim, extra constructor arguments, implementation shown in the table).
-# The order is the run order: the issue's targets first, so a time budget cuts the least needed runs.
+# The order is the run order: what the targets need first, so a time budget cuts the least needed runs.
 RUNS: dict[str, tuple[str, dict, str]] = {
     "galore-torch": ("galore-torch", {}, "galore_torch.GaLoreAdamW"),
     "galore": ("galore", {}, "slimtrain GaLoreAdamW"),
@@ -405,7 +405,7 @@ def _ok(rows, label):
 
 
 def target_checks(args, rows: list[dict]) -> list[str]:
-    """The issue's targets, each a measured fact with PASS/FAIL (or NOT MEASURED)."""
+    """The targets, each a measured fact with PASS/FAIL (or NOT MEASURED)."""
     galore, ref, fira = _ok(rows, "galore"), _ok(rows, "galore-torch"), _ok(rows, "fira")
     block, subspace = _ok(rows, "frugal-block"), _ok(rows, "frugal")
     out = []
@@ -525,7 +525,7 @@ def write_report(args, command: str, corpus: Corpus, rows: list[dict], total_s: 
             f"{math.exp(min(r['val_loss'], 700)):.3f} | {ratio} | {r['tokens_per_s']:,.0f} | {mem} | "
             f"{r['state_bytes']:,} | {r['wall_s']:.0f} | `{r['data_sha1'][:10]}` |"
         )
-    lines += ["", "## Targets (issue 16)", "", *target_checks(args, rows), ""]
+    lines += ["", "## Targets", "", *target_checks(args, rows), ""]
     skipped = [r["label"] for r in rows if r["status"].startswith("skipped")]
     if skipped:
         lines += [f"Not run, for the time budget: {', '.join(skipped)}.", ""]

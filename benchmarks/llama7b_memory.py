@@ -1,10 +1,10 @@
 """Peak GPU memory of whole LLaMA-7B training steps: slimtrain's leanest configurations beside bitsandbytes'
-AdamW8bit and galore-torch's per-layer 8-bit GaLore, each next to what ``slimtrain memory`` predicts (issue 13).
+AdamW8bit and galore-torch's per-layer 8-bit GaLore, each next to what ``slimtrain memory`` predicts.
 
     python -m benchmarks.llama7b_memory        # on a GPU: writes benchmarks/results/llama7b_memory_gpu.md
     python -m benchmarks.llama7b_memory --shape tiny --device cpu --out /tmp/m.md     # smoke run, seconds
 
-**Setting (the issue's).** A LLaMA with GaLore's 7B shape (hidden 4096, intermediate 11008, 32 heads, 32
+**Setting.** A LLaMA with GaLore's 7B shape (hidden 4096, intermediate 11008, 32 heads, 32
 layers, vocabulary 32000; 6.74B parameters), random initialization, bf16 weights and gradients, sequence 256,
 batch 1, activation checkpointing, layer-wise updates: every parameter is stepped in its post-accumulate-grad
 hook and its gradient freed, so one gradient is alive at a time. slimtrain does this with
@@ -12,7 +12,7 @@ hook and its gradient freed, so one gradient is alive at a time. slimtrain does 
 same hook, as galore-torch's ``torchrun_main.py --optimizer galore_adamw8bit_per_layer`` does. Rank 1024, T =
 200, scale 0.25 for the projected optimizers, the attention and MLP matrices projected.
 
-**Configurations**, in run order (the issue's target first):
+**Configurations**, in run order (slimtrain's first: the target is about them):
 
 - ``slimtrain-dct8bit``: ``DCTAdamW8bit``. It stores r indices per matrix instead of a basis.
 - ``slimtrain-galore8bit-bf16``: ``GaLoreAdamW8bit`` with ``RandomizedProjector(basis_dtype="bf16")``: the basis
@@ -327,7 +327,7 @@ def write_report(args, command: str, rows: list[dict], skipped: list[str], total
               "optimizer, one optimizer per parameter here (counted once in the prediction)."]
     lines += ["", "What the peak holds beyond the prediction: activations (checkpointed: one layer's recomputed "
               "activations plus every layer's input), logits and their gradient, a refresh's temporaries (an SVD's "
-              "or FFT's workspace for one matrix), cuBLAS workspaces. The issue's target: the best slimtrain peak "
+              "or FFT's workspace for one matrix), cuBLAS workspaces. The target: the best slimtrain peak "
               "at most 18 GB, and `slimtrain memory` within 5% of each measured peak."]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

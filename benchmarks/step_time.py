@@ -29,7 +29,7 @@ Writes ``step_time.md`` into ``--out-dir`` with the command and the machine on t
 
 **On a GPU** each step is timed between two ``torch.cuda.synchronize()`` calls, and the table adds the step's
 transient memory: ``torch.cuda.max_memory_allocated`` during the step minus what was allocated before it (the
-temporaries a step needs beyond the state it keeps; issue 13 asks for at most 0.1x the state). Two peers exist
+temporaries a step needs beyond the state it keeps; the target is at most 0.1x the state). Two peers exist
 only here: ``adamw-fused`` (``torch.optim.AdamW(fused=True)``) and ``bnb-adamw8bit`` (bitsandbytes'
 ``AdamW8bit``). ``--kernel-backends auto torch`` adds a row per slimtrain optimizer stepped with
 ``slimtrain.kernels.use_backend("torch")``: its Triton path beside its torch path.
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--layers", type=int, default=None,
-                   help="decoder layers (default: the shape's); e.g. 4 layers of the 1B shape, as issue 13 allows")
+                   help="decoder layers (default: the shape's); e.g. 4 layers of the 1B shape")
     p.add_argument("--kernel-backends", nargs="+", default=["auto"], choices=KERNEL_BACKENDS,
                    help="slimtrain's kernels: auto (default: Triton on CUDA, torch elsewhere); each other one adds a "
                         "row per slimtrain optimizer")

@@ -1,4 +1,4 @@
-"""benchmarks.adapters' layer-stack harness (issue 14's GPU speed test) at a small size on whichever device is
+"""benchmarks.adapters' layer-stack harness (the GPU speed test) at a small size on whichever device is
 here: every method builds, trains forward and backward, and gets a row."""
 
 import argparse

@@ -83,7 +83,8 @@ DOCUMENTED = [(path, name, args) for path, text in _documents() for part in code
 def test_the_reader_finds_commands_as_documents_write_them():
     md = ("Made by `python -m benchmarks.zero`.\n(`DS_ACCELERATOR=cpu python -m benchmarks.zero_vs_one_process\n"
           "--out x.md`: wraps.)\n```\npython -m benchmarks.convergence --optimizers a \\\n"
-          "    --section 'b c'    # a comment\n```\n`python -m pip install x` and python -m benchmarks.adapters in prose\n"
+          "    --section 'b c'    # a comment\n```\n"
+          "`python -m pip install x` and python -m benchmarks.adapters in prose\n"
           "- a list item:\n\n  ```bash\n  python -m benchmarks.sst_memory --quick \\\n      --out-dir d\n  ```\n")
     assert [c for part in code_parts("x.md", md) for c in benchmark_commands(part)] == [
         ("convergence", ["--optimizers", "a", "--section", "b c"]), ("sst_memory", ["--quick", "--out-dir", "d"]),

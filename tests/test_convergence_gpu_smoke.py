@@ -30,7 +30,7 @@ def test_writes_header_and_every_row(bench, quick):
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     table = [line for line in report.splitlines() if line.startswith("| ") and "`" in line]
     assert len(table) == len(rows)
-    assert "## Targets (issue 16)" in report and report.count("**PASS**") + report.count("**FAIL**") == 3
+    assert "## Targets" in report and report.count("**PASS**") + report.count("**FAIL**") == 3
 
 
 def test_split_is_by_file(quick):

@@ -1,4 +1,4 @@
-"""benchmarks.step_time's device, peer and kernel-backend options (issue 13), at its --quick size on whichever
+"""benchmarks.step_time's device, peer and kernel-backend options, at its --quick size on whichever
 device is here: on CUDA it writes step_time_gpu.md with each step's transient memory."""
 
 import pytest
