@@ -126,8 +126,8 @@ def test_documented_arguments_parse(path, name, args, monkeypatch, capsys):
         importlib.import_module(f"benchmarks.{name}").main(args)
     except _Parsed:
         return
-    except SystemExit as exit:  # argparse refused the arguments (2), or printed the --help they ask for (0)
-        assert exit.code == 0, f"{path}: python -m benchmarks.{name} {shlex.join(args)}\n{capsys.readouterr().err}"
+    except SystemExit as stop:  # argparse refused the arguments (2), or printed the --help they ask for (0)
+        assert stop.code == 0, f"{path}: python -m benchmarks.{name} {shlex.join(args)}\n{capsys.readouterr().err}"
         return
     pytest.fail(f"benchmarks.{name}.main() returned without parsing its arguments")
 
