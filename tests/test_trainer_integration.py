@@ -120,6 +120,16 @@ def test_factory_targets_matching_nothing():
         optimizer_factory("galore", ["nope"], rank=2)()(tiny_model())
 
 
+def test_factory_targets_that_are_frozen_say_so():
+    """low_rank_param_groups over frozen targets: they matched, so say that they are frozen and what to do."""
+    model = tiny_model()
+    model.bert.encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"Invalid target_modules: \['attention'\] matches 8 linear layers, all frozen "
+                                         r"\(requires_grad=False: bert\.encoder\.layer\.0\.attention\.self\.query, .*"
+                                         r"unfreeze them \(module\.requires_grad_\(True\)\)"):
+        optimizer_factory("galore", ["attention"], rank=2)()(model)
+
+
 def test_callback_ignores_other_optimizers(tmp_path):
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
