@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -44,8 +46,9 @@ class LayerwiseStepper:
     when built: at the start of every backward pass it steps, it also hooks every parameter of the
     optimizer's groups that requires grad by then (unfrozen since, or added with ``add_param_group``),
     and such a parameter trains from that backward pass on, as with ``optimizer.step()``. A backward pass
-    is seen when it reaches a parameter the stepper already steps: one that reaches only parameters
-    unfrozen since the previous one goes unseen, so unfreeze before that backward, not instead of it.
+    is seen when it reaches a parameter the stepper already steps; one that reaches only parameters
+    unfrozen since the previous pass is not (nothing of the stepper's runs in it): unfreeze new parameters
+    while others still train, or build the stepper after unfreezing.
 
     **Accumulation.** With ``accumulation_steps=k`` the stepper counts backward passes (each autograd run
     that reaches its parameters), not gradient arrivals: backward passes ``k*i`` to ``k*i + k - 1`` form
@@ -83,7 +86,7 @@ class LayerwiseStepper:
         self.accumulation_steps = accumulation_steps
         self._hooks: dict[int, RemovableHandle] = {}  # id(parameter) -> its post-accumulate-grad hook
         self._backward_passes = 0  # backward passes seen (single process)
-        self._in_backward = False
+        self._running = _no_pass  # a weak reference to the end-of-backward callback of the pass running now
         self._ddp = self._check_data_parallel(model)
         self._active = True
         if self._ddp is not None:
@@ -158,7 +161,7 @@ class LayerwiseStepper:
     def _hook(self, p: Tensor) -> None:
         if not self._active:
             return
-        if not self._in_backward:
+        if self._running() is None:
             self._begin_backward()
         if self._window_ends():
             self._step(p)
@@ -167,13 +170,16 @@ class LayerwiseStepper:
         """The first gradient of a backward pass has arrived: count the pass, hook the parameters that require
         grad since the previous one (their hooks fire later in this pass; a gradient that arrived before is
         stepped at its end), and have the engine call :meth:`_end_backward` when the pass is over."""
-        self._in_backward = True
+        end = _EndOfBackward(self)
+        self._running = weakref.ref(end)
         self._backward_passes += 1
         self._hook_new_parameters()
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        torch.autograd.Variable._execution_engine.queue_callback(end)
 
-    def _end_backward(self) -> None:
-        self._in_backward = False
+    def _end_backward(self, end: _EndOfBackward) -> None:
+        if self._running() is not end:
+            return
+        self._running = _no_pass
         if self._window_ends():
             # what optimizer.step() would step now: every parameter still holding a gradient of this window
             for p in self._params():
@@ -239,3 +245,24 @@ class LayerwiseStepper:
             handle.remove()
         self._hooks.clear()
         self._active = False
+
+
+def _no_pass() -> None:
+    return None
+
+
+class _EndOfBackward:
+    """Queued on the autograd engine by the first hook of a backward pass; the engine calls it when the pass ends.
+
+    The stepper holds it by weak reference only: the engine drops the callbacks of a pass that raised (an
+    out-of-memory error caught by the training loop), so such a pass stops counting as running and the next
+    backward pass is a new one.
+    """
+
+    __slots__ = ("stepper", "__weakref__")
+
+    def __init__(self, stepper: LayerwiseStepper):
+        self.stepper = stepper
+
+    def __call__(self) -> None:
+        self.stepper._end_backward(self)

@@ -118,6 +118,44 @@ def test_a_group_added_with_add_param_group_trains(projected):
     assert not torch.equal(model.branches[2].weight, Branches().branches[2].weight)
 
 
+class _RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("out of memory (simulated)")
+
+
+def test_a_backward_pass_that_raised_is_over():
+    """Pass 2 (the first of its window) raises halfway, after the branches' gradients arrived and before the
+    trunk's; the loop goes on. The stepper must take pass 3 for a new pass, the window's last, as the standard
+    loop counts it, and not for the rest of pass 2 (the engine never ends a pass that raised)."""
+    schedule, k = [(0, 1)] * 6, 2
+    runs = []
+    for layerwise in (True, False):
+        model = Branches()
+        opt = _optimizer(model)
+        stepper = LayerwiseStepper(opt, accumulation_steps=k) if layerwise else None
+        for i, used in enumerate(schedule):
+            x = torch.randn(16, 24, generator=torch.Generator().manual_seed(i))
+            h = torch.tanh(model.trunk(x))
+            h = _RaiseInBackward.apply(h) if i == 2 else h
+            loss = ((sum(model.branches[j](h) for j in used) - torch.sin(3 * x[:, :8])) ** 2).mean() / k
+            try:
+                loss.backward()
+            except RuntimeError:
+                assert i == 2 and model.branches[0].weight.grad is not None and model.trunk.weight.grad is None
+            if not layerwise and (i + 1) % k == 0:
+                opt.step()
+                opt.zero_grad()
+        if stepper is not None:
+            stepper.remove()
+        runs.append(model)
+    _assert_equal(*runs)
+
+
 def test_nothing_trainable_is_refused():
     model = Branches()
     opt = _optimizer(model)
