@@ -120,7 +120,11 @@ SCENARIOS = {
     # a target no method can wrap, after one it can
     **{f"{m}-conv2d": _fresh(lambda: LinearThen(nn.Conv2d(16, 16, 1)), c, TypeError, "cannot wrap Conv2d")
        for m, c in CONFIGS.items()},
-    **{f"{m}-bnb-4bit": _fresh(lambda: _bnb("4bit"), c, TypeError, "does not support bitsandbytes 4-bit")
+    # the advice names what the method takes: LoLDU and S²FT refuse 8-bit bases too
+    **{f"{m}-bnb-4bit": _fresh(lambda: _bnb("4bit"), c, TypeError,
+                               "does not support bitsandbytes 4-bit .* Load the model "
+                               + (r"in bf16 or fp16 instead\.$" if m in ("loldu", "s2ft") else
+                                  r"in 8-bit \(load_in_8bit=True\) or in bf16 instead\.$"))
        for m, c in CONFIGS.items()},
     **{f"{m}-bnb-8bit": _fresh(lambda: _bnb("8bit"), c, TypeError, "does not support bitsandbytes 8-bit")
        for m, c in CONFIGS.items() if m in ("loldu", "s2ft")},

@@ -174,8 +174,9 @@ class S2FTLayer(DeltaLayer):
                 f"Invalid adapters for add_weighted_adapter at {key}: {other or [target]} train other rows or columns "
                 f"than {adapters[0]!r}; S²FT blocks add up only over the same selection"
             )
+        dtype = torch.promote_types(self.s2ft_delta[target].dtype, torch.float32)
         with torch.no_grad():
-            block = sum(w * self.s2ft_delta[a].float() for a, w in zip(adapters, weights))
+            block = sum(w * self.s2ft_delta[a].to(dtype) for a, w in zip(adapters, weights))
             self.s2ft_delta[target].copy_(block)
         self.s2ft_index[target] = index.clone()
 
