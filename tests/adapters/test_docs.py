@@ -39,8 +39,11 @@ def test_links_resolve():
             assert anchor in anchors, f"{link}: no heading with anchor #{anchor} (have {sorted(anchors)})"
 
 
+BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("block", re.findall(r"```python\n(.*?)```", TEXT, flags=re.S))
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_python_blocks_run(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks save to relative paths
     build = MODELS["llama"].build
