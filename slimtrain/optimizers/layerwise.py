@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -56,8 +57,10 @@ class LayerwiseStepper:
     ``loss.backward()`` k times, then ``optimizer.step()`` and ``zero_grad()`` would: in its hook during the
     window's last backward pass, or, if it got gradients earlier in the window but none in the last one
     (a branch or an expert that did not run), when that backward pass ends. A reentrant activation
-    checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``) runs backward passes of its own inside
-    the outer one and is counted as such: with ``k > 1`` use ``use_reentrant=False`` (transformers' default).
+    checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``) runs a backward pass of its own inside
+    the outer one; when a pass's first gradient arrives in there, the end of the outer pass cannot be seen, so
+    with ``k > 1`` that is refused (use ``use_reentrant=False``, transformers' default); ``k = 1`` is exact
+    either way.
 
     Args:
         optimizer: a slimtrain optimizer (FRUGAL's block mode is refused: choosing the active blocks
@@ -170,6 +173,14 @@ class LayerwiseStepper:
         """The first gradient of a backward pass has arrived: count the pass, hook the parameters that require
         grad since the previous one (their hooks fire later in this pass; a gradient that arrived before is
         stepped at its end), and have the engine call :meth:`_end_backward` when the pass is over."""
+        if self.accumulation_steps > 1 and _inside_reentrant_checkpoint():
+            raise RuntimeError(
+                f"LayerwiseStepper(accumulation_steps={self.accumulation_steps}) got the first gradient of a backward "
+                "pass inside a reentrant activation checkpoint's own backward pass, so it cannot tell where the "
+                "outer pass ends: checkpoint with use_reentrant=False (transformers: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or "
+                "use accumulation_steps=1"
+            )
         end = _EndOfBackward(self)
         self._running = weakref.ref(end)
         self._backward_passes += 1
@@ -249,6 +260,21 @@ class LayerwiseStepper:
 
 def _no_pass() -> None:
     return None
+
+
+def _inside_reentrant_checkpoint() -> bool:
+    """Whether this code runs inside the backward pass that ``torch.utils.checkpoint(..., use_reentrant=True)``
+    starts within the outer one (its ``CheckpointFunction.backward`` is on the Python stack). A callback queued
+    there runs when that inner pass ends, not the outer one."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    code = CheckpointFunction.backward.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _EndOfBackward:

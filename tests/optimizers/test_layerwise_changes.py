@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from slimtrain.optimizers import GaLoreAdamW, LayerwiseStepper, low_rank_param_groups
 
@@ -162,3 +163,41 @@ def test_nothing_trainable_is_refused():
     model.requires_grad_(False)
     with pytest.raises(RuntimeError, match=r"none of the optimizer's 8 parameters requiring grad.*unfreeze"):
         LayerwiseStepper(opt)
+
+
+class Checkpointed(Branches):
+    """:class:`Branches` with its branches under activation checkpointing: their gradients arrive in the backward
+    pass the checkpoint runs inside the outer one when ``use_reentrant`` is True."""
+
+    use_reentrant = True
+
+    def forward(self, x: torch.Tensor, used: tuple[int, ...]) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return sum(checkpoint(self.branches[i], h, use_reentrant=self.use_reentrant) for i in used)
+
+
+def _train_checkpointed(layerwise: bool, k: int, reentrant: bool) -> Branches:
+    Checkpointed.use_reentrant = reentrant
+    model = Checkpointed()
+    opt = _optimizer(model)
+    stepper = LayerwiseStepper(opt, accumulation_steps=k) if layerwise else None
+    for i, used in enumerate(SCHEDULES[2][:4]):
+        _loss(model, i, used, k).backward()
+        if not layerwise and (i + 1) % k == 0:
+            opt.step()
+            opt.zero_grad()
+    if stepper is not None:
+        stepper.remove()
+    return model
+
+
+@pytest.mark.parametrize("k, reentrant", [(1, True), (2, False)])
+def test_activation_checkpointing_steps_as_the_standard_loop(k, reentrant):
+    _assert_equal(_train_checkpointed(True, k, reentrant), _train_checkpointed(False, k, reentrant))
+
+
+def test_accumulation_under_a_reentrant_checkpoint_is_refused():
+    # The branches' gradients, the first of each backward pass, arrive inside the checkpoint's own backward pass:
+    # the stepper cannot tell where the outer pass ends, so it refuses rather than count passes wrongly.
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        _train_checkpointed(True, 2, True)
