@@ -1,0 +1,38 @@
+"""Write the checkpoints that ``test_load_checks.py::test_checkpoint_recording_its_method_resumes`` loads.
+
+Run from the repository root (``python -m tests.optimizers.data.identity.make_identity_checkpoints``) with the
+code whose checkpoint format must keep loading. These state dicts record their writer (``"slimtrain"``:
+``method`` and, for FRUGAL, ``mode``) and hold the param-group keys of the code that wrote them (a
+``projector`` in every group, SST's and FRUGAL block mode's included); each file holds the model and
+optimizer after 7 steps of ``helpers.train`` and the parameters 11 steps later, computed on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from slimtrain.optimizers import FiraAdamW8bit
+
+from ...helpers import CONFIGS, groups, mlp, train
+
+HERE = Path(__file__).parent
+CASES = {name: factory for name, factory in CONFIGS if name in {"frugal-block", "sst", "galore8bit-svd-sr"}}
+CASES["fira8bit"] = lambda g: FiraAdamW8bit(g, lr=1e-2, min_8bit_size=0)
+
+
+def main() -> None:
+    for name, factory in CASES.items():
+        model = mlp()
+        opt = factory(groups(model))
+        train(model, opt, steps=7)
+        saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+        train(model, opt, steps=11, start=7)
+        saved["after"] = [p.detach().clone() for p in model.parameters()]
+        torch.save(saved, HERE / f"{name}.pt")
+
+
+if __name__ == "__main__":
+    main()
