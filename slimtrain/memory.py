@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .optimizers import _validation as V
-from .optimizers import quantized as Q
+from .optimizers import moments as Q
 from .optimizers.base import LowRankAdamW
 from .optimizers.groups import low_rank_param_groups
 from .optimizers.projectors import PROJECTORS as PROJECTOR_CLASSES
@@ -237,7 +237,7 @@ def _build_optimizer(model: torch.nn.Module, s: dict, target_modules) -> LowRank
         opt = LowRankAdamW(model.parameters(), min_8bit_size=s["min_8bit_size"], block_size=s["block_size"])
     else:
         kwargs = dict(min_8bit_size=s["min_8bit_size"], block_size=s["block_size"])
-        if s["optimizer"] != "sst":
+        if s["optimizer"] != "sst" and not (s["optimizer"] == "frugal" and s["frugal_mode"] == "block"):
             projector = PROJECTOR_CLASSES[s["projector"]]
             stored = {"basis_dtype": s["basis_dtype"]} if s["projector"] in BASIS_PROJECTORS else {}
             kwargs["projector"] = projector(**stored)
@@ -312,7 +312,7 @@ def estimate_memory(
     if isinstance(optimizer, str) and optimizer.endswith("8bit"):
         optimizer, state_bits = optimizer[: -len("8bit")], 8
     _check("optimizer", optimizer, OPTIMIZERS)
-    _check("state_bits", state_bits, Q.STATE_BITS)
+    _check("state_bits", state_bits, V.STATE_BITS)
     _check("weight_dtype", weight_dtype, tuple(DTYPE_BYTES))
     _check("frugal_mode", frugal_mode, ("subspace", "block"))
     if projector is None and optimizer != "adamw":
@@ -328,7 +328,7 @@ def estimate_memory(
     # The optimizers' own checks (what their constructors would refuse is not estimated).
     V.check_choice("proj_type", proj_type, V.PROJ_TYPES)
     V.check_int("min_8bit_size", min_8bit_size, minimum=0)
-    V.check_int_choice("block_size", block_size, Q.BLOCK_SIZES)
+    V.check_int_choice("block_size", block_size, V.BLOCK_SIZES)
     V.check_bool("bf16_stochastic_round", bf16_stochastic_round)
     if density is not None:
         V.check_unit_interval("density", density)
@@ -435,7 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("model", help=f"a built-in LLaMA size ({', '.join(LLAMA_SHAPES)}) or a config.json path")
     a("--optimizer", default="galore", help=f"{', '.join(OPTIMIZERS)}, or NAME8bit (default: galore)")
     a("--rank", type=int, default=None, help="projection rank (default: the GaLore paper's for the size, else 128)")
-    a("--state-bits", type=int, default=32, choices=Q.STATE_BITS, help="optimizer state width (default: 32)")
+    a("--state-bits", type=int, default=32, choices=V.STATE_BITS, help="optimizer state width (default: 32)")
     a("--weight-dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="weights and gradients (default: bf16)")
     a("--target-modules", default="all-linear",
       help="'all-linear' (default) or comma-separated substrings of module names, e.g. self_attn,mlp")

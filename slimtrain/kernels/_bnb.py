@@ -1,7 +1,7 @@
 """What 8-bit optimizer state needs from bitsandbytes, and what it refuses to store, in one place.
 
 Shared by the 8-bit Adam kernel's reference (:mod:`.adam8bit`) and the optimizers' blockwise storage
-(``slimtrain/optimizers/quantized.py``, which imports from here: optimizers depend on kernels, never
+(``slimtrain/optimizers/moments.py``, which imports from here: optimizers depend on kernels, never
 the reverse).
 """
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.adam import adam_direction_, adam_direction_reference
-from . import _validation as V
+from ._validation import check_betas, check_int, check_lr, check_nonneg
 from .functional import adam_step_size
 # The layer side, re-exported: this module is where users meet spectral SST.
 from .spectral_layers import (  # noqa: F401
@@ -96,13 +96,13 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
                  iterations_per_round: int | None = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (expected an nn.Module converted by to_spectral)")
-        V.check_lr(lr)
-        V.check_betas(betas)
-        V.check_nonneg("eps", eps)
-        V.check_nonneg("weight_decay", weight_decay)
-        V.check_int("update_proj_gap", update_proj_gap, minimum=1)
+        check_lr(lr)
+        check_betas(betas)
+        check_nonneg("eps", eps)
+        check_nonneg("weight_decay", weight_decay)
+        check_int("update_proj_gap", update_proj_gap, minimum=1)
         if iterations_per_round is not None:
-            V.check_int("iterations_per_round", iterations_per_round, minimum=1)
+            check_int("iterations_per_round", iterations_per_round, minimum=1)
         layers = [m for m in model.modules() if isinstance(m, SpectralLinear)]
         if not layers:
             raise ValueError("Invalid model: it has no SpectralLinear layer (convert it with to_spectral first)")

@@ -78,8 +78,8 @@ class _SignGaLore(LowRankRule):
 
     name = "sign-galore"
 
-    def update(self, opt, p, grad, group, state, index):
-        step = super().update(opt, p, grad, group, state, index)
+    def update(self, p, grad, group, state, ctx):
+        step = super().update(p, grad, group, state, ctx)
         step.direction = step.direction.sign()
         return step
 
