@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .._validation import check_choice
+
 #: Names a method cannot take: plain AdamW in ``slimtrain memory`` and the recipes.
 RESERVED = ("adamw",)
 EIGHT_BIT_SUFFIX = "8bit"
@@ -51,9 +53,13 @@ class Method:
         """The step rule of ``mode`` (``None``: the default mode, or the only rule of a method without modes)."""
         if mode is None:
             return self.optimizer.rule_type
-        if mode not in self.modes:
-            raise ValueError(f"Invalid mode: {mode!r} ({self.name} has {_modes(self)})")
-        return self.modes[mode]
+        if not self.modes:
+            raise ValueError(f"Invalid mode: {mode!r} ({self.name} has no modes)")
+        return self.modes[check_choice("mode", mode, tuple(self.modes))]
+
+    def mode_of(self, rule: object) -> str | None:
+        """The mode whose rule ``rule`` is (``None`` for a method without modes)."""
+        return next((m for m, cls in self.modes.items() if isinstance(rule, cls)), None)
 
     @property
     def rule_types(self) -> tuple[type, ...]:
@@ -75,10 +81,6 @@ class Method:
             if self.optimizer_8bit is not None:
                 out[base + EIGHT_BIT_SUFFIX] = (variant, True)
         return out
-
-
-def _modes(method: Method) -> str:
-    return f"the modes {', '.join(map(repr, method.modes))}" if method.modes else "no modes"
 
 
 _METHODS: dict[str, Method] = {}
