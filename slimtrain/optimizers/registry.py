@@ -111,27 +111,36 @@ def register_method(
         variants: recipe names for a method run another way: ``{"block": {"mode": "block"}}`` makes
             ``name-block`` (and ``name-block8bit``) the method with those constructor options.
 
+    Registering a name again with a class of the same module and qualified name replaces the entry (the same
+    definition run again: a reloaded module, a notebook cell); another class under a taken name is refused.
+
     Raises:
         ValueError: a name or class already registered, or an entry that is not one of the above.
     """
     modes = MappingProxyType(dict(modes or {}))
     method = Method(name, optimizer, optimizer_8bit, modes, MappingProxyType(dict(recipe)),
                     MappingProxyType({k: MappingProxyType(dict(v)) for k, v in (variants or {}).items()}))
-    _check(method)
+    previous = _METHODS.get(name)
+    _check(method, replaces=previous if previous is not None and _same_definition(previous.optimizer, optimizer) else None)
     _METHODS[name] = method
     return method
 
 
-def _check(method: Method) -> None:
+def _same_definition(a: type, b: type) -> bool:
+    return (a.__module__, a.__qualname__) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
+def _check(method: Method, replaces: Method | None) -> None:
     name, cls = method.name, method.optimizer
+    others = {k: m for k, m in _METHODS.items() if m is not replaces}
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED or name.endswith(EIGHT_BIT_SUFFIX):
         raise ValueError(f"Invalid method name: {name!r} (expected lowercase letters, digits and '_', not "
                          f"{' or '.join(map(repr, RESERVED))} and not ending in {EIGHT_BIT_SUFFIX!r})")
-    if name in _METHODS:
-        raise ValueError(f"Invalid method name: {name!r} is registered already (by {_METHODS[name].optimizer.__name__})")
+    if name in others:
+        raise ValueError(f"Invalid method name: {name!r} is registered already (by {others[name].optimizer.__name__})")
     if not isinstance(cls, type) or not hasattr(cls, "rule_type"):
         raise ValueError(f"Invalid optimizer for method {name!r}: {cls!r} (expected a LowRankAdamW subclass)")
-    taken = {c: m.name for m in _METHODS.values() for c in (m.optimizer, m.optimizer_8bit) if c is not None}
+    taken = {c: m.name for m in others.values() for c in (m.optimizer, m.optimizer_8bit) if c is not None}
     for c in (cls, method.optimizer_8bit):
         if c in taken:
             raise ValueError(f"Invalid optimizer for method {name!r}: {c.__name__} is method {taken[c]!r} already")

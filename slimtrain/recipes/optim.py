@@ -50,7 +50,12 @@ _OWN_DEFAULTS: dict[str, dict] = {
 
 def _entries() -> dict[str, tuple[Method, str | None, bool]]:
     """Every registered method's recipe names -> (method, variant or None, 8-bit)."""
-    return {name: (m, *how) for m in methods() for name, how in m.recipe_names.items()}
+    entries = {name: (m, *how) for m in methods() for name, how in m.recipe_names.items()}
+    clash = sorted(set(entries) & set(_OWN_DEFAULTS))
+    if clash:
+        raise RuntimeError(f"Registered methods take the recipe names {', '.join(clash)}, which name the recipes' "
+                           f"own optimizers ({', '.join(_OWN_DEFAULTS)}): register them under other names")
+    return entries
 
 
 def optimizer_names() -> tuple[str, ...]:
