@@ -89,7 +89,7 @@ def check_grad(p: torch.Tensor) -> None:
 
 
 def check_drop_in_option(name: str, value) -> None:
-    """A torch/galore-torch keyword (:data:`DROP_IN_OPTIONS`) is accepted only where it means what we do."""
+    """A torch/galore-torch keyword (:data:`DROP_IN_OPTIONS`) is accepted only where it means what slimtrain does."""
     allowed, why = DROP_IN_OPTIONS[name]
     if not any(value is a for a in allowed):
         reason = f": {why}" if why else ""

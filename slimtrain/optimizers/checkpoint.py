@@ -24,7 +24,7 @@ class Checkpointing:
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # Checkpoints from older versions lack newer options: fill them from the defaults.
+        # A state dict that holds fewer options than this optimizer takes: the missing ones get their defaults.
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)

@@ -28,10 +28,9 @@ Three pieces:
   every ``update_proj_gap`` steps (one *iteration*) a new sample, and every ``iterations_per_round``
   iterations (one *round*, default ``ceil(d / r)``) a re-SVD of ``U diag(Σ) Vᵀ``.
 
-The paper's code was not available to us (``/work/shared/methods/optimizers.md`` §5 rests on the
-paper); two choices it leaves open are ours and documented where they are made: Adam's moments for
-``Σ`` restart at every re-SVD (its coordinates are new), and the ``r`` vectors of a sample are drawn
-without replacement.
+It implements the paper's description. Two choices the paper leaves open are made here and documented where
+they are made: Adam's moments for ``Σ`` restart at every re-SVD (its coordinates are new), and the ``r``
+vectors of a sample are drawn without replacement.
 """
 
 from __future__ import annotations
@@ -116,7 +115,7 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # older checkpoints lack newer options
+        for group in self.param_groups:  # a state dict without an option gets its default
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
 
