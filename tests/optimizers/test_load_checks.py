@@ -9,7 +9,7 @@ import torch
 
 from slimtrain.optimizers import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit, SSTAdamW
 
-from .helpers import groups, mlp, train
+from .helpers import groups, mlp, resume_checkpoint, train
 
 WRITERS = {
     "GaLoreAdamW": lambda g: GaLoreAdamW(g, lr=1e-2),
@@ -142,16 +142,7 @@ def test_checkpoint_recording_its_method_resumes(name, other, match):
     from .data.identity.make_identity_checkpoints import CASES
 
     ckpt = torch.load(IDENTITY / f"{name}.pt", weights_only=True)
-    model = mlp(seed=123)
-    model.load_state_dict(ckpt["model"])
-    opt = CASES[name](groups(model))
-    opt.load_state_dict(ckpt["opt"])
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, saved in ckpt["opt"]["state"].items():
-        assert opt.state[params[i]].keys() == saved.keys()
-        for k, v in saved.items():
-            assert opt.state[params[i]][k].dtype == v.dtype and torch.equal(opt.state[params[i]][k], v), k
-    train(model, opt, steps=11, start=7)
+    model = resume_checkpoint(ckpt, CASES[name])
     # Exact on the CPU that wrote them; the tolerance is test_state_dict.py's for another CPU's rounding.
     for p, expected in zip(model.parameters(), ckpt["after"]):
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-3)

@@ -9,14 +9,11 @@ optimizer after 7 steps of ``helpers.train`` and the parameters 11 steps later, 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-
-import torch
 
 from slimtrain.optimizers import FiraAdamW8bit
 
-from ...helpers import CONFIGS, groups, mlp, train
+from ...helpers import CONFIGS, write_checkpoint
 
 HERE = Path(__file__).parent
 CASES = {name: factory for name, factory in CONFIGS if name in {"frugal-block", "sst", "galore8bit-svd-sr"}}
@@ -25,13 +22,7 @@ CASES["fira8bit"] = lambda g: FiraAdamW8bit(g, lr=1e-2, min_8bit_size=0)
 
 def main() -> None:
     for name, factory in CASES.items():
-        model = mlp()
-        opt = factory(groups(model))
-        train(model, opt, steps=7)
-        saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
-        train(model, opt, steps=11, start=7)
-        saved["after"] = [p.detach().clone() for p in model.parameters()]
-        torch.save(saved, HERE / f"{name}.pt")
+        write_checkpoint(HERE / f"{name}.pt", factory)
 
 
 if __name__ == "__main__":
