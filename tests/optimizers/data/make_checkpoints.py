@@ -23,9 +23,13 @@ CASES = {name: factory for name, factory in CONFIGS if name in {
 CASES["fira8bit"] = lambda g: FiraAdamW8bit(g, lr=1e-2, min_8bit_size=0)
 
 
+def write_all(cases: dict, folder: Path) -> None:
+    for name, factory in cases.items():
+        write_checkpoint(folder / f"{name}.pt", factory)
+
+
 def main() -> None:
-    for name, factory in CASES.items():
-        write_checkpoint(HERE / f"{name}.pt", factory)
+    write_all(CASES, HERE)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimtrain.optimizers import FiraAdamW8bit
-
-from ...helpers import CONFIGS, write_checkpoint
+from .. import make_checkpoints
 
 HERE = Path(__file__).parent
-CASES = {name: factory for name, factory in CONFIGS if name in {"frugal-block", "sst", "galore8bit-svd-sr"}}
-CASES["fira8bit"] = lambda g: FiraAdamW8bit(g, lr=1e-2, min_8bit_size=0)
+CASES = {name: make_checkpoints.CASES[name] for name in ("frugal-block", "sst", "galore8bit-svd-sr", "fira8bit")}
 
 
 def main() -> None:
-    for name, factory in CASES.items():
-        write_checkpoint(HERE / f"{name}.pt", factory)
+    make_checkpoints.write_all(CASES, HERE)
 
 
 if __name__ == "__main__":
