@@ -274,7 +274,9 @@ def _assumptions(method: Method | None, optimizer: LowRankAdamW, options: Memory
         )
         group = next(g for g in optimizer.param_groups if "rank" in g)
         projector = optimizer.projector(group) if optimizer.rule.uses_projector else None
-        out.append(optimizer.rule.describe_state(group, projector))
+        note = optimizer.rule.describe_state(group, projector)
+        if note:
+            out.append(note)
     if options.state_bits == 8:
         out.append(
             f"8-bit moments: 1 byte per element + one fp32 absmax per {options.block_size} elements, for moments of "

@@ -20,8 +20,10 @@ stochastic rounding). Everything a method does to a *projected matrix* is its :c
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,10 +55,9 @@ class Capabilities:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class MatrixContext:
+class MatrixContext(NamedTuple):
     """What a step rule may know about the matrix it steps besides its weight, gradient, group and state: the
-    optimizer's facts about it, never the optimizer itself.
+    optimizer's facts about it, never the optimizer itself. Immutable, and cheap to build at every step.
 
     Attributes:
         index: the parameter's position among all of the optimizer's parameters, in group order (stable, so
@@ -109,7 +110,7 @@ class StepRule:
     def validate_group(self, group: dict) -> None:
         """Check a projected group's settings for this rule (raise ``ValueError`` naming the option)."""
 
-    def prepare_step(self, groups: Sequence[dict], state: Mapping[Tensor, dict], seed: int) -> None:
+    def prepare_step(self, groups: Sequence[dict], state: MutableMapping[Tensor, dict], seed: int) -> None:
         """Run once per ``step()``, before any parameter moves, with every param group, the optimizer's state
         and its seed (FRUGAL's block selection)."""
 
@@ -157,7 +158,7 @@ def matrix_shape(p: Tensor) -> torch.Size | None:
     (convolutions) as ``(shape[0], prod(rest))``, vectors and scalars not at all."""
     if p.dim() < 2:
         return None
-    return torch.Size((p.shape[0], p[0].numel()))
+    return torch.Size((p.shape[0], math.prod(p.shape[1:])))
 
 
 def check_rank_fits(group: dict) -> None:
