@@ -283,25 +283,29 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("record", "compare"))
     parser.add_argument("path")
-    parser.add_argument("--only", nargs="+", default=None, help="configuration names (default: all)")
+    parser.add_argument("--only", nargs="+", default=None, choices=NAMES, metavar="NAME",
+                        help="configuration names (default: all)")
     args = parser.parse_args(argv)
     names = args.only or NAMES
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    if args.action == "record":
-        torch.save({name: run(name) for name in names}, args.path)
-        print(f"recorded {len(names)} configurations x {STEPS} steps in {args.path}")
-        return 0
-    recorded = torch.load(args.path, weights_only=True)
-    failed = 0
-    for name in names:
-        found = differences(recorded[name], run(name), name)
-        failed += bool(found)
-        print(f"{'DIFFERS' if found else 'same   '} {name}")
-        for line in found[:8]:
-            print(f"    {line}")
-    print(f"{len(names) - failed} of {len(names)} configurations bit-identical")
-    return 1 if failed else 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one reduction order for every run
+    try:
+        if args.action == "record":
+            torch.save({name: run(name) for name in names}, args.path)
+            print(f"recorded {len(names)} configurations x {STEPS} steps in {args.path}")
+            return 0
+        recorded = torch.load(args.path, weights_only=True)
+        failed = 0
+        for name in names:
+            found = differences(recorded[name], run(name), name)
+            failed += bool(found)
+            print(f"{'DIFFERS' if found else 'same   '} {name}")
+            for line in found[:8]:
+                print(f"    {line}")
+        print(f"{len(names) - failed} of {len(names)} configurations bit-identical")
+        return 1 if failed else 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
