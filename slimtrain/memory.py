@@ -26,7 +26,16 @@ import sys
 
 import torch
 
-from .memory_estimate import DTYPES, Component, MemoryEstimate, MemoryOptions, count_memory, optimizer_names, resolve_method
+# Component, MemoryEstimate and MemoryOptions: what estimate_memory takes and returns, importable from here too.
+from .memory_estimate import (  # noqa: F401
+    DTYPES,
+    Component,
+    MemoryEstimate,
+    MemoryOptions,
+    count_memory,
+    optimizer_names,
+    resolve_method,
+)
 from .optimizers._validation import STATE_BITS
 from .optimizers.projectors import PROJECTORS
 from .optimizers.projectors.base import BASIS_DTYPES

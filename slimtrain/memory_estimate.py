@@ -66,7 +66,8 @@ class MemoryOptions:
     def from_settings(cls, **settings) -> MemoryOptions:
         """Options from keywords: this class's fields, and any other keyword as a method option."""
         fields = {k: settings.pop(k) for k in list(settings) if k in cls.__dataclass_fields__}
-        return cls(**fields, method_options={**fields.pop("method_options", {}), **settings})
+        method_options = {**fields.pop("method_options", {}), **settings}
+        return cls(**fields, method_options=method_options)
 
 
 def optimizer_names() -> tuple[str, ...]:

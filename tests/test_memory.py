@@ -179,3 +179,15 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert re.search(message, captured.err.strip()), captured.err
+
+
+def test_options_object_equals_keywords():
+    from slimtrain.memory import MemoryOptions
+
+    options = MemoryOptions(rank=RANK, state_bits=8, min_8bit_size=MIN_8BIT, method_options={"mode": "block", "density": 0.5})
+    by_object = estimate_memory(CONFIG, "frugal", options)
+    assert by_object.as_dict() == estimate_memory(CONFIG, "frugal", rank=RANK, state_bits=8, min_8bit_size=MIN_8BIT,
+                                                  mode="block", density=0.5).as_dict()
+    assert by_object.setting.startswith("frugal block, density 0.5, 8-bit states")
+    with pytest.raises(TypeError, match="options or keyword settings, not both"):
+        estimate_memory(CONFIG, "frugal", options, rank=RANK)
