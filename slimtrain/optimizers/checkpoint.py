@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import quantized as Q
+from .registry import method_of, methods, option_owners
 
 
 class Checkpointing:
@@ -24,12 +24,12 @@ class Checkpointing:
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # Checkpoints from older versions lack newer options: fill them from the defaults.
+        # A state dict that holds fewer options than this optimizer takes: the missing ones get their defaults.
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
         # A copied or unpickled optimizer holds new parameter objects; a loaded one, new state.
-        self._known_params = {id(p) for g in self.param_groups for p in g["params"]}
+        self._index_params()
         self.rule.forget_tensors()
 
     def _extra_state(self) -> dict:
@@ -37,23 +37,36 @@ class Checkpointing:
         return {"skipped_steps": self.skipped_steps, **self.rule.extra_state(), **self._identity()}
 
     def _identity(self) -> dict:
-        """What a checkpoint must have been written by for this optimizer to resume it: the method (an 8-bit
-        twin is its method with ``state_bits=8``, which the param groups carry) and its rule's settings."""
-        methods = _methods()
-        return {"method": next(c for c in type(self).__mro__ if c in methods).__name__, **self.rule.identity()}
+        """What a checkpoint must have been written by for this optimizer to resume it: the method's class name
+        (its registered class: an 8-bit twin is its method with ``state_bits=8``, which the param groups carry;
+        ``LowRankAdamW`` for a class of no registered method) and its rule's settings."""
+        method = method_of(type(self))
+        name = method.optimizer.__name__ if method is not None else self._unregistered()[0]
+        return {"method": name, **self.rule.identity()}
+
+    def _unregistered(self) -> tuple[str, frozenset]:
+        """The class a state dict names for an optimizer of no registered method (``LowRankAdamW``, whatever rule
+        it is given), and the options of its default rule."""
+        cls = next(c for c in type(self).__mro__ if Checkpointing in c.__bases__)
+        return cls.__name__, frozenset(cls.rule_type.options)
+
+    def _describe(self) -> str:
+        """The optimizer as a refusal names it: ``FiraAdamW``, ``FrugalAdamW(mode='block')``."""
+        return _describe(self._identity())
 
     def _saved_identity(self, state_dict: dict) -> dict:
-        """The identity recorded in ``state_dict`` (keys of :meth:`_identity`). Checkpoints written before
-        it was recorded (commit e556968 and earlier) are told apart by the method options their param
-        groups hold; GaLore's and DCT's have none, so either is taken for the other (the projector check
-        in :meth:`load_state_dict` still applies). FRUGAL's mode, unrecorded then, shows in its state: only
-        block mode keeps ``active``."""
+        """The identity recorded in ``state_dict`` (keys of :meth:`_identity`). A state dict without one is told
+        apart by the method options its param groups hold; GaLore's and DCT's have none, so either is taken for
+        the other (the projector check in :meth:`load_state_dict` still applies). FRUGAL's mode then shows in
+        its state: only block mode keeps ``active``."""
         extra = state_dict.get("slimtrain", {})
         saved = {k: extra[k] for k in self._identity() if k in extra}
         if "method" not in saved:
-            owners = _option_owners()
+            owners = option_owners()
             present = {k for g in state_dict["param_groups"] for k in g} & set(owners)
-            candidates = sorted(c.__name__ for c in _methods() if set(c.rule_type.options) == present)
+            unregistered, options = self._unregistered()
+            candidates = sorted([m.optimizer.__name__ for m in methods() if m.options == present]
+                                + ([unregistered] if options == present else []))
             mine = self._identity()["method"]
             if mine in candidates or len(candidates) == 1:
                 saved["method"] = mine if mine in candidates else candidates[0]
@@ -82,6 +95,8 @@ class Checkpointing:
                 f"Cannot load a state dict written by {_describe(saved)} into {_describe(mine)}: their states differ "
                 f"(keys, meaning and update rule); build {_describe(saved)} to resume it"
             )
+        if not self.rule.uses_projector:
+            return
         for i, (sg, g) in enumerate(zip(groups, self.param_groups)):
             if ("rank" in sg or "rank" in g) and sg["projector"] != g["projector"]:
                 raise RuntimeError(
@@ -125,27 +140,6 @@ class Checkpointing:
         """Bytes of every tensor held in optimizer state (what a memory table should count)."""
         return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
                    if isinstance(v, Tensor))
-
-
-def _methods() -> list[type]:
-    """``LowRankAdamW`` and every slimtrain subclass that is a method. An 8-bit twin is its method, and so is a
-    user's subclass (e.g. one that records something): it writes and reads that method's state, and must not
-    change which names a checkpoint check reports."""
-    from .base import LowRankAdamW
-
-    found, todo = [], [LowRankAdamW]
-    while todo:
-        c = todo.pop(0)
-        todo.extend(c.__subclasses__())
-        ours = c.__module__.split(".")[0] == "slimtrain"
-        if ours and not issubclass(c, Q.EightBitStates) and c not in found:
-            found.append(c)
-    return found
-
-
-def _option_owners() -> dict[str, str]:
-    """Every method's own options -> that method's class name."""
-    return {k: c.__name__ for c in reversed(_methods()) for k in c.rule_type.options}
 
 
 def _describe(identity: dict) -> str:

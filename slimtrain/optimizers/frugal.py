@@ -3,20 +3,23 @@ signSGD (or SGD) on the rest of the gradient. Two step rules, one per mode."""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping, Sequence
+
 import torch
 from torch import Tensor
 
 from .._seeds import block_order_seed, generator
-from . import _validation as V
-from . import quantized as Q
-from .base import LowRankAdamW
+from ._validation import check_choice, check_nonneg, check_unit_interval
+from .base import EightBitStates, LowRankAdamW
 from .functional import STATE_FREE_RULES, Residual, adam_step_size, state_free_residual
-from .lowrank import MOMENTS, LowRankRule, LowRankStep, projects_left
-from .rule import Capabilities, StepRule, matrix_shape
-from .state import Slot, counter, counters, moment_slots
+from .lowrank import LowRankRule, LowRankStep, projects_left
+from .moments import adam_direction, init_moments
+from .projectors import Projector
+from .registry import register_method
+from .rule import Capabilities, MatrixContext, StepRule, matrix_shape
+from .state import ADAM, Slot, counter, counters, moment_slots
 from .updates import DenseUpdate, Update
 
-MODES = ("subspace", "block")
 BLOCK_ORDERS = ("descending", "ascending", "random")
 OPTIONS = ("density", "inactive_update_rule", "inactive_lr_scale")
 
@@ -33,21 +36,21 @@ class FrugalSubspaceRule(LowRankRule):
     name = "frugal"
     options = OPTIONS
 
-    def validate_group(self, opt, group: dict) -> None:
-        if group["density"] is None:
-            super().validate_group(opt, group)
+    def validate_group(self, group: dict) -> None:
+        if group["density"] is None:  # with a density the rank is round(density * n), which always fits
+            super().validate_group(group)
 
     def rank_for(self, group: dict, shape_t: torch.Size) -> int:
         if group["density"] is None:
             return group["rank"]
         return round(group["density"] * shape_t[1])
 
-    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Update:
+    def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
         transposed = projects_left(grad.shape, group["proj_type"])
         if self.rank_for(group, grad.T.shape if transposed else grad.shape) == 0:
             # density 0: nothing is state-full; the whole gradient takes the state-free rule.
-            return _state_free(opt._descent(grad.float(), group), group)
-        return super().update(opt, p, grad, group, state, index)
+            return _state_free(grad.float(), group)
+        return super().update(p, grad, group, state, ctx)
 
     def residual(self, group: dict, state: dict, step: LowRankStep, step_size: float) -> Residual | None:
         rule = group["inactive_update_rule"]
@@ -55,11 +58,14 @@ class FrugalSubspaceRule(LowRankRule):
             return None
         return Residual(step.grad_t, step.low, rule, scale=group["lr"] * group["inactive_lr_scale"])
 
-    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         shape = matrix_shape(p)
         if self.rank_for(group, shape[::-1] if projects_left(shape, group["proj_type"]) else shape) == 0:
             return []
-        return super().state_spec(opt, p, group)
+        return super().state_spec(p, group, ctx)
+
+    def describe_rank(self, group: dict) -> str:
+        return "round(density * n)" if group["density"] is not None else super().describe_rank(group)
 
     def identity(self) -> dict:
         return {"mode": "subspace"}
@@ -74,27 +80,28 @@ class FrugalBlockRule(StepRule):
     capabilities = Capabilities(shardable=False, layerwise=False, reason=(
         "FrugalAdamW(mode='block') chooses the active matrices once per step over all of them; use "
         "mode='subspace' (or, layer-wise, a regular optimizer.step())"))
-
-    def validate_group(self, opt, group: dict) -> None:
-        pass  # whole matrices are active or not: no rank to fit
+    uses_projector = False
+    no_projector_reason = "steps whole matrices, each active one with AdamW moments that restart every window"
 
     def __init__(self, block_order: str = "descending"):
         self.block_order = block_order
         self.block_iters = 0
 
     @staticmethod
-    def members(opt) -> list[Tensor]:
-        return [p for g in opt.param_groups if "rank" in g for p in g["params"] if matrix_shape(p) is not None]
+    def members(groups: Sequence[dict]) -> list[tuple[Tensor, dict]]:
+        """The projected matrices, in group order, with their groups."""
+        return [(p, g) for g in groups if "rank" in g for p in g["params"] if matrix_shape(p) is not None]
 
-    def active_blocks(self, opt, refresh_index: int) -> list[int]:
-        members = self.members(opt)
-        count = len(members)
-        density = next(g["density"] for g in opt.param_groups if "rank" in g)
+    def active_blocks(self, groups: Sequence[dict], seed: int, refresh_index: int) -> list[int]:
+        """Indices into :meth:`members` active during refresh window ``refresh_index``; ``seed`` is the
+        optimizer's (``block_order="random"`` draws from it)."""
+        count = len(self.members(groups))
+        density = next(g["density"] for g in groups if "rank" in g)
         k = round(density * count)
         if k == 0 or count == 0:
             return []
         if self.block_order == "random":
-            gen = generator(block_order_seed(opt.seed, refresh_index))
+            gen = generator(block_order_seed(seed, refresh_index))
             return sorted(torch.randperm(count, generator=gen)[:k].tolist())
         start = (refresh_index * k) % count
         window = [(start + i) % count for i in range(k)]
@@ -102,42 +109,45 @@ class FrugalBlockRule(StepRule):
             window = [count - 1 - i for i in window]
         return sorted(window)
 
-    def prepare_step(self, opt) -> None:
-        gap = next((g["update_proj_gap"] for g in opt.param_groups if "rank" in g), None)
+    def prepare_step(self, groups: Sequence[dict], state: MutableMapping[Tensor, dict], seed: int) -> None:
+        gap = next((g["update_proj_gap"] for g in groups if "rank" in g), None)
         if gap is None:
             return
         if self.block_iters % gap == 0:
-            active = set(self.active_blocks(opt, self.block_iters // gap))
-            for i, p in enumerate(self.members(opt)):
-                state = opt.state[p]
+            active = set(self.active_blocks(groups, seed, self.block_iters // gap))
+            for i, (p, group) in enumerate(self.members(groups)):
+                st = state.setdefault(p, {})
                 # Stochastic rounding's stream outlives the window, so it never repeats.
-                rounding = {k: state[k] for k in ("sr_seed", "sr_step") if k in state}
-                state.clear()  # moments reset at every refresh; inactive matrices hold nothing
-                state.update(rounding)
-                state["active"] = torch.tensor(i in active)
+                rounding = {k: st[k] for k in ("sr_seed", "sr_step") if k in st}
+                st.clear()  # moments reset at every refresh; inactive matrices hold nothing
+                st.update(rounding)
+                st["active"] = torch.tensor(i in active)
                 if i in active:
-                    state["step"] = torch.zeros((), dtype=torch.int64)
-                    Q.init_moments(state, opt._group_of(p), MOMENTS, p.shape, p.device)
+                    st["step"] = torch.zeros((), dtype=torch.int64)
+                    init_moments(st, group, ADAM, p.shape, p.device)
         self.block_iters += 1
 
-    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Update:
-        grad = opt._descent(grad.reshape(p.shape).float(), group)
+    def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
+        grad = grad.reshape(p.shape).float()
         if not bool(state["active"]):
             return _state_free(grad, group)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        direction = Q.adam_direction(state, group, grad)
+        direction = adam_direction(state, group, grad)
         return DenseUpdate(direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"])
 
-    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         """During the first window (``block_order``'s first active set)."""
-        index = next(i for i, q in enumerate(self.members(opt)) if q is p)
-        if index not in self.active_blocks(opt, 0):
+        index = next(i for i, (q, _) in enumerate(self.members(ctx.groups)) if q is p)
+        if index not in self.active_blocks(ctx.groups, ctx.seed, 0):
             return [counter("active", torch.bool)]
-        return [counter("active", torch.bool), *counters("step"), *moment_slots(group, MOMENTS, p.shape)]
+        return [counter("active", torch.bool), *counters("step"), *moment_slots(group, ADAM, p.shape)]
 
-    def host_keys(self, opt, p: Tensor, group: dict) -> set[str]:
+    def host_keys(self, p: Tensor, group: dict, ctx: MatrixContext) -> set[str]:
         return {"active", "step"}
+
+    def describe_state(self, group: dict, projector: Projector | None) -> str:
+        return "FRUGAL block mode: round(density * K) of the K projected matrices hold full AdamW state"
 
     def extra_state(self) -> dict:
         return {"block_iters": self.block_iters}
@@ -147,6 +157,10 @@ class FrugalBlockRule(StepRule):
 
     def identity(self) -> dict:
         return {"mode": "block"}
+
+
+#: The step rule of each of ``FrugalAdamW``'s modes.
+RULES = {"subspace": FrugalSubspaceRule, "block": FrugalBlockRule}
 
 
 class FrugalAdamW(LowRankAdamW):
@@ -199,11 +213,11 @@ class FrugalAdamW(LowRankAdamW):
         **kwargs,
     ):
         if density is not None:
-            V.check_unit_interval("density", density)
-        V.check_choice("mode", mode, MODES)
-        V.check_choice("block_order", block_order, BLOCK_ORDERS)
-        V.check_choice("inactive_update_rule", inactive_update_rule, STATE_FREE_RULES)
-        V.check_nonneg("inactive_lr_scale", inactive_lr_scale)
+            check_unit_interval("density", density)
+        check_choice("mode", mode, tuple(RULES))
+        check_choice("block_order", block_order, BLOCK_ORDERS)
+        check_choice("inactive_update_rule", inactive_update_rule, STATE_FREE_RULES)
+        check_nonneg("inactive_lr_scale", inactive_lr_scale)
         if density is None and mode == "block":
             raise ValueError("Invalid density: None (block mode needs a density in [0, 1])")
         rule = FrugalBlockRule(block_order) if mode == "block" else FrugalSubspaceRule()
@@ -219,13 +233,17 @@ class FrugalAdamW(LowRankAdamW):
         ``refresh_index`` in block mode. Deterministic: every data-parallel rank computes the same set."""
         if not isinstance(self.rule, FrugalBlockRule):
             raise RuntimeError("FrugalAdamW(mode='subspace') has no active blocks (mode='block' has)")
-        return self.rule.active_blocks(self, refresh_index)
+        return self.rule.active_blocks(self.param_groups, self.seed, refresh_index)
 
 
-class FrugalAdamW8bit(Q.EightBitStates, FrugalAdamW):
-    """:class:`FrugalAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+class FrugalAdamW8bit(EightBitStates, FrugalAdamW):
+    """:class:`FrugalAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
 
-    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
-    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
-    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
-    """
+
+register_method(
+    "frugal", FrugalAdamW, FrugalAdamW8bit,
+    modes=RULES,
+    # The paper's pre-training setting; block mode as its official pre-training scripts run it.
+    recipe=dict(lr=1e-3, update_proj_gap=200, scale=1.0, density=0.25),
+    variants={"block": dict(mode="block", block_order="descending")},
+)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from . import _zero_worker as W
+from . import _zero_worker
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -31,13 +31,13 @@ def _free_port() -> int:
 
 def single_process(case: dict, world: int = 2) -> tuple[list[torch.Tensor], int]:
     """The same optimizer, data and seed in one process: both ranks' micro-batches in one mean."""
-    net = W.model()
-    opt = W.optimizer(case["optimizer"], net)
+    net = _zero_worker.model()
+    opt = _zero_worker.optimizer(case["optimizer"], net)
     accum = case.get("accum", 1)
-    for step in range(W.STEPS):
+    for step in range(_zero_worker.STEPS):
         opt.zero_grad()
         for micro in range(accum):
-            xs, ys = zip(*(W.batch(step, r, micro) for r in range(world)))
+            xs, ys = zip(*(_zero_worker.batch(step, r, micro) for r in range(world)))
             loss = ((net(torch.cat(xs)) - torch.cat(ys)) ** 2).mean() / accum
             loss.backward()
         if case.get("clip"):
@@ -51,7 +51,7 @@ def distributed_results():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=W.worker, args=(r, 2, port, CASES, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_zero_worker.worker, args=(r, 2, port, CASES, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = {}
