@@ -75,6 +75,25 @@ def check_param(p: torch.Tensor) -> None:
         raise ValueError(f"Invalid parameter: dtype {p.dtype} is not a floating-point type")
 
 
+def refuse_swapped_param(p: torch.Tensor) -> None:
+    """Raise for a tensor in the param groups that the optimizer was not built with, naming what put it there."""
+    if _is_dtensor(p):
+        raise RuntimeError(
+            f"This optimizer is stepping a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)} that was "
+            "swapped in after it was built (FSDP2's fully_shard applied to the model after the optimizer was "
+            "constructed, as Accelerate does). An optimizer must be built on the parameters it steps: build it "
+            "after fully_shard. slimtrain optimizers project whole matrices and do not support DTensor parameters "
+            "yet; shard with DeepSpeed ZeRO through slimtrain.sharding.initialize(...), or replicate with "
+            "torch.nn.parallel.DistributedDataParallel"
+        )
+    raise RuntimeError(
+        f"This optimizer is stepping a tensor of shape {tuple(p.shape)} that it was not built with. DeepSpeed ZeRO "
+        "(stage >= 1) does this: it replaces an optimizer's parameters by flat partitions, where matrices cannot "
+        "be projected; build the engine with slimtrain.sharding.initialize(model=..., optimizer=..., config=...) "
+        "instead. Otherwise build the optimizer on the parameters it steps."
+    )
+
+
 def check_grad(p: torch.Tensor) -> None:
     if p.grad.is_sparse:
         raise RuntimeError(
@@ -120,7 +139,11 @@ def check_group(group: dict) -> None:
     from .quantized import BLOCK_SIZES, STATE_BITS
 
     check_lr(group["lr"])
-    check_betas(group["betas"])
+    betas = group["betas"]
+    if isinstance(betas, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in betas):
+        # torch.optim takes them for CUDA-graph-captured steps; ours read them as numbers on the host.
+        raise ValueError(f"Invalid betas: {tuple(betas)!r} (expected two numbers; tensor betas are not supported)")
+    check_betas(betas)
     check_nonneg("eps", group["eps"])
     check_nonneg("weight_decay", group["weight_decay"])
     check_choice("moments", group["moments"], MOMENT_POLICIES)

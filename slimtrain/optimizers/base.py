@@ -22,7 +22,7 @@ from .lowrank import MOMENTS, LowRankRule, projects_left  # noqa: F401  (project
 from .projectors import PROJECTORS, Projector, make_projector
 from .rule import StepRule, matrix_shape
 from .state import ROUNDING, Slot, counters, host_keys, moment_slots, rounding_slots
-from .updates import DenseUpdate, apply_
+from .updates import DenseUpdate, apply_, group_lr
 
 logger = logging.getLogger("slimtrain.optimizers")
 
@@ -154,6 +154,9 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         return {k: v for k, v in _option_owners().items() if k not in self.rule.options}
 
     def add_param_group(self, param_group: dict) -> None:
+        # A copy: torch writes the defaults into the dict it is given, and the caller's dict must stay as it
+        # was, so that it can build another optimizer (which refuses the keys of this one's options).
+        param_group = dict(param_group)
         # Before torch fills in the defaults: a misspelt key would otherwise sit beside the real one.
         known = set(self.defaults) | {"params", "rank"} | set(V.TORCH_GROUP_KEYS) | set(V.DROP_IN_OPTIONS)
         V.refuse_unknown(type(self).__name__, "param group key", set(param_group) - known, known - {"params"},
@@ -224,11 +227,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for _, p in work:
             if id(p) not in self._known_params:
-                raise RuntimeError(
-                    "This optimizer is stepping tensors it was not built with: DeepSpeed ZeRO (stage >= 1) replaces "
-                    "an optimizer's parameters by flat partitions, where matrices cannot be projected. Build the "
-                    "engine with slimtrain.sharding.initialize(model=..., optimizer=..., config=...) instead."
-                )
+                V.refuse_swapped_param(p)
             V.check_grad(p)
         if not self._grads_finite([p.grad for _, p in work]):
             if self.nonfinite == "raise":
@@ -296,7 +295,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         direction = Q.adam_direction(state, group, grad)
-        return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        return direction, adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
 
     # Entry points for a wrapper that steps pieces of parameters (slimtrain.sharding.zero: ZeRO hands each
     # rank flat slices, and one owner rank the whole gradient of each projected matrix) ------------------

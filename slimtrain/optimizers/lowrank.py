@@ -19,7 +19,7 @@ from . import quantized as Q
 from .functional import Residual, adam_step_size, rotate_moments_
 from .projectors import Projector
 from .rule import Capabilities, StepRule, matrix_shape
-from .updates import Update, apply_, decay_factors, rounds_stochastically
+from .updates import Update, apply_, decay_factors, group_lr, rounds_stochastically
 from .state import Slot, counters, moment_slots
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -119,7 +119,7 @@ class LowRankRule(StepRule):
         state["step"] += 1
         state["iters"] += 1
         direction = Q.adam_direction(state, group, low)
-        step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
         step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed, projector, state)
         step.residual = self.residual(group, state, step, step_size)
         return step

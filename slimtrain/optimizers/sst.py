@@ -17,18 +17,20 @@ from .rule import Capabilities, StepRule, matrix_shape
 # The paper's form (the weight replaced by its factors, state for the sampled vectors only), exported here too.
 from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, sample_spectrum, to_spectral  # noqa: F401
 from .state import Slot, counters, moment_slots
-from .updates import Update
+from .updates import Update, group_lr
 
 
 @dataclass
 class Rewrite(Update):
-    """SST's step: the weight rebuilt from its updated factors, written over the parameter."""
+    """SST's step: the weight rebuilt from its updated factors, written over the parameter; or, with ``weight``
+    None (a step at lr 0), the parameter left as it is."""
 
     rule: SSTRule
-    weight: Tensor
+    weight: Tensor | None
 
     def apply_(self, opt, p: Tensor, group: dict) -> None:
-        p.copy_(self.weight.reshape(p.shape))
+        if self.weight is not None:
+            p.copy_(self.weight.reshape(p.shape))
         self.rule.written[id(p)] = (p.data_ptr(), p._version)
 
     def materialize(self) -> Tensor:
@@ -121,7 +123,7 @@ class SSTRule(StepRule):
         grad_s, grad_u, grad_v = sst_factor_grads(grad, u, v, idx)
 
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
+        lr = group_lr(group)
         state["step"] += 1
         state["vec_step"] += 1
         state["iters"] += 1
@@ -136,7 +138,10 @@ class SSTRule(StepRule):
             cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
             cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
             factor.index_copy_(1, idx, cols)
-        return Rewrite(self, (u * s) @ v.T)
+        # At lr 0 the factors moved only by the renormalization's rounding: rebuilding W from them would move it by
+        # that rounding (about 1e-7 of |W|), and a step at lr 0 moves nothing (warm-ups that start at 0, and the
+        # zero-lr step torch.distributed.checkpoint takes to create the state of a fresh optimizer).
+        return Rewrite(self, (u * s) @ v.T if lr else None)
 
     def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
         m, n = matrix_shape(p)
