@@ -9,9 +9,9 @@
 =================  ===========================================================================
 
 All share :class:`~slimtrain.optimizers.base.LowRankAdamW`'s options and accept any projector from
-:mod:`slimtrain.optimizers.projectors`. Build groups with :func:`low_rank_param_groups`. Each has an
-``...8bit`` twin (``GaLoreAdamW8bit``, ...) keeping its moments in 8 bits (``state_bits=8``; see
-:mod:`slimtrain.optimizers.quantized`).
+:mod:`slimtrain.optimizers.projectors`, whose classes are exported here too (``SVDProjector(basis_dtype="bf16")``).
+Build groups with :func:`low_rank_param_groups`. Each has an ``...8bit`` twin (``GaLoreAdamW8bit``, ...) keeping
+its moments in 8 bits (``state_bits=8``; see :mod:`slimtrain.optimizers.quantized`).
 """
 
 from .base import LowRankAdamW
@@ -21,7 +21,16 @@ from .frugal import FrugalAdamW, FrugalAdamW8bit
 from .galore import GaLoreAdamW, GaLoreAdamW8bit
 from .groups import low_rank_param_groups
 from .layerwise import LayerwiseStepper
-from .projectors import PROJECTORS, make_projector
+from .projectors import (
+    PROJECTORS,
+    ColumnsProjector,
+    DCTProjector,
+    Projector,
+    RandomizedProjector,
+    RandomProjector,
+    SVDProjector,
+    make_projector,
+)
 from .sst import SSTAdamW, SSTAdamW8bit
 from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, to_spectral
 
@@ -41,8 +50,10 @@ OPTIMIZERS = {
 __all__ = [
     "OPTIMIZERS",
     "PROJECTORS",
+    "ColumnsProjector",
     "DCTAdamW",
     "DCTAdamW8bit",
+    "DCTProjector",
     "FiraAdamW",
     "FiraAdamW8bit",
     "FrugalAdamW",
@@ -51,9 +62,13 @@ __all__ = [
     "GaLoreAdamW8bit",
     "LayerwiseStepper",
     "LowRankAdamW",
+    "Projector",
+    "RandomProjector",
+    "RandomizedProjector",
     "SSTAdamW",
     "SSTAdamW8bit",
     "SpectralLinear",
+    "SVDProjector",
     "SpectralSSTAdamW",
     "merge_spectral",
     "to_spectral",
