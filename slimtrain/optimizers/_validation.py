@@ -61,13 +61,20 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
+_NO_DTENSORS = (
+    "slimtrain optimizers project whole matrices and do not support DTensor parameters yet; shard with DeepSpeed "
+    "ZeRO through slimtrain.sharding.initialize(...), or replicate with plain torch.nn.parallel.DistributedDataParallel"
+)
+
+
+def _dtensor(p: torch.Tensor) -> str:
+    return f"a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)}"
+
+
 def check_param(p: torch.Tensor) -> None:
     if _is_dtensor(p):
         raise RuntimeError(
-            f"Unsupported parameter: a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)} (FSDP2's "
-            "fully_shard or tensor parallelism). slimtrain optimizers project whole matrices and do not support "
-            "DTensor parameters yet; shard with DeepSpeed ZeRO through slimtrain.sharding.initialize(...), or "
-            "replicate with plain torch.nn.parallel.DistributedDataParallel"
+            f"Unsupported parameter: {_dtensor(p)} (FSDP2's fully_shard or tensor parallelism). {_NO_DTENSORS}"
         )
     if p.is_complex():
         raise ValueError(f"Invalid parameter: complex dtype {p.dtype} is not supported (use real parameters)")
@@ -79,12 +86,9 @@ def refuse_swapped_param(p: torch.Tensor) -> None:
     """Raise for a tensor in the param groups that the optimizer was not built with, naming what put it there."""
     if _is_dtensor(p):
         raise RuntimeError(
-            f"This optimizer is stepping a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)} that was "
-            "swapped in after it was built (FSDP2's fully_shard applied to the model after the optimizer was "
-            "constructed, as Accelerate does). An optimizer must be built on the parameters it steps: build it "
-            "after fully_shard. slimtrain optimizers project whole matrices and do not support DTensor parameters "
-            "yet; shard with DeepSpeed ZeRO through slimtrain.sharding.initialize(...), or replicate with "
-            "torch.nn.parallel.DistributedDataParallel"
+            f"This optimizer is stepping {_dtensor(p)} that was swapped in after it was built (FSDP2's fully_shard "
+            "applied to the model after the optimizer was constructed, as Accelerate does). An optimizer must be "
+            f"built on the parameters it steps: build it after fully_shard. {_NO_DTENSORS}"
         )
     raise RuntimeError(
         f"This optimizer is stepping a tensor of shape {tuple(p.shape)} that it was not built with. DeepSpeed ZeRO "
