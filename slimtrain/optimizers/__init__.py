@@ -9,10 +9,10 @@
 =================  ===========================================================================
 
 All share :class:`~slimtrain.optimizers.base.LowRankAdamW`'s options and accept any projector from
-:mod:`slimtrain.optimizers.projectors`. Build groups with :func:`low_rank_param_groups`. Each has an
-``...8bit`` twin (``GaLoreAdamW8bit``, ...) keeping its moments in 8 bits (``state_bits=8``; see
-:mod:`slimtrain.optimizers.moments`). :data:`OPTIMIZERS` maps each method's name to its class; a method
-is named once, in :mod:`slimtrain.optimizers.registry`.
+:mod:`slimtrain.optimizers.projectors`, whose classes are exported here too (``SVDProjector(basis_dtype="bf16")``).
+Build groups with :func:`low_rank_param_groups`. Each has an ``...8bit`` twin (``GaLoreAdamW8bit``, ...) keeping
+its moments in 8 bits (``state_bits=8``; see :mod:`slimtrain.optimizers.moments`). :data:`OPTIMIZERS` maps each
+method's name to its class; a method is named once, in :mod:`slimtrain.optimizers.registry`.
 """
 
 # The methods register themselves on import, in this order (the order of OPTIMIZERS and of every list of them).
@@ -24,15 +24,26 @@ from .dct import DCTAdamW, DCTAdamW8bit
 from .sst import SSTAdamW, SSTAdamW8bit
 from .groups import low_rank_param_groups
 from .layerwise import LayerwiseStepper
-from .projectors import PROJECTORS, make_projector
+from .projectors import (
+    PROJECTORS,
+    ColumnsProjector,
+    DCTProjector,
+    Projector,
+    RandomizedProjector,
+    RandomProjector,
+    SVDProjector,
+    make_projector,
+)
 from .registry import OPTIMIZERS, register_method
 from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, to_spectral
 
 __all__ = [
     "OPTIMIZERS",
     "PROJECTORS",
+    "ColumnsProjector",
     "DCTAdamW",
     "DCTAdamW8bit",
+    "DCTProjector",
     "FiraAdamW",
     "FiraAdamW8bit",
     "FrugalAdamW",
@@ -41,9 +52,13 @@ __all__ = [
     "GaLoreAdamW8bit",
     "LayerwiseStepper",
     "LowRankAdamW",
+    "Projector",
+    "RandomProjector",
+    "RandomizedProjector",
     "SSTAdamW",
     "SSTAdamW8bit",
     "SpectralLinear",
+    "SVDProjector",
     "SpectralSSTAdamW",
     "merge_spectral",
     "register_method",

@@ -66,18 +66,41 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
+_NO_DTENSORS = (
+    "slimtrain optimizers project whole matrices and do not support DTensor parameters yet; shard with DeepSpeed "
+    "ZeRO through slimtrain.sharding.initialize(...), or replicate with plain torch.nn.parallel.DistributedDataParallel"
+)
+
+
+def _dtensor(p: torch.Tensor) -> str:
+    return f"a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)}"
+
+
 def check_param(p: torch.Tensor) -> None:
     if _is_dtensor(p):
         raise RuntimeError(
-            f"Unsupported parameter: a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)} (FSDP2's "
-            "fully_shard or tensor parallelism). slimtrain optimizers project whole matrices and do not support "
-            "DTensor parameters yet; shard with DeepSpeed ZeRO through slimtrain.sharding.initialize(...), or "
-            "replicate with plain torch.nn.parallel.DistributedDataParallel"
+            f"Unsupported parameter: {_dtensor(p)} (FSDP2's fully_shard or tensor parallelism). {_NO_DTENSORS}"
         )
     if p.is_complex():
         raise ValueError(f"Invalid parameter: complex dtype {p.dtype} is not supported (use real parameters)")
     if not p.is_floating_point():
         raise ValueError(f"Invalid parameter: dtype {p.dtype} is not a floating-point type")
+
+
+def refuse_swapped_param(p: torch.Tensor) -> None:
+    """Raise for a tensor in the param groups that the optimizer was not built with, naming what put it there."""
+    if _is_dtensor(p):
+        raise RuntimeError(
+            f"This optimizer is stepping {_dtensor(p)} that was swapped in after it was built (FSDP2's fully_shard "
+            "applied to the model after the optimizer was constructed, as Accelerate does). An optimizer must be "
+            f"built on the parameters it steps: build it after fully_shard. {_NO_DTENSORS}"
+        )
+    raise RuntimeError(
+        f"This optimizer is stepping a tensor of shape {tuple(p.shape)} that it was not built with. DeepSpeed ZeRO "
+        "(stage >= 1) does this: it replaces an optimizer's parameters by flat partitions, where matrices cannot "
+        "be projected; build the engine with slimtrain.sharding.initialize(model=..., optimizer=..., config=...) "
+        "instead. Otherwise build the optimizer on the parameters it steps."
+    )
 
 
 def check_grad(p: torch.Tensor) -> None:
@@ -124,7 +147,11 @@ def check_group(group: dict) -> None:
     rule's, :meth:`StepRule.validate_group <slimtrain.optimizers.rule.StepRule.validate_group>`; ``projector``
     and ``moments`` are the optimizer's, which knows whether its rule uses them)."""
     check_lr(group["lr"])
-    check_betas(group["betas"])
+    betas = group["betas"]
+    if isinstance(betas, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in betas):
+        # torch.optim takes them for CUDA-graph-captured steps; ours read them as numbers on the host.
+        raise ValueError(f"Invalid betas: {tuple(betas)!r} (expected two numbers; tensor betas are not supported)")
+    check_betas(betas)
     check_nonneg("eps", group["eps"])
     check_nonneg("weight_decay", group["weight_decay"])
     check_int_choice("state_bits", group["state_bits"], STATE_BITS)

@@ -25,6 +25,7 @@ from ._validation import (
     check_grad,
     check_group,
     check_int,
+    refuse_swapped_param,
     refuse_unknown,
 )
 from .checkpoint import Checkpointing
@@ -35,7 +36,7 @@ from .projectors import PROJECTORS, Projector, make_projector
 from .registry import option_owners
 from .rule import MatrixContext, StepRule, matrix_shape
 from .state import ADAM, ROUNDING, Slot, counters, host_keys, moment_slots, rounding_slots
-from .updates import DenseUpdate, RoundingStream, apply_, rounds_stochastically
+from .updates import DenseUpdate, RoundingStream, apply_, group_lr, rounds_stochastically
 
 logger = logging.getLogger("slimtrain.optimizers")
 
@@ -179,6 +180,9 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         return {k: v for k, v in option_owners().items() if k not in self.rule.options}
 
     def add_param_group(self, param_group: dict) -> None:
+        # A copy: torch writes the defaults into the dict it is given, and the caller's dict must stay as it
+        # was, so that it can build another optimizer (which refuses the keys of this one's options).
+        param_group = dict(param_group)
         # Before torch fills in the defaults: a misspelt key would otherwise sit beside the real one.
         known = set(self.defaults) | {"params", "rank"} | set(TORCH_GROUP_KEYS) | set(DROP_IN_OPTIONS)
         refuse_unknown(type(self).__name__, "param group key", set(param_group) - known, known - {"params"},
@@ -264,11 +268,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for _, p in work:
             if id(p) not in self._param_indices:
-                raise RuntimeError(
-                    "This optimizer is stepping tensors it was not built with: DeepSpeed ZeRO (stage >= 1) replaces "
-                    "an optimizer's parameters by flat partitions, where matrices cannot be projected. Build the "
-                    "engine with slimtrain.sharding.initialize(model=..., optimizer=..., config=...) instead."
-                )
+                refuse_swapped_param(p)
             check_grad(p)
         if not self._grads_finite([p.grad for _, p in work]):
             if self.nonfinite == "raise":
@@ -332,7 +332,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         direction = adam_direction(state, group, grad)
-        return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        return direction, adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
 
     # Entry points for a wrapper that steps pieces of parameters (slimtrain.sharding.zero: ZeRO hands each
     # rank flat slices, and one owner rank the whole gradient of each projected matrix) ------------------

@@ -3,12 +3,15 @@ signSGD (or SGD) on the rest of the gradient. Two step rules, one per mode."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .._seeds import block_order_seed, generator
+from ..kernels._triton import matmul_precision
+from ..kernels.apply import residual_with_row_sq_norms
 from ._validation import check_choice, check_nonneg, check_unit_interval
 from .base import EightBitStates, LowRankAdamW
 from .functional import STATE_FREE_RULES, Residual, adam_step_size, state_free_residual
@@ -18,7 +21,7 @@ from .projectors import Projector
 from .registry import register_method
 from .rule import Capabilities, MatrixContext, StepRule, matrix_shape
 from .state import ADAM, Slot, counter, counters, moment_slots
-from .updates import DenseUpdate, Update
+from .updates import DenseUpdate, Update, group_lr
 
 BLOCK_ORDERS = ("descending", "ascending", "random")
 OPTIONS = ("density", "inactive_update_rule", "inactive_lr_scale")
@@ -27,7 +30,73 @@ OPTIONS = ("density", "inactive_update_rule", "inactive_lr_scale")
 def _state_free(grad: Tensor, group: dict) -> DenseUpdate:
     """The state-free rule on a whole gradient (FRUGAL's inactive matrices, or density 0)."""
     update = state_free_residual(grad, torch.zeros((), device=grad.device), group["inactive_update_rule"])
-    return DenseUpdate(update, group["lr"] * group["inactive_lr_scale"])
+    return DenseUpdate(update, group_lr(group) * group["inactive_lr_scale"])
+
+
+# ------------------------------------------------------------------------------------------ rounding noise
+# What rounding alone puts into FRUGAL's projection, G' B^T, and residual, G' - (G' B^T) B, for an oriented gradient
+# G' (m' x n') and an r x n' basis B. gamma_k = k u / (1 - k u) is the error factor of a length-k dot product in
+# fp32 (Higham, "Accuracy and Stability of Numerical Algorithms", (3.5); u = 2^-24; with TF32 matmuls the operands
+# are first rounded to 10 bits: (1 + u_tf32)^2 (1 + gamma_k) - 1). B's rows are orthonormal to within
+# delta = |B B^T - I|_2 and, computed from a gradient, span its row space to within delta |G'|_F: delta = gamma_n'
+# for a basis computed in fp32 by a backward-stable factorization or formula (SVD, QR, DCT), plus u_b per row for
+# one stored rounded to unit roundoff u_b (bf16: 2^-9). The bounds are normwise against |G'|_F, as the
+# factorizations' own backward errors are, and worst cases: measured noise stays several times under them
+# (tests/optimizers/test_frugal_residual.py). Second-order terms (products of two of these) are left out.
+
+
+def _gamma(k: int, tf32: bool) -> float:
+    u, u_in = 2.0**-24, (2.0**-11 if tf32 else 0.0)
+    return (1 + u_in) ** 2 * (1 + k * u / (1 - k * u)) - 1
+
+
+def projection_noise_bound(n: int, basis_roundoff: float = 0.0, *, tf32: bool = False) -> float:
+    r"""``beta`` such that the projection :math:`fl(G' B_k^\top)` of a gradient onto a basis row ``B_k`` it has no
+    component along has norm at most :math:`\beta \lVert G'\rVert_F`: the row's span defect,
+    :math:`\gamma_{n'} + u_b`, plus each entry's rounding, :math:`\gamma_{n'} \lVert G'_i\rVert \lVert B_k\rVert`
+    (Cauchy-Schwarz). :math:`2\gamma_{n'}`: 5e-4 at n' = 4096. A row of a new basis along which the refresh's
+    gradient is under it was chosen from rounding noise."""
+    return 2 * _gamma(n, tf32) + basis_roundoff
+
+
+def residual_noise_bound(n: int, r: int, basis_roundoff: float = 0.0, *, tf32: bool = False) -> float:
+    r"""``beta`` such that, for every gradient whose rows lie in the row space of the basis, FRUGAL's computed
+    residual :math:`\hat R = fl(G' - fl(fl(G' B^\top) B))` has
+    :math:`\lVert \hat R\rVert_F \le \beta \lVert G'\rVert_F`. Such a residual (a gradient of rank at most ``r``)
+    cannot be told from one computed under the bound, and signSGD would step every coordinate by the full lr in
+    the direction of its noise. The terms:
+
+    - the exact residual of an imperfect basis, :math:`G'(I - B^\top B) = L (I - B B^\top) B` for
+      :math:`G' = L B`: :math:`\delta = \gamma_{n'} + 2\sqrt{r}\,u_b`;
+    - the projection's rounding carried back through ``B`` and the back-projection's own,
+      :math:`\gamma_{n'} \lVert B\rVert_F` and :math:`\gamma_r \lVert B\rVert_F`, with
+      :math:`\lVert B\rVert_F \le \sqrt{r}`, and, at a refresh, what the gradient holds along the rows dropped
+      as noise, each under :func:`projection_noise_bound`: together
+      :math:`\sqrt{r}\,(\gamma_{n'} + \gamma_r + \beta_{proj})`;
+    - the subtraction: ``u`` of :math:`\lVert G'\rVert_F` and of :math:`\lVert \hat R\rVert_F`.
+
+    It scales as :math:`n' \sqrt{r}\,u`: 23 u at n' = 5, r = 1 (torch's 10 x 5 test problem at FRUGAL's density
+    0.25); 2.6e-2 at n' = 4096, r = 1024, where a residual holding less than 7e-4 of the gradient's energy is
+    dropped. The Gaussian ``"random"`` projector's rows are not orthonormal; its residual is of the order of the
+    gradient itself, far above the bound.
+    """
+    u = 2.0**-24
+    delta = _gamma(n, tf32) + 2 * math.sqrt(r) * basis_roundoff
+    beta_proj = projection_noise_bound(n, basis_roundoff, tf32=tf32)
+    return delta + math.sqrt(r) * (_gamma(n, tf32) + _gamma(r, tf32) + beta_proj) + 2 * u
+
+
+def basis_roundoff(state: dict) -> float:
+    """Unit roundoff of a basis the projector stores below fp32 (``basis_dtype="bf16"``), else 0."""
+    stored = state.get("proj_basis")
+    if stored is None or stored.dtype == torch.float32:
+        return 0.0
+    return torch.finfo(stored.dtype).eps / 2
+
+
+def tf32_matmuls(device: torch.device) -> bool:
+    """Whether fp32 matmuls on ``device`` round their operands to TF32 (torch's flag, which the kernels follow)."""
+    return device.type == "cuda" and matmul_precision() == "tf32"
 
 
 class FrugalSubspaceRule(LowRankRule):
@@ -52,11 +121,46 @@ class FrugalSubspaceRule(LowRankRule):
             return _state_free(grad.float(), group)
         return super().update(p, grad, group, state, ctx)
 
+    def refresh(self, projector, group: dict, state: dict, grad_t: Tensor, transposed: bool) -> None:
+        super().refresh(projector, group, state, grad_t, transposed)
+        stored = state.get("proj_basis")
+        if stored is None:
+            return
+        # A factorization of a gradient whose rank is below the subspace's (small batches, small matrices) fills the
+        # rest of the basis with directions of its null space: any orthonormal completion will do, and a last-bit
+        # change in the gradient picks another, which the window's later gradients then follow (and Adam, on the
+        # refresh's own gradient, would scale their noise up to full steps). Those rows, under
+        # projection_noise_bound, are left out (zeroed) until the next refresh: what later gradients hold along
+        # them is residual, for the state-free rule. Projectors that store no basis draw theirs from a seed (random)
+        # or select rows (DCT, columns), continuously in the gradient.
+        n = grad_t.shape[1]
+        bound = projection_noise_bound(n, basis_roundoff(state), tf32=tf32_matmuls(grad_t.device))
+        along = torch.linalg.vector_norm(grad_t @ stored.float().T, dim=0)
+        kept = along > bound * torch.linalg.vector_norm(grad_t)
+        stored.mul_(kept.to(stored.dtype)[:, None])
+        if not bool(kept.any()):
+            # An all-zero gradient (torch.distributed.checkpoint creates a fresh optimizer's state with one) spans
+            # nothing: choose the subspace again at the next step, as if this refresh had not been.
+            state["proj_refreshes"].zero_()
+
     def residual(self, group: dict, state: dict, step: LowRankStep, step_size: float) -> Residual | None:
         rule = group["inactive_update_rule"]
         if rule == "none":
             return None
-        return Residual(step.grad_t, step.low, rule, scale=group["lr"] * group["inactive_lr_scale"])
+        scale = group_lr(group) * group["inactive_lr_scale"]
+        if rule == "sgd" or step.basis is None:
+            # SGD's step on a residual of rounding noise is itself of the size of that noise; and without a dense
+            # basis (column selection) the residual is copied, not computed, so it holds no rounding at all.
+            return Residual(step.grad_t, step.low, rule, scale=scale)
+        # signSGD: a residual indistinguishable from the rounding of an in-subspace gradient is dropped (see
+        # residual_noise_bound). The decision is a 0/1 row scale, so the fused kernel, the torch reference, a ZeRO
+        # owner's materialized update and layer-wise steps all apply it alike, with no host synchronization.
+        materialized, row_sq = residual_with_row_sq_norms(step.grad_t, step.low, step.basis)
+        n, r = step.grad_t.shape[1], step.basis.shape[0]
+        bound = residual_noise_bound(n, r, basis_roundoff(state), tf32=tf32_matmuls(step.grad_t.device))
+        real = (row_sq.sum().sqrt() > bound * torch.linalg.vector_norm(step.grad_t.float())).to(torch.float32)
+        row_scale = real.expand(step.grad_t.shape[0]).contiguous()
+        return Residual(step.grad_t, step.low, rule, scale=scale, row_scale=row_scale, materialized=materialized)
 
     def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         shape = matrix_shape(p)
@@ -129,12 +233,14 @@ class FrugalBlockRule(StepRule):
 
     def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
         grad = grad.reshape(p.shape).float()
-        if not bool(state["active"]):
+        # A matrix added (add_param_group) in the middle of a window joins the selection at the next window.
+        if not bool(state.setdefault("active", torch.tensor(False))):
             return _state_free(grad, group)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         direction = adam_direction(state, group, grad)
-        return DenseUpdate(direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"])
+        step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
+        return DenseUpdate(direction, step_size * group["scale"])
 
     def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         """During the first window (``block_order``'s first active set)."""
@@ -182,8 +288,11 @@ class FrugalAdamW(LowRankAdamW):
       get the state-free rule on their whole gradient. Only active matrices hold moments.
 
     Moments are reset at every refresh (``moments="reset"``, the paper's ``reset_statistics``), which
-    also restarts bias correction. Paper defaults: lr 1e-3, density 0.25, gap 200, signSGD with
-    ``inactive_lr_scale`` 1.0 for pre-training (0.1 for fine-tuning).
+    also restarts bias correction. Where a gradient has nothing outside the subspace (its rank is at most the
+    subspace's), its computed residual is rounding noise: it takes no sign step (:func:`residual_noise_bound`),
+    and basis rows a refresh chose from noise are left out until the next (docs/optimizers.md). Paper
+    defaults: lr 1e-3, density 0.25, gap 200, signSGD with ``inactive_lr_scale`` 1.0 for pre-training (0.1 for
+    fine-tuning).
 
     Args:
         density: fraction of each matrix (subspace mode) or of the matrices (block mode) that is

@@ -19,7 +19,7 @@ from .moments import adam_direction, fp32_moments, init_moments, zero_moments_
 from .projectors import Projector
 from .rule import Capabilities, MatrixContext, StepRule, check_rank_fits, matrix_shape
 from .state import ADAM, Slot, counters, moment_slots
-from .updates import RoundingStream, Update, apply_, decay_factors, rounds_stochastically
+from .updates import RoundingStream, Update, apply_, decay_factors, group_lr, rounds_stochastically
 
 
 def projects_left(shape: torch.Size, proj_type: str) -> bool:
@@ -118,7 +118,7 @@ class LowRankRule(StepRule):
         state["step"] += 1
         state["iters"] += 1
         direction = adam_direction(state, group, low)
-        step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
         step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed, projector, state)
         step.residual = self.residual(group, state, step, step_size)
         return step

@@ -19,7 +19,7 @@ from .rule import Capabilities, MatrixContext, StepRule, check_rank_fits, matrix
 # The paper's form (the weight replaced by its factors, state for the sampled vectors only), exported here too.
 from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, sample_spectrum, to_spectral  # noqa: F401
 from .state import Slot, adam_moments, counters, moment_slots, projector_slot
-from .updates import RoundingStream, Update
+from .updates import RoundingStream, Update, group_lr
 
 # Adam's moments for the singular values and for the sampled columns of U and V.
 MOMENTS = {"s": adam_moments("_s"), "u": adam_moments("_u"), "v": adam_moments("_v")}
@@ -27,13 +27,15 @@ MOMENTS = {"s": adam_moments("_s"), "u": adam_moments("_u"), "v": adam_moments("
 
 @dataclass
 class Rewrite(Update):
-    """SST's step: the weight rebuilt from its updated factors, written over the parameter."""
+    """SST's step: the weight rebuilt from its updated factors, written over the parameter; or, with ``weight``
+    None (a step at lr 0), the parameter left as it is."""
 
     rule: SSTRule
-    weight: Tensor
+    weight: Tensor | None
 
     def apply_(self, p: Tensor, group: dict, rounding: RoundingStream | None) -> None:
-        p.copy_(self.weight.reshape(p.shape))
+        if self.weight is not None:
+            p.copy_(self.weight.reshape(p.shape))
         self.rule.written[id(p)] = (p.data_ptr(), p._version)
 
     def materialize(self) -> Tensor:
@@ -130,7 +132,7 @@ class SSTRule(StepRule):
         grad_s, grad_u, grad_v = sst_factor_grads(grad.float(), u, v, idx)
 
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
+        lr = group_lr(group)
         state["step"] += 1
         state["vec_step"] += 1
         state["iters"] += 1
@@ -145,7 +147,10 @@ class SSTRule(StepRule):
             cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
             cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
             factor.index_copy_(1, idx, cols)
-        return Rewrite(self, (u * s) @ v.T)
+        # At lr 0 the factors moved only by the renormalization's rounding: rebuilding W from them would move it by
+        # that rounding (about 1e-7 of |W|), and a step at lr 0 moves nothing (warm-ups that start at 0, and the
+        # zero-lr step torch.distributed.checkpoint takes to create the state of a fresh optimizer).
+        return Rewrite(self, (u * s) @ v.T if lr else None)
 
     def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         m, n = matrix_shape(p)

@@ -70,11 +70,20 @@ class DenseUpdate(Update):
         return self.direction * self.step_size
 
 
+
+def group_lr(group: dict) -> float:
+    """The group's learning rate as a Python number, read at every step. torch.optim takes a 1-element tensor of
+    any shape as ``lr`` (which LR schedulers then update in place with ``fill_``); the arithmetic here and the
+    kernels' scalar arguments want a number."""
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, Tensor) else lr
+
+
 def decay_factors(group: dict) -> tuple[float, float]:
     """Decoupled weight decay as (factor before the update, factor after it)."""
     if not group["weight_decay"]:
         return 1.0, 1.0
-    decay = 1.0 - group["lr"] * group["weight_decay"]
+    decay = 1.0 - group_lr(group) * group["weight_decay"]
     return (1.0, decay) if group["decay_after_update"] else (decay, 1.0)
 
 
