@@ -41,17 +41,16 @@ def batches(steps: int, seed: int = 1, dtype=torch.float32):
         yield x.to(dtype), torch.sin(3 * x[:, :8]).to(dtype)
 
 
-def train(model: nn.Module, opt, steps: int, seed: int = 1, start: int = 0) -> float:
-    loss = torch.tensor(float("nan"))
-    for i, (x, y) in enumerate(batches(start + steps, seed)):
-        if i < start:
-            continue
-        opt.zero_grad()
-        weight = next(model.parameters())  # the batches follow the model's device and dtype
-        loss = ((model(x.to(weight.device, weight.dtype)).float() - y.to(weight.device)) ** 2).mean()
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+def write_checkpoint(path, factory, dtype=torch.float32) -> None:
+    """The checkpoints of ``tests/optimizers/data``: the model and optimizer after 7 steps of :func:`train` and
+    the parameters 11 steps later."""
+    model = mlp(dtype=dtype)
+    opt = factory(groups(model))
+    train(model, opt, steps=7)
+    saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+    train(model, opt, steps=11, start=7)
+    saved["after"] = [p.detach().clone() for p in model.parameters()]
+    torch.save(saved, path)
 
 
 def load_checkpoint(model: nn.Module, opt, checkpoint: dict) -> None:
@@ -70,6 +69,35 @@ def load_checkpoint(model: nn.Module, opt, checkpoint: dict) -> None:
             state = opt.state[p]
             if "sst_u" in state:
                 p.copy_(((state["sst_u"] * state["sst_s"]) @ state["sst_v"].T).reshape(p.shape).to(p.dtype))
+
+
+def resume_checkpoint(ckpt: dict, factory) -> nn.Module:
+    """Load a :func:`write_checkpoint` file into a fresh model and ``factory``'s optimizer, check that every state
+    tensor came back with its dtype and value, and take the 11 steps its writer took: the model."""
+    model = mlp(seed=123)
+    opt = factory(groups(model))
+    load_checkpoint(model, opt, ckpt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, saved in ckpt["opt"]["state"].items():
+        loaded = opt.state[params[i]]
+        assert loaded.keys() == saved.keys()
+        for k, v in saved.items():
+            assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    train(model, opt, steps=11, start=7)
+    return model
+
+
+def train(model: nn.Module, opt, steps: int, seed: int = 1, start: int = 0) -> float:
+    loss = torch.tensor(float("nan"))
+    for i, (x, y) in enumerate(batches(start + steps, seed)):
+        if i < start:
+            continue
+        opt.zero_grad()
+        weight = next(model.parameters())  # the batches follow the model's device and dtype
+        loss = ((model(x.to(weight.device, weight.dtype)).float() - y.to(weight.device)) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
 
 
 # One row per optimizer configuration every generic test runs over: (id, factory(groups) -> optimizer).

@@ -11,14 +11,14 @@ steps, the sampled decisions in the optimizer's state after it (:func:`decisions
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 
-from ...helpers import groups, mlp, train
 from slimtrain.optimizers import FrugalAdamW, GaLoreAdamW, SSTAdamW
+
+from ...helpers import groups, mlp, train, write_checkpoint
 
 HERE = Path(__file__).parent
 SEED = 12345
@@ -60,13 +60,9 @@ def train_deciding(model, opt, steps: int, start: int = 0) -> list[dict]:
 def main() -> None:
     made = {}
     for name, (dtype, factory) in CASES.items():
-        model = mlp(dtype=dtype)
-        opt = factory(groups(model))
-        made[name] = train_deciding(model, opt, steps=7)
-        saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
-        made[name] += train_deciding(model, opt, steps=11, start=7)
-        saved["after"] = [p.detach().clone() for p in model.parameters()]
-        torch.save(saved, HERE / f"{name}.pt")
+        write_checkpoint(HERE / f"{name}.pt", factory, dtype)
+        model = mlp(dtype=dtype)  # the same 18 steps again, recording: the same run, step for step
+        made[name] = train_deciding(model, factory(groups(model)), steps=18)
     lines = [f"{json.dumps(name)}: {json.dumps(made[name], sort_keys=True)}" for name in sorted(made)]
     (HERE / "decisions.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")  # one case a line
 
