@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from slimtrain.recipes import outputs, pretrain
+from slimtrain.recipes import metrics, outputs, pretrain
 
 TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress",
         "--optimizer", "adamw"]
@@ -78,7 +78,7 @@ def test_pretrain_overwrite_keeps_files_it_did_not_write(tmp_path, corpus, capsy
     assert (out / "notes.txt").read_text() == "mine"
     assert [int(r["step"]) for r in _rows(out)] == [1, 2, 3]
 
-    # A directory no slimtrain run claimed (here: one made before markers existed) is left as it is.
+    # A directory no slimtrain run claimed (here: its marker removed) is left as it is.
     os.remove(out / outputs.MARKER)
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
     _fails(capsys, lambda: _run(out, corpus, "--steps", "2", "--overwrite"),
@@ -87,13 +87,13 @@ def test_pretrain_overwrite_keeps_files_it_did_not_write(tmp_path, corpus, capsy
 
 
 def test_deepspeed_overwrite_does_not_remove_a_checkpoint_dir_it_did_not_write(tmp_path, capsys, monkeypatch):
-    from slimtrain.recipes import deepspeed as R
+    from slimtrain.recipes import deepspeed as deepspeed_recipe
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "weights.bin").write_text("someone's")
-    _fails(capsys, lambda: R.main(["--no-progress", "--overwrite", "--out", str(tmp_path)]),
+    _fails(capsys, lambda: deepspeed_recipe.main(["--no-progress", "--overwrite", "--out", str(tmp_path)]),
            r"Invalid --overwrite: .* has no slimtrain-run.json")
     assert (tmp_path / "checkpoint" / "weights.bin").exists()
 
@@ -103,19 +103,19 @@ def test_deepspeed_overwrite_does_not_remove_a_checkpoint_dir_it_did_not_write(t
 
 
 def _metrics(path, *lines):
-    path.write_text(",".join(pretrain.CSV_FIELDS) + "\r\n" + "".join(lines), newline="")
+    path.write_text(",".join(metrics.FIELDS) + "\r\n" + "".join(lines), newline="")
 
 
 def test_torn_and_malformed_lines_are_dropped_with_a_warning(tmp_path, capsys):
     path = tmp_path / "metrics.csv"
     good = "1,5.5,,0.001,64,0.10,640\r\n"
     _metrics(path, good, "2,5.4,4.9,0.001,128,0.20,640\r\n", "3,5.3,,0.0", )
-    rows = pretrain.read_metrics(str(path))
+    rows = metrics.read_metrics(str(path))
     assert [r["step"] for r in rows] == ["1", "2"]
     assert re.search(r"dropped 1 malformed line\(s\).*line 4: '3,5.3,,0.0'", capsys.readouterr().err)
-    # What today's code wrote back after a torn line: the bad row in the middle, whole rows after it.
+    # A log a torn line was once appended to and then continued: the bad row in the middle, whole rows after it.
     _metrics(path, good, "2,5.4\r\n", "3,5.3,,0.001,192,0.30,640\r\n", "x,5.2,,0.001,256,0.4,640\r\n")
-    assert [r["step"] for r in pretrain.read_metrics(str(path))] == ["1", "3"]
+    assert [r["step"] for r in metrics.read_metrics(str(path))] == ["1", "3"]
     assert "dropped 2 malformed line(s)" in capsys.readouterr().err
 
 
@@ -136,11 +136,11 @@ def test_resume_after_a_torn_metrics_line(tmp_path, corpus, capsys):
 
 def test_metric_lines_are_appended_whole(tmp_path):
     path = tmp_path / "metrics.csv"
-    pretrain._write_metrics(str(path), [])
+    metrics.write_metrics(str(path), [])
     row = dict(step=1, train_loss="5.5", val_loss="", lr="0.001", tokens=64, elapsed_s="0.1", tokens_per_s="640")
-    pretrain._append_metric(str(path), row)
+    metrics.append_metric(str(path), row)
     assert path.read_bytes().endswith(b"\n") and not (tmp_path / "metrics.csv.tmp").exists()
-    assert pretrain.read_metrics(str(path))[0]["step"] == "1"
+    assert metrics.read_metrics(str(path))[0]["step"] == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_missing_metrics_on_resume_is_one_line(tmp_path, corpus, capsys):
     _run(out, corpus, *args, "--stop-at", "2")
     os.remove(out / "metrics.csv")
     _fails(capsys, lambda: _run(out, corpus, *args, "--resume"), r"^error: Invalid --resume: no metrics.csv in ")
-    (out / "metrics.csv").write_text(",".join(pretrain.CSV_FIELDS) + "\n")  # what the message offers
+    (out / "metrics.csv").write_text(",".join(metrics.FIELDS) + "\n")  # what the message offers
     _run(out, corpus, *args, "--resume")
     assert [int(r["step"]) for r in _rows(out)] == [3, 4]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4

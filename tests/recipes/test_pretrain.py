@@ -259,7 +259,7 @@ def test_resume_with_another_dtype_or_device_is_refused(tmp_path, corpus, capsys
     assert "--device 'cpu' (was 'cuda')" in capsys.readouterr().err
 
 
-def test_a_run_recorded_before_the_device_options_resumes_as_cpu_fp32(tmp_path, corpus):
+def test_a_run_recorded_without_the_device_options_resumes_as_cpu_fp32(tmp_path, corpus):
     out = tmp_path / "run"
     args = ["--optimizer", "adamw", "--steps", "4", "--eval-every", "2"]
     _run(out, corpus, *args, "--stop-at", "2")
