@@ -71,7 +71,7 @@ import torch
 from . import metrics, outputs, pretrain
 # The recipe's options and checks; `slimtrain deepspeed` finds add_arguments and run_cli here.
 from .deepspeed_options import (  # noqa: F401
-    CHECKPOINT_DIR, MODULE, add_arguments, add_recipe_arguments, parse_args, validate,
+    CHECKPOINT_DIR, LATEST, MODULE, add_arguments, add_recipe_arguments, parse_args, validate,
 )
 from .optim import optimizer_state_bytes
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
             config = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
             splits, batches = pretrain.load_data(cfg)
             if is_main:
-                held.enter_context(pretrain.own_out(cfg, CHECKPOINT_DIR, splits.sha256))
+                held.enter_context(pretrain.own_out(cfg, LATEST, splits.sha256))
             init_distributed()
         except (ValueError, FileNotFoundError, ImportError) as e:
             if is_main:

@@ -25,6 +25,7 @@ DESCRIPTION = "The pretrain recipe under DeepSpeed ZeRO: same model, data, optim
 MODULE = "slimtrain.recipes.deepspeed"
 STAGES = (1, 2, 3)
 CHECKPOINT_DIR = "checkpoint"
+LATEST = os.path.join(CHECKPOINT_DIR, "latest")  # DeepSpeed's name of the newest checkpoint: what --resume needs
 
 
 def stage0_only(name: str) -> str | None:
@@ -94,7 +95,7 @@ def validate(cfg: argparse.Namespace, world_size: int) -> dict:
     if cfg.dtype == "bf16-autocast":
         raise ValueError("Invalid --dtype: 'bf16-autocast' with the deepspeed recipe (DeepSpeed's bf16 already keeps "
                          "fp32 master weights of bf16 ones); use --dtype bf16")
-    pretrain_options.validate(cfg, checkpoint=os.path.join(CHECKPOINT_DIR, "latest"), resolve_device=False)
+    pretrain_options.validate(cfg, checkpoint=LATEST, resolve_device=False)
     if cfg.resume:
         check_checkpoint(os.path.join(cfg.out, CHECKPOINT_DIR))
     config = load_config(cfg.ds_config) if cfg.ds_config is not None else shipped_config(cfg.zero)

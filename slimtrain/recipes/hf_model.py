@@ -102,10 +102,9 @@ def check_tokenizer(path: str, kind: str, config, texts: list[str]) -> None:
     ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
     unknown = sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
     if not ids or unknown > 0.5:  # a real tokenizer leaves a few percent of ordinary words unknown, if any
-        what = "to nothing" if not ids else f"{unknown:.0%} of it into {tokenizer.unk_token}"
-        raise ValueError(f"Invalid --model: {path!r} ({kind}): its tokenizer (a vocabulary of {len(tokenizer)}) "
-                         f"turns ordinary text {what}: the directory lacks this model's tokenizer files "
-                         "(tokenizer.json, vocab.txt, ...)")
+        what = "no tokens of ordinary text" if not ids else f"{unknown:.0%} of ordinary text's tokens {tokenizer.unk_token}"
+        raise ValueError(f"Invalid --model: {path!r} ({kind}): its tokenizer (a vocabulary of {len(tokenizer)}) makes "
+                         f"{what}: the directory lacks this model's tokenizer files (tokenizer.json, vocab.txt, ...)")
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and max(ids) >= vocab:
         raise ValueError(f"Invalid --model: {path!r} ({kind}): its tokenizer gives token id {max(ids)}, beyond the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import re
@@ -69,6 +70,14 @@ def _config_file(tmp_path, config: dict | str) -> str:
          r"Invalid --dtype: 'fp32' with --ds-config .*ds.json enabling bf16: pass --dtype bf16"),
         (["--ds-config", "CONFIG", "--dtype", "bf16"], {"zero_optimization": {"stage": 0}}, 1,
          r"Invalid --dtype bf16 at ZeRO stage 0 with --optimizer galore: .*use --zero 1, 2 or 3, or --dtype fp32"),
+        (["--ds-config", "CONFIG"], {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 1,
+         r"Invalid --ds-config: .*ds.json enables fp16, which the recipe has no mode for"),
+        (["--ds-config", "CONFIG", "--optimizer", "adamw"], {"fp16": {"enabled": True}}, 1, r"enables fp16"),
+        # What slimtrain.sharding.check_config refuses in the ranks is refused here too, before they start.
+        (["--ds-config", "CONFIG"], {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, 1,
+         r"Invalid --ds-config: .*ds.json: Unsupported zero_optimization.offload_optimizer.device: 'cpu'"),
+        (["--ds-config", "CONFIG"], {"zero_optimization": {"stage": 1, "elastic_checkpoint": True}}, 1,
+         r"Unsupported zero_optimization.elastic_checkpoint: true"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, config, world, message):
@@ -143,6 +152,45 @@ def test_slimtrain_deepspeed_checks_arguments_before_launching(tmp_path, capsys)
     assert e.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "Invalid --batch-size: 5" in captured.err
+
+
+def _no_launch(*args, **kwargs):
+    pytest.fail(f"launched {args}")
+
+
+def test_slimtrain_deepspeed_refuses_an_fp16_config_before_launching(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "call", _no_launch)
+    config = _config_file(tmp_path, {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}})
+    with pytest.raises(SystemExit) as e:
+        cli_main(["deepspeed", "--ds-config", config, "--no-progress", "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == ""
+    assert re.fullmatch(r"error: Invalid --ds-config: .*ds.json enables fp16.*\n", captured.err), captured.err
+
+
+def test_slimtrain_deepspeed_launches_with_its_own_interpreter(tmp_path, capsys, monkeypatch):
+    """The launcher is DeepSpeed's runner module in this Python: found whether or not the environment's bin/
+    (where pip puts the `deepspeed` script) is on PATH, and never another environment's."""
+    pytest.importorskip("deepspeed")
+    launched = []
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `deepspeed` script on it
+    monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["deepspeed", "--ranks", "2", "--steps", "5", "--no-progress", "--out", str(tmp_path / "run")])
+    assert e.value.code == 0
+    assert launched[0][:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert shlex.split(capsys.readouterr().out.strip()) == launched[0]  # the command printed is the one run
+
+    # An --out another run holds is refused before anything starts (rank 0 would be refused, later).
+    fd = os.open(tmp_path / "run" / "slimtrain-run.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        monkeypatch.setattr(subprocess, "call", _no_launch)
+        with pytest.raises(SystemExit) as e:
+            cli_main(["deepspeed", "--ranks", "2", "--no-progress", "--out", str(tmp_path / "run")])
+        assert e.value.code == 2 and "is in use by another slimtrain run" in capsys.readouterr().err
+    finally:
+        os.close(fd)
 
 
 def test_running_the_file_as_a_script_says_how_to_launch():

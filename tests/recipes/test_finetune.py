@@ -236,17 +236,19 @@ def test_tiny_run_on_a_text_file_in_each_dtype(tmp_path, dtype):
     assert saved["labels"] == ["neg", "pos"] and saved["dtype"] == dtype and saved["device"] == "cpu"
 
 
-def _tiny_model_dir(tmp_path, kind: str) -> str:
-    """A tiny randomly initialised model of ``kind`` saved as a Hugging Face directory, with MiniLM's tokenizer."""
+def _tiny_model_dir(tmp_path, kind: str, tokenizer: bool = True, num_labels: int = 2) -> str:
+    """A tiny randomly initialised model of ``kind`` saved as a Hugging Face directory, with MiniLM's tokenizer
+    (or none), and a classification head for ``num_labels``."""
     import transformers
 
     where = tmp_path / kind
     small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                 vocab_size=30522, max_position_embeddings=64)
+                 vocab_size=30522, max_position_embeddings=64, num_labels=num_labels)
     config = transformers.BertConfig(**small) if kind == "bert" else transformers.LlamaConfig(**small)
     torch.manual_seed(0)
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(where)
-    transformers.AutoTokenizer.from_pretrained(hf_model.minilm_dir()).save_pretrained(where)
+    if tokenizer:
+        transformers.AutoTokenizer.from_pretrained(hf_model.minilm_dir()).save_pretrained(where)
     return str(where)
 
 
@@ -261,6 +263,56 @@ def test_any_local_model_directory(tmp_path, kind, adapter, targets):
     assert r["steps"] == 2 and math.isfinite(r["final_train_loss"]) and r["trainable_params"] > r["head_params"]
     with pytest.raises(ValueError, match=r"Invalid --max-length: 65 \(expected <= 64, the positions .* was trained with\)"):
         finetune.validate(_args(tmp_path, "--model", model, "--data", _jsonl(tmp_path), "--max-length", "65", "--overwrite"))
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, capsys):
+    """transformers builds an empty tokenizer (5 special tokens) for a directory with no tokenizer files;
+    trained on it, every word is [UNK] and the run ends at chance accuracy, so the recipe refuses it."""
+    model = _tiny_model_dir(tmp_path, "bert", tokenizer=False)
+    capsys.readouterr()  # save_pretrained's progress bar
+    err = _error(tmp_path, capsys, "--model", model, "--data", _jsonl(tmp_path), *SMALL)
+    assert re.search(r"Invalid --model: '.*bert' \(bert\): its tokenizer \(a vocabulary of 5\) makes 100% of "
+                     r"ordinary text's tokens \[UNK\]: the directory lacks this model's tokenizer files", err), err
+
+
+def test_weights_that_do_not_fit_are_one_line_errors_but_another_head_is_replaced(tmp_path, capsys):
+    model = _tiny_model_dir(tmp_path, "bert", num_labels=5)  # fine-tuned on 5 classes; the data has 2
+    cfg = finetune.validate(finetune.parse_args(["--out", str(tmp_path / "replaced"), "--no-progress", "--model", model,
+                                                 "--data", _jsonl(tmp_path), *SMALL]))
+    assert cfg.new_head
+    capsys.readouterr()  # save_pretrained's progress bar
+    r = finetune.run(cfg)
+    assert r["steps"] == 2 and math.isfinite(r["final_train_loss"])
+    assert "classification head has another number of labels: the recipe trains a new one for 2 (neg, pos)" in \
+        capsys.readouterr().err
+
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
+    err = _error(tmp_path, capsys, "--model", model, "--data", _jsonl(tmp_path), *SMALL)
+    assert re.search(r"Invalid --model: '.*bert' \(bert\): its weights do not fit its config\.json: "
+                     r"bert\.encoder\.layer\.\d\.(intermediate|output)\.dense\.(weight|bias) is \[\d+(, \d+)?\] in "
+                     r"model\.safetensors, \[\d+(, \d+)?\] by the config", err), err
+
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "bert" / "model.safetensors").write_bytes(b"not a weights file" * 10)
+    err = _error(tmp_path, capsys, "--model", model, "--data", _jsonl(tmp_path), *SMALL)
+    assert re.search(r"Invalid --model: '.*bert' \(bert\): model\.safetensors is not a readable weights file", err), err
+
+
+@pytest.mark.parametrize("name", ["data.txt", "data.jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_label(tmp_path, name):
+    lines = [f"{lab}\t{t}\n" if name.endswith(".txt") else json.dumps({"text": t, "label": lab}) + "\n"
+             for t, lab in EXAMPLES]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + "".join(lines).encode())
+    cfg = finetune.validate(_args(tmp_path, "--data", str(tmp_path / name), *SMALL))
+    assert cfg.labels == ["neg", "pos"]
+
+
+def test_finetune_help_says_which_devices_it_takes(capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "auto (cuda when available, else cpu), cpu or cuda" in text and "CUDA_VISIBLE_DEVICES=N" in text
 
 
 def _adapter_grads(checkpointing: bool):

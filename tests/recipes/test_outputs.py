@@ -1,12 +1,19 @@
-"""What a recipe may do to --out: a marker claims the directory, --overwrite removes only what it lists,
-a torn metrics log is read back without its bad lines, bad paths are one-line errors."""
+"""What a recipe may do to --out: a lock makes a run its only writer, a marker claims the directory,
+--overwrite removes only what it lists, --resume checks the data's fingerprint, a torn metrics log is read
+back without its bad lines, a full disk and bad paths are one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,3 +189,155 @@ def test_missing_metrics_on_resume_is_one_line(tmp_path, corpus, capsys):
     _run(out, corpus, *args, "--resume")
     assert [int(r["step"]) for r in _rows(out)] == [3, 4]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# A run owns its --out: an exclusive lock, held for the run's life
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOCK, FINGERPRINT = "slimtrain-run.lock", "data_sha256"  # documented names: the lock file, config.json's key
+
+
+@contextlib.contextmanager
+def _locked_elsewhere(out, owner=b"4242 otherhost\n"):
+    """Hold the lock a run takes on ``out``, as another process would: flock treats each open() as its own
+    owner, so this process's recipe calls are refused just as a second process would be."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, owner)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_locked_out_is_refused_before_anything_is_written(tmp_path, corpus, capsys, monkeypatch):
+    out = tmp_path / "run"
+    with _locked_elsewhere(out):
+        _fails(capsys, lambda: _run(out, corpus, "--steps", "2"),
+               r"^error: Invalid --out: '.*run' is in use by another slimtrain run \(pid 4242 on otherhost\)")
+        assert os.listdir(out) == [LOCK]  # nothing of the refused run's
+        # Rank 0 of the DeepSpeed recipe takes the same lock before the ranks start their process group.
+        from slimtrain.recipes import deepspeed as deepspeed_recipe
+
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setattr(deepspeed_recipe, "init_distributed", lambda: pytest.fail("started despite the lock"))
+        _fails(capsys, lambda: deepspeed_recipe.main([*TINY, "--data", *corpus, "--out", str(out)]),
+               r"is in use by another slimtrain run \(pid 4242")
+    # Released (as the OS releases it when its owner exits, however it exits): the lock file left behind
+    # does not make the directory "not empty".
+    _run(out, corpus, "--steps", "2", "--eval-every", "2")
+    assert [int(r["step"]) for r in _rows(out)] == [1, 2]
+    assert (out / LOCK).read_text().split()[0] == str(os.getpid())  # the last owner
+
+
+def test_two_runs_started_together_into_one_out(tmp_path, corpus):
+    """Two real processes into the same new --out at once: one trains, the other is refused with one
+    line, and the directory holds one run's files only (its seed in config.json, its rows, once each)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))}
+    argv = [sys.executable, "-m", "slimtrain.recipes.pretrain", *TINY, "--data", *corpus, "--steps", "3",
+            "--eval-every", "3", "--out", str(out)]
+    procs = [subprocess.Popen([*argv, "--seed", str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for seed in (1, 2)]
+    done = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    assert sorted(code for _, _, code in done) == [0, 2], done
+    winner = next(i for i, (_, _, code) in enumerate(done) if code == 0)
+    won_out, (lost_out, lost_err, _) = done[winner][0], done[1 - winner]
+    assert "outputs in" in won_out and "outputs in" not in lost_out
+    assert len(lost_err.strip().splitlines()) == 1
+    assert re.search(r"^error: Invalid --out: .* (is in use by another slimtrain run \(pid \d+ on .+\)|is not empty)",
+                     lost_err.strip()), lost_err
+    assert json.loads((out / "config.json").read_text())["seed"] == winner + 1
+    assert [int(r["step"]) for r in _rows(out)] == [1, 2, 3]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume checks the data's fingerprint
+
+
+def _own_corpus(tmp_path, corpus):
+    """A copy of the corpus the test may edit."""
+    copies = []
+    for path in corpus:
+        copy = tmp_path / "data" / os.path.basename(path)
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(open(path, "rb").read())
+        copies.append(str(copy))
+    return copies
+
+
+def test_resume_refuses_changed_data_unless_allowed(tmp_path, corpus, capsys):
+    data, out = _own_corpus(tmp_path, corpus), tmp_path / "run"
+    args = ("--steps", "4", "--eval-every", "2")
+    _run(out, data, *args, "--stop-at", "2")
+    recorded = json.loads((out / "config.json").read_text())[FINGERPRINT]
+    assert recorded == {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in data}
+    with open(data[1], "a") as f:
+        f.write("An added line.\n")
+    err = _fails(capsys, lambda: _run(out, data, *args, "--resume"),
+                 rf"^error: Invalid --resume: {re.escape(data[1])} changed since the run started \(SHA-256 "
+                 rf"{recorded[data[1]][:12]}\.\.\. then, [0-9a-f]{{12}}\.\.\. now\).*--allow-data-change")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # nothing resumed
+    _fails(capsys, lambda: _run(tmp_path / "new", data, *args, "--allow-data-change"),
+           r"Invalid --allow-data-change without --resume")
+
+    assert _run(out, data, *args, "--resume", "--allow-data-change")["steps"] == 4
+    assert re.search(r"warning: continuing on changed data \(--allow-data-change\): .*" + re.escape(data[1]),
+                     capsys.readouterr().err), err
+    config = json.loads((out / "config.json").read_text())
+    assert config[FINGERPRINT][data[1]] == hashlib.sha256(open(data[1], "rb").read()).hexdigest()
+    assert config["data_sha256_from_step"] == 2
+
+
+def test_a_run_without_a_fingerprint_resumes_with_a_warning_and_records_one(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    args = ("--steps", "4", "--eval-every", "2")
+    _run(out, corpus, *args, "--stop-at", "2")
+    config = json.loads((out / "config.json").read_text())
+    del config[FINGERPRINT]
+    (out / "config.json").write_text(json.dumps(config))
+    assert _run(out, corpus, *args, "--resume")["steps"] == 4
+    assert "records no data fingerprint" in capsys.readouterr().err
+    assert set(json.loads((out / "config.json").read_text())[FINGERPRINT]) == set(corpus)
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail with ENOSPC")
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporary_file(tmp_path, corpus, capsys):
+    """The checkpoint's temporary file is a link to /dev/full, so the kernel answers its writes with
+    ENOSPC as a full disk does: no disk is filled."""
+    out = tmp_path / "run"
+    args = ("--steps", "4", "--eval-every", "2")
+    _run(out, corpus, *args, "--stop-at", "2")
+    good = (out / "checkpoint.pt").read_bytes()
+    os.symlink("/dev/full", out / "checkpoint.pt.tmp")
+    with pytest.raises(SystemExit) as e:
+        _run(out, corpus, *args, "--resume")
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: no space left on device writing .*run/checkpoint\.pt; the last good checkpoint "
+                        r"is step 2: free space, then continue with --resume", err), err
+    assert not os.path.lexists(out / "checkpoint.pt.tmp")  # the space it took is free again
+    assert (out / "checkpoint.pt").read_bytes() == good
+    assert _run(out, corpus, *args, "--resume")["steps"] == 4  # and the message's advice works
+
+
+def test_write_atomic_removes_its_temporary_file_on_enospc(tmp_path):
+    def write(f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        outputs.write_atomic(str(tmp_path / "checkpoint.pt"), write)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "checkpoint.pt")
+    assert os.listdir(tmp_path) == []
+    assert str(outputs.write_error(e.value, None)).endswith("no checkpoint was written: free space, then start the "
+                                                            "run again with --overwrite")
