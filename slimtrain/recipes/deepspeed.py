@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 --module slimtrain.recipes.deepspeed --zero 2 --out runs/zero2
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module slimtrain.recipes.deepspeed --zero 3 --out runs/cpu
-    slimtrain deepspeed --ranks 2 --zero 2 --out runs/zero2        # prints that command, then runs it
+    slimtrain deepspeed --ranks 2 --zero 2 --out runs/zero2        # checks, prints the launch command, runs it
 
 DeepSpeed's launcher spells ``python -m`` as ``--module``; the script-path form
 (``deepspeed path/to/deepspeed.py``) cannot work, because the file would shadow the ``deepspeed``

@@ -1,9 +1,9 @@
 """What the pretrain recipes write besides their checkpoint: ``metrics.csv``, ``loss.png``, ``summary.json``.
 
-``metrics.csv`` has one row per step: ``step, train_loss, val_loss, lr, tokens, elapsed_s, tokens_per_s`` (:data:`FIELDS`),
-``val_loss`` empty between validation passes. The log only grows by whole lines (one ``write`` each), and
-a resume rewrites it through a temporary file; a torn or malformed line (a copy cut short, a run killed
-mid-write) is dropped with a warning when the log is read back (:func:`read_metrics`).
+``metrics.csv`` has one row per step, ``step, train_loss, val_loss, lr, tokens, elapsed_s, tokens_per_s``
+(:data:`FIELDS`), ``val_loss`` empty between validation passes. The log only grows by whole lines (one
+``write`` each), and a resume rewrites it through a temporary file; a torn or malformed line (a copy cut
+short, a run killed mid-write) is dropped with a warning when the log is read back (:func:`read_metrics`).
 """
 
 from __future__ import annotations

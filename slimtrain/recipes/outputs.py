@@ -44,8 +44,6 @@ LOCK = "slimtrain-run.lock"
 CONFIG = "config.json"
 FINGERPRINT = "data_sha256"  # config.json key: {data file: SHA-256 of its bytes}
 FINGERPRINT_FROM = "data_sha256_from_step"  # set when a resume recorded the fingerprint: it holds from there
-
-
 # The errors of a full disk or of a quota: the run stops, its last good checkpoint is intact.
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -141,7 +139,7 @@ def claim(out: str, recipe: str, outputs: list[str]) -> None:
 
 @contextlib.contextmanager
 def own(out: str, check: Callable[[], object] = lambda: None) -> Iterator[None]:
-    """Hold the lock on ``out`` (created if needed) while the block runs; then run ``check`` under it.
+    """Hold the lock on ``out`` (created if needed) for the ``with`` block, running ``check`` first under it.
 
     Raises :class:`Refused` naming the directory and the owner's pid if another process holds the lock,
     or with the message of what ``check`` raises (the recipe's ``--out`` checks, repeated now that no

@@ -44,6 +44,10 @@ of device (cpu vs cuda) is refused; another GPU index of the same kind is allowe
 lacks them resumes as ``--device cpu --dtype fp32``. A data file whose contents changed since the run
 started is refused, naming the file, unless ``--allow-data-change``; a run that recorded no fingerprint
 resumes with a warning, and its fingerprint is recorded from then on.
+
+This module is the driver: build, train (validating every ``--eval-every`` steps), write. The options and
+their checks are :mod:`slimtrain.recipes.pretrain_options`; the text, :mod:`slimtrain.recipes.data`; the
+files under ``--out``, :mod:`slimtrain.recipes.outputs` and :mod:`slimtrain.recipes.metrics`.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from .models import build_model, model_config
 from .optim import build_optimizer, optimizer_state_bytes, prepare_model
 # The recipe's options and checks; `slimtrain pretrain` finds add_arguments and run_cli here.
 from .pretrain_options import CHECKPOINT, add_arguments, own_out, parse_args, run_args, validate  # noqa: F401
+
 # ----------------------------------------------------------------------------------------------
 # Build: data, model, optimizer, schedule
 
@@ -195,7 +200,8 @@ def run(cfg: argparse.Namespace, data: tuple[Splits, BlockBatches] | None = None
     torch.set_num_threads(cfg.threads)
     splits, batches = load_data(cfg) if data is None else data
     with own_out(cfg, CHECKPOINT, splits.sha256):
-        return train(cfg, splits, batches, LocalSteps(cfg))
+        steps = LocalSteps(cfg)  # build: the seeded model, its optimizer and schedule
+        return train(cfg, splits, batches, steps)  # train, validate every --eval-every steps, write
 
 
 def train(cfg: argparse.Namespace, splits: Splits, batches: BlockBatches, steps) -> dict:

@@ -283,3 +283,17 @@ def test_device_kinds_a_resume_may_change_between():
     same = pretrain.runtime.same_device_kind
     assert same("cuda:0", "cuda:1") and same("cuda", "cuda:0") and same("cpu", "cpu")
     assert not same("cpu", "cuda") and not same("auto", "cpu") and same("auto", "auto")
+
+
+def test_the_command_imports_only_the_subcommand_given(monkeypatch, capsys):
+    """`slimtrain pretrain` does not import the finetune recipe (and with it PEFT), nor any other."""
+    import importlib
+
+    from slimtrain import cli
+
+    imported, import_module = [], importlib.import_module
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: imported.append(name) or import_module(name))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pretrain", "--help"])
+    assert e.value.code == 0 and "--allow-data-change" in capsys.readouterr().out
+    assert set(imported) == {"slimtrain.recipes.pretrain"}
