@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import zipfile
 
 TEXT_SAMPLE = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -43,9 +44,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_model(path: str, adapter: str, num_labels: int, texts: list[str]):
-    """``(config, target modules, head replaced)`` for the model in ``path`` and adapter preset ``adapter``;
-    ``ValueError``/``FileNotFoundError`` naming the path and type if the recipe cannot fine-tune it.
-    ``texts`` are a few examples of the task's text, for the tokenizer check."""
+    """``(config, target modules, new head)`` for the model in ``path`` and adapter preset ``adapter``, where
+    ``new head`` says that the directory's classification head is not for ``num_labels`` labels (the recipe
+    replaces it); ``ValueError``/``FileNotFoundError`` naming the path and type if the recipe cannot
+    fine-tune the model. ``texts`` are a few examples of the task's text, for the tokenizer check."""
     import torch
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
@@ -74,14 +76,14 @@ def check_model(path: str, adapter: str, num_labels: int, texts: list[str]):
                         for n in (num_labels, num_labels + 1))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     head = {k for k, v in other.state_dict().items() if tuple(v.shape) != shapes.get(k)}  # sized by the labels
-    head_replaced = _check_weights(path, kind, shapes, head, model.base_model_prefix)
+    new_head = _check_weights(path, kind, shapes, head, model.base_model_prefix)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = find_targets(adapter, names)
     if targets is None:
         known = ", ".join("/".join(row["attention"]) for row in TARGET_SETS)
         raise ValueError(f"Invalid --model: {path!r} ({kind}) has no attention projections the recipe knows how to "
                          f"adapt (Linear layers named {known})")
-    return config, targets, head_replaced
+    return config, targets, new_head
 
 
 def _with_labels(config, num_labels: int):
@@ -155,7 +157,8 @@ def _weight_shapes(path: str, kind: str):
                 with safe_open(file, framework="pt") as f:
                     tensors = [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()]
             else:
-                state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+                # Tensors on the meta device: shapes only; mmap (zip files) spares reading the data at all.
+                state = torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
                 tensors = [(k, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)]
         except Exception as e:  # safetensors raises its own SafetensorError; torch.load, pickle and zip errors
             raise ValueError(f"Invalid --model: {path!r} ({kind}): {name} is not a readable weights file "
@@ -163,9 +166,10 @@ def _weight_shapes(path: str, kind: str):
         yield from ((k, shape, name) for k, shape in tensors)
 
 
-def load(path: str, labels: list[str], dtype, head_replaced: bool):
-    """The tokenizer and the sequence-classification model in ``path`` with a new head for ``labels``,
-    its weights in ``dtype``. ``ValueError`` naming the path if transformers cannot load them."""
+def load(path: str, labels: list[str], dtype, new_head: bool):
+    """The tokenizer and the sequence-classification model in ``path`` with a head for ``labels`` (a new one
+    where the directory has none, or ``new_head``: one for other labels), its weights in ``dtype``.
+    ``ValueError`` naming the path if transformers cannot load them."""
     import transformers
     from safetensors import SafetensorError
 
@@ -175,7 +179,7 @@ def load(path: str, labels: list[str], dtype, head_replaced: bool):
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={g: i for i, g in enumerate(labels)}, dtype=dtype, local_files_only=True,
-            ignore_mismatched_sizes=head_replaced)
+            ignore_mismatched_sizes=new_head)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ValueError(f"Invalid --model: {path!r}: transformers cannot load it ({_first_line(e)})") from None
     if tokenizer.pad_token is None:  # decoder tokenizers (LLaMA's) have none; batches need one

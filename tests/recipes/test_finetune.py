@@ -1,4 +1,5 @@
-"""The finetune recipe: genre table, split by play, refusals before heavy work, and a tiny real run."""
+"""The finetune recipe: genre table, split by play, refusals before heavy work (model directories and data files
+included), and tiny real runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -285,12 +287,20 @@ def test_weights_that_do_not_fit_are_one_line_errors_but_another_head_is_replace
     assert "classification head has another number of labels: the recipe trains a new one for 2 (neg, pos)" in \
         capsys.readouterr().err
 
-    config = json.loads((tmp_path / "bert" / "config.json").read_text())
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
-    err = _error(tmp_path, capsys, "--model", model, "--data", _jsonl(tmp_path), *SMALL)
-    assert re.search(r"Invalid --model: '.*bert' \(bert\): its weights do not fit its config\.json: "
-                     r"bert\.encoder\.layer\.\d\.(intermediate|output)\.dense\.(weight|bias) is \[\d+(, \d+)?\] in "
-                     r"model\.safetensors, \[\d+(, \d+)?\] by the config", err), err
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"  # the same weights as pytorch_model.bin, whose tensor index is read instead
+    shutil.copytree(model, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    os.remove(pickled / "model.safetensors")
+    for where, weights in ((tmp_path / "bert", "model.safetensors"), (pickled, "pytorch_model.bin")):
+        assert (where / weights).is_file()
+        config = json.loads((where / "config.json").read_text())
+        (where / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
+        err = _error(tmp_path, capsys, "--model", str(where), "--data", _jsonl(tmp_path), *SMALL)
+        assert re.search(r"Invalid --model: '.*' \(bert\): its weights do not fit its config\.json: bert\.encoder\."
+                         r"layer\.\d\.(intermediate|output)\.dense\.(weight|bias) is \[\d+(, \d+)?\] in "
+                         + re.escape(weights) + r", \[\d+(, \d+)?\] by the config", err), err
 
     (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
     (tmp_path / "bert" / "model.safetensors").write_bytes(b"not a weights file" * 10)
