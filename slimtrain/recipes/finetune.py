@@ -170,11 +170,13 @@ def evaluate(trainer: transformers.Trainer, test: _Examples, test_play: list[str
     )
 
 
-def run(cfg: argparse.Namespace, data: dict | None = None, built: tuple | None = None) -> dict:
+def run(cfg: argparse.Namespace, data: dict | None = None, built: tuple | None = None,
+        started: float | None = None) -> dict:
     """Build, train, evaluate on the held-out examples, write ``cfg.out`` (already validated, and owned
     for the run: :func:`slimtrain.recipes.outputs.own`). ``data`` is :func:`load_data`'s, ``built``
-    :func:`build`'s, when the caller has them. Returns the results."""
-    t_start = time.perf_counter()
+    :func:`build`'s, when the caller has them, and ``started`` the ``time.perf_counter()`` at which the
+    caller began with them (``wall_s`` counts from there). Returns the results."""
+    t_start = time.perf_counter() if started is None else started
     torch.set_num_threads(cfg.threads)
     data = load_data(cfg) if data is None else data
     tokenizer, model = build(cfg) if built is None else built
@@ -215,13 +217,14 @@ def run_cli(cfg: argparse.Namespace) -> dict:
     ``--out`` in use), train, print the result (a full disk: a one-line error, exit status 1)."""
     try:
         validate(cfg)
+        started = time.perf_counter()
         data = load_data(cfg)
         built = build(cfg)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        r = run(cfg, data, built)
+        r = run(cfg, data, built, started)
     except outputs.Refused as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
