@@ -248,13 +248,15 @@ def warn(message: str) -> None:
 def write_atomic(path: str, write: Callable[[BinaryIO], None], sync: bool = False) -> None:
     """Write ``path`` through ``path + ".tmp"`` and a rename: readers see the old file or the whole new one.
 
-    On any failure the temporary file is removed (a full disk gets its space back) and the error is
-    raised with ``path`` as its ``filename``. ``sync`` flushes the data to the disk before the rename, so
-    that a power loss cannot leave an empty file under the final name.
+    On any failure after the temporary file is created it is removed (a full disk gets its space back); an
+    error caused by an ``OSError`` is raised as that ``OSError``, with ``path`` as its ``filename``. A link in the temporary file's place is not
+    written through (``O_NOFOLLOW``): what it points to is not the run's. ``sync`` flushes the data to the
+    disk before the rename, so that a power loss cannot leave an empty file under the final name.
     """
     tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             if sync:
                 f.flush()
@@ -263,9 +265,23 @@ def write_atomic(path: str, write: Callable[[BinaryIO], None], sync: bool = Fals
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = path
-        raise
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        # torch.save's zip writer turns its file's OSError into a RuntimeError ("unexpected pos ...") as it
+        # closes; the OSError says what happened.
+        raise OSError(cause.errno, cause.strerror, cause.filename or path) from e
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The first ``OSError`` in ``e``'s chain of causes and contexts, or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def write_json(path: str, obj) -> None:
