@@ -55,20 +55,10 @@ def write_checkpoint(path, factory, dtype=torch.float32) -> None:
 
 def load_checkpoint(model: nn.Module, opt, checkpoint: dict) -> None:
     """Load ``checkpoint["model"]`` and ``checkpoint["opt"]`` (left unchanged), written by another run and
-    perhaps on another processor, as a resume on the processor that wrote them would find them.
-
-    After loading, SSTAdamW checks once that each weight is bit for bit the product of its saved factors, as
-    this processor computes it (``(U * S) @ V.T``), and re-decomposes the weight and draws anew where it is not.
-    Another processor's product differs in its last bits, so here each SST weight is rewritten as this
-    processor's product of the saved factors (a change of rounding size) and the saved round goes on.
-    """
+    perhaps on another processor. (SSTAdamW then finds each weight to be its saved factors' product within the
+    rounding of another processor's matrix product, and goes on with the saved round.)"""
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(copy.deepcopy(checkpoint["opt"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            state = opt.state[p]
-            if "sst_u" in state:
-                p.copy_(((state["sst_u"] * state["sst_s"]) @ state["sst_v"].T).reshape(p.shape).to(p.dtype))
 
 
 def resume_checkpoint(ckpt: dict, factory) -> nn.Module:
