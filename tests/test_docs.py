@@ -655,6 +655,32 @@ def test_gpu_results_are_committed_or_said_to_be_not_yet_measured(path):
             assert said, f"{path}: names {name}, which is not committed: say 'not yet measured on a GPU' beside it"
 
 
+def test_the_memory_figures_of_low_bit_md_are_the_calculators():
+    """docs/low_bit.md quotes the memory calculator at LLaMA-7B and against the GaLore paper's Table 2."""
+    from slimtrain.memory import estimate_memory
+
+    text = " ".join(read("docs/low_bit.md").split())
+
+    def total(size, optimizer, **options):
+        return estimate_memory(size, optimizer, **options).as_dict()["components"]["total"]
+
+    for optimizer, options in [("adamw", {"state_bits": 8}), ("galore8bit", {}), ("galore8bit", {"basis_dtype": "bf16"}),
+                               ("dct8bit", {})]:
+        t = total("7B", optimizer, layerwise=True, **options)
+        row = " | ".join(f"{t[k] / 1e9:.2f} GB" for k in ("weights", "grads", "state", "total"))
+        assert row in text, f"docs/low_bit.md: no table row {row} for 7B --layerwise --optimizer {optimizer} {options}"
+    state = {dtype: total("7B", "galore8bit", basis_dtype=dtype)["state"] / 1e9 for dtype in ("bf16", "fp32")}
+    assert f"state {state['bf16']:.3f} GB (fp32 basis: {state['fp32']:.3f} GB)" in text
+    # The paper's bf16 convention: bf16 weights and moments (ours are fp32, so halved), optimizer state.
+    sizes, ranks = ("60M", "130M", "350M", "1B"), (128, 256, 256, 512)
+    adam = [total(size, "adamw") for size in sizes]
+    galore = [total(size, "galore", rank=rank) for size, rank in zip(sizes, ranks)]
+    for figures in ([t["weights"] + t["moments"] / 2 for t in adam], [t["weights"] + t["moments"] / 2 for t in galore],
+                    [t["weights"] + (t["moments"] + t["projector"]) / 2 for t in galore]):
+        quoted = " / ".join(f"{x / 1e9:.2f}" for x in figures)
+        assert quoted in text, f"docs/low_bit.md: the calculator gives {quoted} (GB) against the GaLore paper"
+
+
 # Words that narrate the circumstances of our own work rather than say what the code does.
 HISTORY = re.compile(r"\bissue \d+|\bcommit [0-9a-f]{7,}|\bused to\b|\bthis (?:task|session)\b|\bhad no GPU\b|"
                      r"\bno GPU so far\b|\bsessions? since\b", re.I)

@@ -1,7 +1,6 @@
-"""slimtrain/_seeds.py derives exactly the seeds the code before it derived: a table of values computed by
-that code (the inline formulas of projectors/base.py, quantized.py, sst.py, frugal.py, base.py, and
-adapters/_common.py's stable_seed, s2ft/model.py, randlora/layer.py at commit 84746c6), and optimizer
-checkpoints written by it (``data/seeds/make_seed_checkpoints.py``) that must resume bit for bit."""
+"""slimtrain/_seeds.py derives exactly the seeds that saved checkpoints and adapters were written with: a
+table of reference values for every derivation, and reference optimizer checkpoints
+(``data/seeds/make_seed_checkpoints.py``) that must resume bit for bit."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from slimtrain import _seeds
 from .data.seeds.make_seed_checkpoints import CASES, HERE
 from .helpers import groups, mlp, train
 
-# (function of slimtrain._seeds, arguments, the seed the code at commit 84746c6 computed)
+# (function of slimtrain._seeds, arguments, the reference seed)
 PINNED = [
     ("parameter_seed", (0, 0), 0),
     ("parameter_seed", (0, 5), 5),
@@ -30,7 +29,7 @@ PINNED = [
     ("sst_draw_seed", (0, 0), 0),
     ("sst_draw_seed", (12345037038, 4), 97760348303926),
     ("sst_draw_seed", (4611686018427387904, 5), 4611686018427391868),
-    ("data_order_seed", (0, 3), 3),  # recipes/data.py's inline seed * 1_000_003 + epoch at commit 4d8fe6f
+    ("data_order_seed", (0, 3), 3),  # seed * 1_000_003 + epoch
     ("data_order_seed", (12345, 2), 12345037037),
     ("block_order_seed", (0, 0), 0),
     ("block_order_seed", (12345, 2), 12345037037),
@@ -72,7 +71,7 @@ SEED_KEYS = ("proj_seed", "sst_seed", "sr_seed")
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fresh_run_derives_the_saved_seeds(name):
-    """The seeds a fresh optimizer stores (parameter seeds) are the integers the earlier code stored."""
+    """The seeds a fresh optimizer stores (parameter seeds) are the reference checkpoints' integers."""
     dtype, factory = CASES[name]
     saved = torch.load(HERE / f"{name}.pt", weights_only=True)["opt"]["state"]
     model = mlp(dtype=dtype)
@@ -87,8 +86,8 @@ def test_fresh_run_derives_the_saved_seeds(name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_checkpoint_of_earlier_code_resumes_bit_for_bit(name):
-    """Loaded with weights_only and stepped 11 more times, the parameters are bit for bit those the earlier
-    code computed. No tolerance: a seed changed by one moves galore-randomized by only 4e-6 (the range finder
+    """Loaded with weights_only and stepped 11 more times, the parameters are bit for bit the reference
+    checkpoint's. No tolerance: a seed changed by one moves galore-randomized by only 4e-6 (the range finder
     finds nearly the same subspace); the others move by 6e-3 (bf16 rounding) to 6e-2 (SST's draws)."""
     dtype, factory = CASES[name]
     ckpt = torch.load(HERE / f"{name}.pt", weights_only=True)

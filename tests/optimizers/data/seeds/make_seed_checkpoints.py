@@ -2,9 +2,10 @@
 optimizers, each with a non-zero base ``seed`` so that every multiplier matters.
 
 Run from the repository root (``python -m tests.optimizers.data.seeds.make_seed_checkpoints``) with the code
-whose seeds must keep being derived. The files here were written by the code of commit 84746c6, before the
-derivations moved to ``slimtrain/_seeds.py``: each holds the model and optimizer after 7 steps of ``helpers.train``
-and the parameters 11 steps later, computed by that code on CPU.
+whose seeds must keep being derived. The files here are reference values, written by the seed derivations that
+saved checkpoints use (the formulas ``slimtrain/_seeds.py`` holds): each holds the model and optimizer after 7
+steps of ``helpers.train`` and the parameters 11 steps later, computed on CPU. Rewriting them with the code under
+test would stop testing it.
 """
 
 from __future__ import annotations
