@@ -153,9 +153,27 @@ class Documented(NamedTuple):
         return f"{self.path}:{self.line}: `{self.text}`"
 
 
+def _comment_start(line: str) -> int:
+    """Where the shell comment of ``line`` starts (a ``#`` beginning a word, outside quotes), or its length."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return i
+    return len(line)
+
+
+def without_comments(code: str) -> str:
+    """``code`` with each line's shell comment blanked out (a program named in a comment starts no command)."""
+    return "\n".join(line[:_comment_start(line)].ljust(len(line)) for line in code.split("\n"))
+
+
 def documented_commands(path: str, text: str) -> list[Documented]:
     """The commands of a Markdown document, from its fenced blocks and its inline code spans."""
     found = [Documented(path, b.line + c.line - 1, c.text, c.env, c.argv, False)
-             for b in blocks(path, text) if b.lang != "python" for c in commands(b.text)]
+             for b in blocks(path, text) if b.lang != "python" for c in commands(without_comments(b.text))]
     found += [Documented(path, line, c.text, c.env, c.argv, True) for line, span in spans(text) for c in commands(span)]
     return sorted(found, key=lambda c: c.line)

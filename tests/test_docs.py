@@ -131,13 +131,14 @@ GPU_SCRIPTS = {"scripts/gpu_check.sh", "scripts/gpu_bench.sh"}  # they run this 
 
 
 def recipe(argv: list[str]) -> str | None:
-    """Which recipe a command runs: pretrain, finetune, deepspeed, memory, or None."""
+    """Which recipe a command runs (pretrain, finetune, deepspeed, memory, ...), or None."""
     if argv[0] == "slimtrain" and len(argv) > 1:
         return argv[1]
     if argv[:2] == ["python", "-m"] and argv[2].startswith("slimtrain."):
         return argv[2].rsplit(".", 1)[1]
-    if argv[0] == "deepspeed" and "--module" in argv:
-        return argv[argv.index("--module") + 1].rsplit(".", 1)[1]
+    flag = next((f for f in ("--module", "-m") if f in argv), None)
+    if argv[0] in ("deepspeed", "torchrun") and flag:  # the launcher's flag, then the module
+        return argv[argv.index(flag) + 1].rsplit(".", 1)[1]
     return None
 
 
@@ -203,7 +204,7 @@ def _id(c: Documented) -> str:
 
 def test_the_reader_finds_the_commands_of_a_page():
     md = ("Run `slimtrain pretrain` as\n```bash\nbash scripts/setup.sh && python -m slimtrain.recipes.pretrain "
-          "--out \"runs/m-$(date +%s)\"   # comment\nDS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module \\\n"
+          "--out \"runs/m-$(date +%s)\"   # then torchrun runs it\nDS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module \\\n"
           "    slimtrain.recipes.deepspeed --zero 2\n```\nor `slimtrain memory 7B --layerwise ...` in "
           "`slimtrain/recipes/ds_configs/`.\n")
     found = documented_commands("x.md", md)
@@ -414,9 +415,9 @@ def _job(c: Documented, folder: str, page_folders: dict[str, str]) -> Job:
     kind = recipe(argv)
     argv += SHORTER.get(f"{kind} --data" if kind == "finetune" and "--data" in argv else kind, [])
     # A free rendezvous port, so that runs at the same time do not meet.
-    if argv[0] == "deepspeed":
+    if argv[0] in ("deepspeed", "torchrun"):
         argv[1:1] = ["--master_port", str(_free_port())]
-    elif kind == "deepspeed":
+    elif argv[0] == "slimtrain" and "--master-port" in option_names(parser_of(argv)):
         argv += ["--master-port", str(_free_port())]
     program = {"python": sys.executable, "slimtrain": shutil.which("slimtrain"), "deepspeed": shutil.which("deepspeed"),
                "torchrun": shutil.which("torchrun")}
@@ -454,8 +455,9 @@ def _run(job: Job) -> Done:
     return Done(job, done.returncode, done.stdout, done.stderr)
 
 
-# Longest first, so that the slowest jobs overlap the others.
-_COST = {"deepspeed": 3, "finetune": 2}
+# Longest first, so that the slowest jobs overlap the others: several processes, then fine-tuning.
+def _cost(job: Job) -> int:
+    return 3 if {"--ranks", "--num_gpus", "--nproc_per_node"} & set(job.argv) else 2 if job.kind == "finetune" else 1
 
 
 class _OnDemand(dict):
@@ -482,7 +484,7 @@ def started(tmp_path_factory) -> dict[str, Done]:
             jobs[_key(c)] = _job(c, str(tmp_path_factory.mktemp("command")), page_folders)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return _OnDemand(jobs)
-    order = sorted(jobs, key=lambda key: -_COST.get(jobs[key].kind, 1))
+    order = sorted(jobs, key=lambda key: -_cost(jobs[key]))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         return dict(zip(order, pool.map(lambda key: _run(jobs[key]), order)))
 
@@ -524,6 +526,13 @@ def test_commands_are_shortened_by_options_the_recipes_take():
     for kind, options in SHORTER.items():
         takes = option_names(parser_of(["slimtrain", kind.split()[0]]))
         assert not {o for o in options if o.startswith("-")} - takes, kind
+    for c in DOCUMENTED:
+        kind = recipe(c.argv)
+        if plan(c) == "start" and kind not in (None, "memory"):
+            assert kind in SHORTER and kind in WRITES, (
+                f"{c.where()} trains with `{kind}`: give it SHORTER[{kind!r}] (its options, documented in "
+                f"docs/cli.md, that make a run of seconds) and WRITES[{kind!r}] (what it writes into --out, as the "
+                f"docs say) in tests/test_docs.py")
 
 
 def test_commands_started_elsewhere_are_started_there():
@@ -572,6 +581,7 @@ def option_table(subcommand: str) -> str:
 
 
 def _section(text: str, heading: str) -> str:
+    assert f"\n{heading}\n" in text, f"{CLI}: no section '{heading}'"
     start = text.index(f"\n{heading}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else len(text)]
@@ -582,12 +592,13 @@ def test_cli_reference_has_every_subcommand_and_its_options_as_the_help_gives_th
 
     text = read(CLI)
     for subcommand in SUBCOMMANDS:
-        assert f"\n## slimtrain {subcommand}\n" in text, f"{CLI}: no section '## slimtrain {subcommand}'"
         section = _section(text, f"## slimtrain {subcommand}")
         table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
         expected = option_table(subcommand)
         assert table == expected, (f"{CLI}, section 'slimtrain {subcommand}': its option table is not what "
-                                   f"`slimtrain {subcommand} --help` says; it should read:\n\n{expected}\n")
+                                   f"`slimtrain {subcommand} --help` says (a section of a subcommand that takes "
+                                   f"another's options lists only what it adds: TAKES); it should read:\n\n"
+                                   f"{expected}\n")
 
 
 def test_options_named_in_a_cli_section_are_options_of_that_subcommand():
