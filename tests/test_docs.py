@@ -63,10 +63,10 @@ _FILE = re.compile(r"# ([\w-]+\.py)\s*$")
 _NOT_RUN = re.compile(r"# not run:(.*)$")
 
 
-def python_blocks(path: str, text: str | None = None):
+def python_blocks(path: str):
     """The page's Python blocks as (block, file name or None, reason not to run it or None)."""
     found = []
-    for block in blocks(path, read(path) if text is None else text):
+    for block in blocks(path, read(path)):
         if block.lang != "python":
             continue
         first = block.text.split("\n", 1)[0]
@@ -290,7 +290,7 @@ def parse(argv: list[str], capsys) -> None:
     pytest.fail(f"{shlex.join(argv)} returned without parsing its arguments")
 
 
-def launcher_args(argv: list[str], capsys) -> argparse.Namespace:
+def launcher_args(argv: list[str], capsys, where: str) -> argparse.Namespace:
     """A ``deepspeed`` or ``torchrun`` command's launcher arguments, parsed by the launcher's parser."""
     if argv[0] == "deepspeed":
         from deepspeed.launcher.runner import parse_args as launcher
@@ -299,7 +299,7 @@ def launcher_args(argv: list[str], capsys) -> argparse.Namespace:
     try:
         return launcher(argv[1:])
     except SystemExit:
-        pytest.fail(capsys.readouterr().err.strip().splitlines()[-1])
+        pytest.fail(f"{where}: does not parse: {capsys.readouterr().err.strip().splitlines()[-1]}")
 
 
 def _files_of(path: str) -> set[str]:
@@ -323,7 +323,7 @@ def test_documented_command_names_what_exists_and_parses(c, capsys):
         assert shutil.which(argv[0]), f"{where}: {argv[0]} is not on PATH"
         if is_name(c):
             return
-        ns = launcher_args(argv, capsys)
+        ns = launcher_args(argv, capsys, where)
         script, args, module = ((ns.user_script, ns.user_args, ns.module) if argv[0] == "deepspeed"
                                 else (ns.training_script, ns.training_script_args, ns.module))
         if not module:  # the reader's script: a file block of the same page
@@ -398,8 +398,9 @@ def _stand_in(what: str, folder: str) -> str:
     path = os.path.join(folder, "roberta-base")
     config = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                                      max_position_embeddings=64, num_labels=2)
-    torch.manual_seed(0)
-    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    with torch.random.fork_rng(devices=[]):  # leaves this process's generator as it was
+        torch.manual_seed(0)
+        transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(hf_model.minilm_dir()).save_pretrained(path)
     return path
 
@@ -450,8 +451,12 @@ class Done(NamedTuple):
     stderr: str
 
 
-def _run(job: Job) -> Done:
-    done = subprocess.run(job.argv, cwd=job.cwd, env=job.env, capture_output=True, text=True, timeout=600)
+def _run(job: Job, timeout: int = 600) -> Done:
+    try:
+        done = subprocess.run(job.argv, cwd=job.cwd, env=job.env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        return Done(job, -9, out, f"{err}\ntimed out after {timeout} s")
     return Done(job, done.returncode, done.stdout, done.stderr)
 
 
