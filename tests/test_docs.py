@@ -580,9 +580,12 @@ def option_table(subcommand: str) -> str:
     if subcommand in TAKES:
         taken = set(_rows(parser_of(["slimtrain", TAKES[subcommand]])))
         rows = [row for row in rows if row not in taken]
-    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
     return "\n".join(["| option | what it does |", "|---|---|",
-                      *(f"| `{cell(option)}` | {cell(text)} |" for option, text in rows)])
+                      *(f"| `{_cell(option)}` | {_cell(text)} |" for option, text in rows)])
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def _section(text: str, heading: str) -> str:
