@@ -397,8 +397,8 @@ def main(argv=None):
         "adds) + the peak of bytes torch allocates during one training step above what was live before it "
         "(torch.profiler allocation events, CPU); the base model's own ~87 MiB of weights are excluded. "
         "Step time: median of "
-        f"{args.rounds} round-robin steps after a warm-up, on a shared 2-core machine (other jobs running), "
-        "so treat step-time ratios as +-20 %.",
+        f"{args.rounds} round-robin steps after a warm-up; the machine's other load moves them, so treat "
+        "step-time ratios as +-20 %.",
         "## RandLoRA forward paths on one layer (forward + backward, r = 32)",
         "Where slimtrain's dense/fused path pays: it costs O(n r in out) per call whatever the token count, "
         "the factored path (PEFT's) O(tokens n r (in + out)). `auto` picks per call from these flop counts. "

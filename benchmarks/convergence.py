@@ -223,8 +223,8 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
         "```",
         "",
         f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
-        f"(torch {torch.__version__}, torch threads: {torch.get_num_threads()}; other jobs shared the cores, so wall "
-        f"times are indicative only). Total {total_s / 60:.1f} min.",
+        f"(torch {torch.__version__}, torch threads: {torch.get_num_threads()}; wall times depend on the machine's "
+        f"other load: indicative only). Total {total_s / 60:.1f} min.",
         "",
         f"Model `{args.model}` ({n_params / 1e6:.2f}M parameters, byte vocabulary), {args.steps} steps of "
         f"{args.batch_size} x {args.seq_len} bytes ({tokens / 1e6:.2f}M tokens), 10% warm-up then cosine to "

@@ -7,11 +7,11 @@ same plays, passages, steps, batch order and seed; only the adapter and its lear
 RandLoRA, DoRA, LoLDU and S2FT, all rank 8 on query/value (RandLoRA r 32; S2FT on value and
 attention output).
 
-    python -m benchmarks.finetune_quality                    # ~15 min on 2 shared CPU cores
+    python -m benchmarks.finetune_quality                    # ~15 min on 2 CPU cores
     python -m benchmarks.finetune_quality --quick            # seconds per method, a smoke test
 
 Shorter than the recipe's default run (200 steps of 48-word passages) to fit eight methods in about 15
-minutes on a shared 2-core machine: 60 steps of 16 passages of 32 words (about 45 tokens, cut at 64),
+minutes on 2 CPU cores: 60 steps of 16 passages of 32 words (about 45 tokens, cut at 64),
 30 passages per held-out play.
 """
 
@@ -97,8 +97,8 @@ def write_report(path, command, cfg, setting, data, rows) -> None:
         f"Command: `{command}`",
         "",
         f"Environment: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"{platform.machine()}, {cfg.threads} thread(s), CPU, a 2-core machine shared with other jobs (wall times "
-        "are indicative only).",
+        f"{platform.machine()}, {cfg.threads} thread(s), CPU (wall times depend on the machine's other load: "
+        "indicative only).",
         "",
         f"Setting (the same for every row): {setting['steps']} steps x {setting['batch_size']} passages of "
         f"{setting['words']} words (cut at {setting['max_length']} tokens), seed {cfg.seed}, linear schedule with "

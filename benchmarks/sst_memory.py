@@ -134,8 +134,8 @@ def main(argv=None) -> None:
         "Per converted m x n matrix (d = min(m, n), r sampled pairs) the spectral form holds (m + n) d + d weights, "
         "(m + n) r + d gradients and 2 (m + n) r + 2 d state, against AdamW's m n, m n and 2 m n: see "
         "`slimtrain/optimizers/spectral.py`. The factors of a rectangular matrix are larger than the matrix "
-        "((m + n) d > m n), so the saving comes from the gradients and state alone. Step times are one step on a "
-        "shared CPU, indicative only.",
+        "((m + n) d > m n), so the saving comes from the gradients and state alone. Step times are of one step, "
+        "indicative only.",
         "",
     ]
     os.makedirs(args.out_dir, exist_ok=True)

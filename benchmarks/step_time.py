@@ -277,8 +277,8 @@ def write_report(args, command: str, host: str, rows: list[dict], n_params: int,
         f"{max(r['n'] for r in rows)}). Ratios are of medians. "
         + ("Each step is timed between two CUDA synchronizations; transient = the peak allocated during an ordinary "
          "step (the largest over the timed ones) minus what was allocated before it." if cuda else
-         "Other jobs shared the cores (see the load average above), so absolute times are indicative; taking turns "
-         "step by step keeps the comparison between rows fair."),
+         "Absolute times depend on the machine's other load (see the load average above): indicative only; taking "
+         "turns step by step keeps the comparison between rows fair."),
         "",
     ]
     os.makedirs(args.out_dir, exist_ok=True)

@@ -12,8 +12,8 @@
 #   SLIMTRAIN_WHEELS=.whl bash scripts/gpu_bench.sh step   # first install those wheels into a side directory
 #
 # Budget per part, on one H100/H200 (each is cut by `timeout` at its limit and leaves what it measured):
-# step 300 s (it writes its table at the end: a cut run leaves none), adapters 120 s, memory7b 420 s, convergence 580 s. A device session of 15 minutes fits
-# gpu_check.sh plus one or two short parts; plan the long ones for sessions of their own.
+# step 300 s (it writes its table at the end: a cut run leaves none), adapters 120 s, memory7b 420 s, convergence 580 s.
+# gpu_check.sh and one or two short parts fit in 15 minutes; memory7b and convergence take most of that alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"

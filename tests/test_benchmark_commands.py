@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import pytest
 
+from tests._doc_reader import benchmark_commands, code_parts
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 DOCUMENTS = ("README.md", "docs/*.md", "benchmarks/results/*.md", "scripts/*.sh", "benchmarks/*.py")
@@ -40,34 +42,10 @@ MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(BENCHM
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the commands out of the documents
+# Reading the commands out of the documents (with the reader tests/test_docs.py uses)
 
-_FENCE = re.compile(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", re.S | re.M)  # indented too, as in a list item
-_START = re.compile(r"\bpython3? -m benchmarks\.([a-z0-9_]+)\b")
-_END = re.compile(r"`|\s#|;|\|\||&&|\||\)")  # a code span's end, a comment, a closing parenthesis, the next command
 _BY_PATH = re.compile(r"\bpython3?(?:\s+-\S+)*\s+\S*benchmarks/\w+\.py\b")
 _PATH = re.compile(r"\bbenchmarks/(\w+)\.py\b")
-
-
-def code_parts(path: str, text: str) -> list[str]:
-    """Where a document keeps its commands: a Markdown file's fenced blocks and inline code spans (a span may wrap
-    onto the next line), any other file's whole text."""
-    if not path.endswith(".md"):
-        return [text]
-    return _FENCE.findall(text) + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", _FENCE.sub("", text))]
-
-
-def benchmark_commands(code: str) -> list[tuple[str, list[str]]]:
-    """Each ``python -m benchmarks.NAME ARGS`` in ``code`` as (NAME, ARGS): ARGS run to the end of the line, across
-    backslash-continued lines, and stop at a shell comment, a closing backtick or the next command."""
-    found = []
-    for match in _START.finditer(code):
-        line, _, rest = code[match.end():].partition("\n")
-        while line.rstrip().endswith("\\") and not _END.search(line):
-            more, _, rest = rest.partition("\n")
-            line = line.rstrip()[:-1] + " " + more
-        found.append((match.group(1), shlex.split(_END.split(line)[0])))
-    return found
 
 
 def _documents() -> list[tuple[str, str]]:

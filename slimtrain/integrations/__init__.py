@@ -1,4 +1,4 @@
-"""Glue between slimtrain and other training loops; for now Hugging Face ``Trainer``.
+"""Glue between slimtrain and other training loops: Hugging Face ``Trainer``.
 
 - :func:`optimizer_factory`: a slimtrain optimizer for ``Trainer(optimizer_cls_and_kwargs=(factory, kwargs))``,
   built from the model's named modules, also under ``TrainingArguments(deepspeed=...)`` with ZeRO 0-3;

@@ -49,6 +49,12 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """What each rank parses: the pretrain recipe's options and the DeepSpeed config."""
     pretrain_options.add_arguments(parser)
+    # Two pretrain options take fewer values here (validate refuses the others): say so in the help.
+    options = parser._option_string_actions
+    options["--device"].help = ("auto only (default): each rank runs on the accelerator DeepSpeed gives it, its GPU, "
+                                "or the CPU with DS_ACCELERATOR=cpu")
+    options["--dtype"].help = ("fp32; bf16 (the config's bf16 section: bf16 weights, fp32 master weights and "
+                               "optimizer state) (default: fp32)")
     parser.add_argument("--zero", type=int, default=None, metavar="STAGE",
                         help="ZeRO stage 1, 2 or 3, with the config shipped in slimtrain/recipes/ds_configs "
                              "(default: 2)")

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--lr", type=float, default=None, help="peak learning rate (default: per adapter, e.g. 2e-3 DoRA, 1e-2 NOLA)")
     add("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     add("--batch-size", type=int, default=16, help="passages per step (default: 16)")
-    add("--words", type=int, default=PLAY_ONLY["words"], help="words per passage (default: 48, about 70 tokens)")
+    add("--words", type=int, default=PLAY_ONLY["words"], help="words per passage (default: 48)")
     add("--max-length", type=int, default=128, help="tokens per passage, longer ones are cut (default: 128)")
     add("--test-fraction", type=float, default=0.25, help="fraction of each genre's plays held out (default: 0.25)")
     add("--test-passages", type=int, default=PLAY_ONLY["test_passages"],
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--overwrite", action="store_true",
         help="replace the outputs of an earlier slimtrain run in OUT (only the files its marker names)")
     add("--threads", type=int, default=1,
-        help="CPU threads (default: 1; on a shared 2-core machine 2 threads ran a step 2.5x slower than 1)")
+        help="CPU threads (default: 1; more threads than free cores slow a run down)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 

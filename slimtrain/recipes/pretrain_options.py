@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--stop-at", type=int, default=None, metavar="STEP",
         help="stop after STEP steps (checkpointing there) without changing the schedule; continue with --resume")
     add("--threads", type=int, default=1,
-        help="CPU threads (default: 1; on a shared 2-core machine 2 threads ran this model ~9x slower than 1)")
+        help="CPU threads (default: 1; more threads than free cores slow a run down)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 

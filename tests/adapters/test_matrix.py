@@ -360,7 +360,7 @@ _UNSUPPORTED_CONFIGS = {
 @pytest.mark.parametrize("target,layer", [("conv", "Conv2d"), ("emb", "Embedding")])
 @pytest.mark.parametrize("method", sorted(_UNSUPPORTED_CONFIGS))
 def test_unsupported_layer_types_raise_type_error(method, target, layer):
-    """docs/adapters.md: every method refuses a layer it cannot wrap with a TypeError naming it (S²FT used to
-    wrap nothing and train 0 parameters on a Conv2d or Embedding target)."""
+    """docs/adapters.md: every method refuses a layer it cannot wrap with a TypeError naming it, rather than
+    wrap nothing and train 0 parameters on a Conv2d or Embedding target."""
     with pytest.raises(TypeError, match=f"cannot wrap {layer}"):
         get_peft_model(_ConvEmb(), _UNSUPPORTED_CONFIGS[method]([target]))

@@ -299,8 +299,8 @@ class WideMLP(MLP):
 
 
 def test_checkpoint_refuses_a_layer_of_another_shape(tmp_path):
-    """Only coefficients are saved and bases exist for any shape: an adapter for hidden size 48 used to load
-    and run on 40. The (out, in) record refuses it, naming the module and both shapes."""
+    """Only coefficients are saved and bases exist for any shape: without the (out, in) record an adapter for
+    hidden size 48 would load and run on 40. The record refuses it, naming the module and both shapes."""
     wrap(init_weights=False).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"Invalid NOLA checkpoint for base_model\.model\.lin0: saved for a layer "
                                          r"of shape \(out, in\) = \(48, 16\), loaded into one of shape \(40, 16\)"):
@@ -308,7 +308,8 @@ def test_checkpoint_refuses_a_layer_of_another_shape(tmp_path):
 
 
 def test_adapter_config_without_seed_is_refused(tmp_path):
-    """A config file without seed used to load as seed 0: other bases, logits off by up to 0.16."""
+    """A config file without seed would load as the dataclass default, seed 0: other bases, logits off by up to
+    0.16."""
     wrap(init_weights=False, seed=3).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     del cfg["seed"]

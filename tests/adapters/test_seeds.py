@@ -1,7 +1,7 @@
-"""Adapters derive their seeds through slimtrain/_seeds.py exactly as the code before it did: the fixtures in
-``seed_fixtures/`` (written by ``seed_fixtures/make_seed_adapters.py`` with the code of commit 84746c6) hold,
-for every seed derivation of the adapters, the seeded init of the trainable tensors and the output through
-the seeded bases and selections."""
+"""Adapters derive through slimtrain/_seeds.py exactly the seeds that saved adapters were written with: the
+reference fixtures in ``seed_fixtures/`` (``seed_fixtures/make_seed_adapters.py``) hold, for every seed
+derivation of the adapters, the seeded init of the trainable tensors and the output through the seeded bases
+and selections."""
 
 from __future__ import annotations
 

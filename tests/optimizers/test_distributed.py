@@ -79,8 +79,8 @@ def test_layerwise_under_ddp_matches_single_process(ranks, scenario, accum):
     for rank in range(WORLD):
         for p, q, p0 in zip(ref, map(torch.from_numpy, ranks[(rank, scenario)]), start):
             # DDP averages per-rank means, one process takes one mean: fp32 rounding carried through 8
-            # Adam steps and a refresh. Measured 6e-8 (one micro-batch) and 7.5e-7 (two); stepping on local
-            # gradients (issue 17) ends 6e-2 away.
+            # Adam steps and a refresh. Measured 6e-8 (one micro-batch) and 7.5e-7 (two); stepping on each rank's
+            # local gradient instead of the average ends 6e-2 away.
             torch.testing.assert_close(q, p, rtol=1e-5, atol=5e-6)
             assert not torch.equal(q, p0)
 

@@ -91,7 +91,7 @@ DATA = Path(__file__).parent / "data"
     ("galore-random", lambda g: GaLoreAdamW(g, projector="columns"), r"projector 'random', this optimizer's group 1 uses 'columns'"),
 ])
 def test_earlier_checkpoint_of_other_method_refused(name, reader, match):
-    """Checkpoints from before the method was recorded (commit e556968) are told apart by their keys."""
+    """Checkpoints whose state dicts record no method are told apart by their keys."""
     ckpt = torch.load(DATA / f"{name}.pt", weights_only=True)["opt"]
     _assert_refused_unchanged(reader(groups(mlp())), ckpt, match)
 

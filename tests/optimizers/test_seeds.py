@@ -1,7 +1,6 @@
-"""slimtrain/_seeds.py derives exactly the seeds the code before it derived: a table of values computed by
-that code (the inline formulas of projectors/base.py, quantized.py, sst.py, frugal.py, base.py, and
-adapters/_common.py's stable_seed, s2ft/model.py, randlora/layer.py at commit 84746c6), and optimizer runs
-recorded by it (``data/seeds/make_seed_checkpoints.py``) that a fresh run and a resumed one must follow.
+"""slimtrain/_seeds.py derives exactly the seeds that saved checkpoints and adapters were written with: a
+table of reference values for every derivation, and reference optimizer runs (``data/seeds/make_seed_checkpoints.py``)
+that a fresh run and a resumed one must follow.
 
 What a seed decides is compared exactly: the integers in the optimizer's state (seeds, counters, drawn
 indices) and the sampled decisions after every step. What is computed from them (the parameters, through
@@ -21,7 +20,7 @@ from slimtrain import _seeds
 from .data.seeds.make_seed_checkpoints import CASES, HERE, train_deciding
 from .helpers import groups, load_checkpoint, mlp
 
-# (function of slimtrain._seeds, arguments, the seed the code at commit 84746c6 computed)
+# (function of slimtrain._seeds, arguments, the reference seed)
 PINNED = [
     ("parameter_seed", (0, 0), 0),
     ("parameter_seed", (0, 5), 5),
@@ -36,7 +35,7 @@ PINNED = [
     ("sst_draw_seed", (0, 0), 0),
     ("sst_draw_seed", (12345037038, 4), 97760348303926),
     ("sst_draw_seed", (4611686018427387904, 5), 4611686018427391868),
-    ("data_order_seed", (0, 3), 3),  # recipes/data.py's inline seed * 1_000_003 + epoch at commit 4d8fe6f
+    ("data_order_seed", (0, 3), 3),  # seed * 1_000_003 + epoch
     ("data_order_seed", (12345, 2), 12345037037),
     ("block_order_seed", (0, 0), 0),
     ("block_order_seed", (12345, 2), 12345037037),

@@ -67,8 +67,8 @@ EARLIER = sorted(f.stem for f in DATA.glob("*.pt"))
 
 @pytest.mark.parametrize("name", EARLIER)
 def test_checkpoint_of_earlier_version_resumes(name):
-    """A checkpoint written at commit e556968 (``data/make_checkpoints.py``) loads with weights_only, bit
-    for bit, and resumes to the parameters that code reached: the format keeps its meaning."""
+    """A checkpoint whose state dict records no method (``data/make_checkpoints.py``) loads with weights_only,
+    bit for bit, and resumes to the parameters the code that wrote it reached: the format keeps its meaning."""
     from .data.make_checkpoints import CASES
 
     ckpt = torch.load(DATA / f"{name}.pt", weights_only=True)

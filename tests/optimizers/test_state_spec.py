@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from slimtrain.optimizers.lowrank import LowRankRule
 from slimtrain.optimizers.registry import unregister_method
 from slimtrain.optimizers.state import describe
 
+from .._doc_reader import blocks as doc_blocks
+from .._doc_reader import read
 from .helpers import CONFIGS, batches, groups, mlp, train
 
 
@@ -119,9 +120,9 @@ def test_a_rule_of_ones_own_runs_on_every_path(docs_example):
 def docs_example():
     """The code blocks of docs/optimizers.md "Adding a method", executed as written, in one namespace; the
     method they register is forgotten afterwards."""
-    text = (Path(__file__).parents[2] / "docs" / "optimizers.md").read_text()
+    text = read("docs/optimizers.md")
     section = text[text.index("## Adding a method"):text.index("\n## ", text.index("## Adding a method") + 1)]
-    blocks = [block.split("\n```\n")[0] for block in section.split("```python\n")[1:]]
+    blocks = [block.text for block in doc_blocks("docs/optimizers.md", section) if block.lang == "python"]
     assert len(blocks) == 2
     namespace: dict = {"__name__": "docs_example"}
     try:

@@ -390,30 +390,23 @@ def test_param_group_added_later_trains_and_round_trips(cls, projected):
     assert torch.equal(w, w2) and torch.equal(b, b2)
 
 
-def test_readme_swap_the_class_block_runs_as_written():
-    """README's quick start builds ``groups`` once and then one optimizer after another from them: building an
-    optimizer must leave the caller's group dicts as they were (torch writes its defaults into them, and the
-    next method refuses the keys of the previous one's options). Also its ``SVDProjector`` line."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    quick = next(blk for blk in blocks if "low_rank_param_groups(model" in blk)
-    swap = next(blk for blk in blocks if "FiraAdamW, FrugalAdamW, DCTAdamW" in blk)
-    projector = re.search(r"`(GaLoreAdamW8bit\(groups, projector=SVDProjector\(.*?\)\))`", readme).group(1)
+def test_one_set_of_groups_builds_one_optimizer_after_another():
+    """README's first example builds ``groups`` once and then one method after another from them (run as written
+    by tests/test_docs.py): building an optimizer leaves the caller's group dicts as they were (torch writes its
+    defaults into them, and the next method would refuse the keys of the previous one's options)."""
+    from slimtrain.optimizers import SVDProjector, low_rank_param_groups
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.self_attn, self.mlp, self.norm = nn.Linear(128, 128), nn.Linear(128, 128), nn.LayerNorm(128)
+            self.self_attn, self.mlp, self.norm = nn.Linear(16, 16), nn.Linear(16, 16), nn.LayerNorm(16)
 
-    namespace = {"model": Block()}
-    exec(quick.split("\nfor batch")[0], namespace)  # the imports and the groups; the loop needs a data loader
-    groups = namespace["groups"]
+    groups = low_rank_param_groups(Block(), ["self_attn", "mlp"], rank=4, update_proj_gap=200, scale=0.25)
     as_given = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in groups])
-    exec(swap, namespace)
-    exec(f"from slimtrain.optimizers import GaLoreAdamW8bit, SVDProjector\nopt = {projector}", namespace)
+    for cls in OPTIMIZERS.values():
+        cls(groups, lr=1e-2)
+    OPTIMIZERS["galore8bit"](groups, lr=1e-2, projector=SVDProjector(basis_dtype="bf16"))
+    OPTIMIZERS["galore"](groups, lr=1e-2, projector="randomized", moments="rotate", stagger=True)
     assert [{k: v for k, v in g.items() if k != "params"} for g in groups] == as_given
 
 

@@ -95,9 +95,9 @@ def test_two_ranks_match_single_process(case, distributed_results):
 @pytest.mark.parametrize("case", SAME_BATCH, ids=lambda c: c["id"])
 def test_frugal_rounding_noise_stays_rounding_noise(case, distributed_results):
     """FRUGAL with its default SVD projector, the same batch on both ranks: the all-reduced gradient is the
-    one-process gradient to fp32 rounding, and so are the weights after 12 steps and three refreshes, now that a
+    one-process gradient to fp32 rounding, and so are the weights after 12 steps and three refreshes, because a
     residual of rounding noise takes no signSGD step and basis rows a refresh chose from noise are dropped.
-    Measured: 6.7e-8 (it was 4e-2: noise turned into full lr steps, and a last-bit change picking another
+    Measured: 6.7e-8 (4e-2 without them: noise turned into full lr steps, and a last-bit change picking another
     completion of a rank-deficient gradient's SVD); 1e-6 is a few ulp of these weights (|w| < 1)."""
     ref, _ = single_process(case)
     for rank in range(2):

@@ -3,11 +3,11 @@ adapters (SHA-256 ``stable_seed`` into Philox or a CPU Mersenne Twister, S²FT's
 ``seed + 1``), each with a non-zero ``seed``.
 
 Run from the repository root (``python tests/adapters/seed_fixtures/make_seed_adapters.py``) with the code
-whose seeds must keep being derived. The files here were written by the code of commit 84746c6, before the
-derivations moved to ``slimtrain/_seeds.py``: each holds the adapter's trainable tensors right after
-``get_peft_model`` (its seeded init), the same tensors after a seeded perturbation, and the model's output
-with them (which reads every seeded basis and selection), computed by that code on an AMD EPYC CPU (there,
-that code writes them again byte for byte).
+whose seeds must keep being derived. The files here are reference values, written by the seed derivations that
+saved adapters use (the formulas ``slimtrain/_seeds.py`` holds): each holds the adapter's trainable tensors
+right after ``get_peft_model`` (its seeded init), the same tensors after a seeded perturbation, and the model's
+output with them (which reads every seeded basis and selection), computed on an AMD EPYC CPU (where the code
+that wrote them writes them again byte for byte). Rewriting them with the code under test would stop testing it.
 """
 
 from __future__ import annotations

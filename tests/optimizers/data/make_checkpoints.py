@@ -1,10 +1,11 @@
 """Write the checkpoints that ``test_state_dict.py::test_checkpoint_of_earlier_version_resumes`` loads.
 
 Run from the repository root (``python -m tests.optimizers.data.make_checkpoints``) with the code whose
-checkpoint format must keep loading. The files in this folder were written at commit e556968 (before
-state dicts recorded their method), on an AMD EPYC CPU with two threads (``OMP_NUM_THREADS=2``; that code
-and those settings write them again byte for byte): each holds the model and optimizer after 7 steps of
-``helpers.train`` and the parameters 11 steps later.
+checkpoint format must keep loading. The files in this folder are reference checkpoints whose state dicts
+record no method (the format that tells methods apart by their groups' keys alone), written on an AMD EPYC CPU
+with two threads (``OMP_NUM_THREADS=2``; the code that wrote them, with those settings, writes them again byte for
+byte): each holds the model and optimizer after 7 steps of ``helpers.train`` and the parameters 11 steps later.
+Rewriting them with later code would stop testing that format.
 """
 
 from __future__ import annotations

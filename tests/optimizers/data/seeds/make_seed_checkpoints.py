@@ -2,11 +2,12 @@
 optimizers, each with a non-zero base ``seed`` so that every multiplier matters.
 
 Run from the repository root (``python -m tests.optimizers.data.seeds.make_seed_checkpoints``) with the code
-whose seeds must keep being derived. The files here were written by the code of commit 84746c6, before the
-derivations moved to ``slimtrain/_seeds.py``, on an AMD EPYC CPU with two threads (``OMP_NUM_THREADS=2``; that
-code and those settings write them again byte for byte): each ``<name>.pt`` holds the model and optimizer after
-7 steps of ``helpers.train`` and the parameters 11 steps later; ``decisions.json`` holds, for each of these 18
-steps, the sampled decisions in the optimizer's state after it (:func:`decisions`).
+whose seeds must keep being derived. The files here are reference values, written by the seed derivations that
+saved checkpoints use (the formulas ``slimtrain/_seeds.py`` holds), on an AMD EPYC CPU with two threads
+(``OMP_NUM_THREADS=2``; the code that wrote them, with those settings, writes them again byte for byte): each
+``<name>.pt`` holds the model and optimizer after 7 steps of ``helpers.train`` and the parameters 11 steps later;
+``decisions.json`` holds, for each of these 18 steps, the sampled decisions in the optimizer's state after it
+(:func:`decisions`). Rewriting them with the code under test would stop testing it.
 """
 
 from __future__ import annotations
