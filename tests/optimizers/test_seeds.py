@@ -123,7 +123,7 @@ ROUNDINGS = pytest.mark.parametrize("name, noise", RUNS, ids=[f"{n}-{'noisy' if 
 
 @ROUNDINGS
 def test_fresh_run_makes_the_saved_draws(name, noise):
-    """A fresh optimizer makes the earlier code's decisions at every step, and after 7 steps holds its integer
+    """A fresh optimizer makes the reference run's decisions at every step, and after 7 steps holds its integer
     state (the parameter seeds it stored, counters, drawn indices) and nearly its parameters."""
     dtype, factory = CASES[name]
     saved = torch.load(HERE / f"{name}.pt", weights_only=True)
@@ -149,7 +149,7 @@ def test_fresh_run_makes_the_saved_draws(name, noise):
 
 @ROUNDINGS
 def test_checkpoint_of_earlier_code_resumes(name, noise):
-    """Loaded with weights_only and stepped 11 more times, the optimizer makes the earlier code's decisions
+    """Loaded with weights_only and stepped 11 more times, the optimizer makes the reference run's decisions
     at every step and reaches its parameters."""
     dtype, factory = CASES[name]
     ckpt = torch.load(HERE / f"{name}.pt", weights_only=True)
