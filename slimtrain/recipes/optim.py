@@ -99,11 +99,23 @@ def default_rank(smallest_dim: int) -> int:
     return max(1, smallest_dim // 4)
 
 
-def recipe_rank(name: str, smallest_dim: int) -> int:
-    """The rank the recipe ``name`` projects at when none is given: its registry entry's (``apollo-mini``: 1), else
-    :func:`default_rank`."""
-    rank = defaults().get(name, {}).get(RECIPE_RANK)
-    return default_rank(smallest_dim) if rank is None else rank
+def fixed_rank(name: str) -> int | None:
+    """The rank the recipe ``name`` is defined at (``apollo-mini``: 1), or ``None`` for a name that takes any."""
+    return defaults().get(name, {}).get(RECIPE_RANK)
+
+
+def recipe_rank(name: str, smallest_dim: int, rank: int | None = None) -> int:
+    """The rank the recipe ``name`` projects at: ``rank`` where given, else the name's own (:func:`fixed_rank`), else
+    :func:`default_rank`. A name defined at one rank refuses another (``ValueError`` naming ``--rank``)."""
+    fixed = fixed_rank(name)
+    if fixed is not None and rank is not None and rank != fixed:
+        method, _, eight_bit = _entries()[name]
+        other = method.name + ("8bit" if eight_bit else "")
+        raise ValueError(f"Invalid --rank: {rank} ({name} is defined at rank {fixed}; leave --rank out, or use "
+                         f"--optimizer {other} for another rank)")
+    if rank is not None:
+        return rank
+    return default_rank(smallest_dim) if fixed is None else fixed
 
 
 def slimtrain_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -184,9 +196,8 @@ def build_optimizer(
                              "betas, eps, weight_decay and update_proj_gap)")
         return SpectralSSTAdamW(model, **base, update_proj_gap=gap if update_proj_gap is None else update_proj_gap)
 
-    default = hp.pop(RECIPE_RANK, None)
-    if rank is None:
-        rank = default_rank(smallest_matrix_dim(model.config)) if default is None else default
+    hp.pop(RECIPE_RANK, None)
+    rank = recipe_rank(name, smallest_matrix_dim(model.config), rank)
     gap, default_scale = hp.pop("update_proj_gap"), hp.pop("scale")
     group = dict(
         rank=rank,

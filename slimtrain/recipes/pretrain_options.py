@@ -97,7 +97,7 @@ def validate(
     config = model_config(cfg.model, VOCAB_SIZE, cfg.seq_len)
     if cfg.optimizer != "adamw":
         limit = smallest_matrix_dim(config)
-        cfg.rank = recipe_rank(cfg.optimizer, limit) if cfg.rank is None else cfg.rank
+        cfg.rank = recipe_rank(cfg.optimizer, limit, cfg.rank)
         if not 1 <= cfg.rank <= limit:
             raise ValueError(f"Invalid --rank: {cfg.rank} (expected 1 <= rank <= {limit}, the smallest dimension of "
                              f"the {cfg.model} model's attention/MLP matrices)")
