@@ -115,13 +115,18 @@ def resolve_optimizer(name: str) -> OptimizerChoice:
 
 
 def variant_options(choice: OptimizerChoice, options: MemoryOptions) -> MemoryOptions:
-    """``options`` with what the chosen name fixes: 8-bit states for a ``NAME8bit``, and a variant's rank and
-    constructor settings where ``options`` gives none (the recipes' lr, refresh gap and scale change no state)."""
+    """``options`` with what the chosen name fixes: 8-bit states for a ``NAME8bit``, a variant's rank (another is
+    refused), and its constructor settings where ``options`` gives none (the recipes' lr, refresh gap and scale
+    change no state)."""
     if choice.eight_bit:
         options = dataclasses.replace(options, state_bits=8)
     variant = {k: v for k, v in choice.variant.items() if k not in RECIPE_KEYS}
     rank = variant.pop(RECIPE_RANK, None)
-    if options.rank is None and rank is not None:
+    if rank is not None and options.rank not in (None, rank):
+        twin = choice.method.name + (EIGHT_BIT_SUFFIX if choice.eight_bit else "")
+        raise ValueError(f"Invalid rank: {options.rank} ({choice.name} is defined at rank {rank}; leave it out, or use "
+                         f"{twin} for another rank)")
+    if rank is not None:
         options = dataclasses.replace(options, rank=rank)
     return dataclasses.replace(options, method_options={**variant, **options.method_options})
 

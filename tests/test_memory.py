@@ -177,6 +177,7 @@ def test_settings_the_optimizers_refuse_are_not_estimated(kwargs, message):
         (["60M", "--optimizer", "sgd", "--state-bits", "8"], r"^error: Invalid --state-bits: 8 \(sgd keeps its momentum"),
         (["60M", "--optimizer", "sgd", "--projector", "dct"], r"^error: Invalid --projector: 'dct' \(sgd projects no matrix\)"),
         (["60M", "--optimizer", "apollo-mini", "--density", "0.5"], r"^error: Invalid --density: 0.5 \(apollo takes no density"),
+        (["60M", "--optimizer", "apollo-mini8bit", "--rank", "4"], r"^error: Invalid --rank: 4 \(apollo-mini8bit is defined at rank 1; .* apollo8bit for"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):

@@ -4,6 +4,7 @@ arithmetic of the paper's definition."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 
 import pytest
@@ -299,3 +300,31 @@ def test_another_methods_state_dict_is_refused():
     train(model, galore, 1)
     with pytest.raises(RuntimeError, match="written by GaLoreAdamW into APOLLOAdamW"):
         APOLLOAdamW(groups(model), lr=1e-2).load_state_dict(galore.state_dict())
+
+
+def test_pretrain_recipe_runs_apollo_mini_at_rank_1(tmp_path, capsys):
+    """``slimtrain pretrain --optimizer apollo-mini8bit``: the registry's variant, at its own rank, resumable from a
+    weights_only checkpoint; another --rank is refused before anything runs."""
+    import json
+    import os
+
+    from slimtrain.recipes import pretrain
+    from slimtrain.recipes.data import shakespeare_files
+
+    data = []
+    for src in shakespeare_files()[:2]:
+        (tmp_path / os.path.basename(src)).write_text(open(src).read()[:8_000])
+        data.append(str(tmp_path / os.path.basename(src)))
+    args = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress",
+            "--data", *data, "--steps", "2", "--eval-every", "2"]
+    with pytest.raises(SystemExit):
+        pretrain.main([*args, "--optimizer", "apollo-mini8bit", "--rank", "4", "--out", str(tmp_path / "refused")])
+    assert re.search(r"Invalid --rank: 4 \(apollo-mini8bit is defined at rank 1; .* --optimizer apollo8bit for",
+                     capsys.readouterr().err)
+    out = tmp_path / "run"
+    pretrain.main([*args, "--optimizer", "apollo-mini8bit", "--out", str(out)])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][-1]
+    assert (group["rank"], group["scale"], group["scale_type"], group["state_bits"]) == (1, 128.0, "tensor", 8)
+    assert ckpt["optimizer"]["slimtrain"]["method"] == "APOLLOAdamW"
+    assert json.loads((out / "config.json").read_text())["rank"] == 1
