@@ -45,8 +45,9 @@ class ScaledGradientStep(Update):
     transposed: bool
 
     def materialize(self) -> Tensor:
-        scale = self.row_scale.view(-1, 1) if self.row_scale.dim() else self.row_scale
-        update = self.grad_t.float() * (scale * self.step_size)
+        # A 1 x 1 or m' x 1 fp32 factor makes the product fp32 whatever the gradient's dtype, in one allocation.
+        scale = self.row_scale.view(-1, 1) * self.step_size
+        update = self.grad_t * scale
         return update.T if self.transposed else update
 
     def apply_(self, p: Tensor, group: dict, rounding: RoundingStream | None) -> None:
@@ -82,7 +83,9 @@ class APOLLORule(LowRankRule):
         beta1, beta2 = group["betas"]
         step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
         gamma = group["gamma"]
-        row_sq = sub.grad_t.float().square().sum(1) if gamma is not None else None
+        row_sq = None
+        if gamma is not None:  # the limiter's norm from the gradient's row norms (no m x n temporary)
+            row_sq = torch.linalg.vector_norm(sub.grad_t, dim=1, dtype=torch.float32).square()
         row_scale, norm = apollo_row_scale(sub.low, sub.direction, row_sq, state.get(LIMITER_NORM),
                                            scale_type=group["scale_type"], scale=group["scale"],
                                            scale_front=group["scale_front"], gamma=gamma)
