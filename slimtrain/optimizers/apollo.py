@@ -32,6 +32,11 @@ def check_apollo_options(scale_type, scale_front, gamma) -> None:
         raise ValueError(f"Invalid gamma: {gamma!r} (expected a number >= 1, or None for no norm-growth limiter)")
 
 
+def _at_most_fp32(t: Tensor) -> Tensor:
+    """``t`` itself if its dtype has at most fp32's precision (computed with in fp32 without a copy), else fp32."""
+    return t if t.dtype.itemsize <= 4 else t.float()
+
+
 @dataclass
 class ScaledGradientStep(Update):
     """``p <- p - step_size * s * G``: the raw gradient scaled per channel (a row of the oriented frame) or as a
@@ -45,9 +50,9 @@ class ScaledGradientStep(Update):
     transposed: bool
 
     def materialize(self) -> Tensor:
-        # A 1 x 1 or m' x 1 fp32 factor makes the product fp32 whatever the gradient's dtype, in one allocation.
+        # A 1 x 1 or m' x 1 fp32 factor makes the product of a half-precision gradient fp32 in one allocation.
         scale = self.row_scale.view(-1, 1) * self.step_size
-        update = self.grad_t * scale
+        update = _at_most_fp32(self.grad_t) * scale
         return update.T if self.transposed else update
 
     def apply_(self, p: Tensor, group: dict, rounding: RoundingStream | None) -> None:
@@ -85,7 +90,7 @@ class APOLLORule(LowRankRule):
         gamma = group["gamma"]
         row_sq = None
         if gamma is not None:  # the limiter's norm from the gradient's row norms (no m x n temporary)
-            row_sq = torch.linalg.vector_norm(sub.grad_t, dim=1, dtype=torch.float32).square()
+            row_sq = torch.linalg.vector_norm(_at_most_fp32(sub.grad_t), dim=1, dtype=torch.float32).square()
         row_scale, norm = apollo_row_scale(sub.low, sub.direction, row_sq, state.get(LIMITER_NORM),
                                            scale_type=group["scale_type"], scale=group["scale"],
                                            scale_front=group["scale_front"], gamma=gamma)
