@@ -69,7 +69,7 @@ def estimate_memory(
             state, or with ``momentum`` one buffer per parameter) or a registered method (``"galore"``,
             ``"fira"``, ``"frugal"``, ``"dct"``, ``"sst"``, ``"apollo"``, ...) in any of its recipe names: a
             ``"...8bit"`` name sets ``state_bits=8``, a variant (``"frugal-block"``, ``"apollo-mini"``) its own
-            settings (``apollo-mini``: rank 1 unless ``rank`` is given).
+            settings (``apollo-mini``: rank 1, and another ``rank`` is refused).
         options: what is counted (:class:`~slimtrain.memory_estimate.MemoryOptions`), or its fields as
             keywords (``rank=1024, state_bits=8, weight_dtype="bf16", layerwise=True, ...``); any other keyword is
             an option of the method (FRUGAL's ``density=0.25``, ``mode="block"``), given to its constructor.

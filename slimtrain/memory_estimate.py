@@ -10,9 +10,9 @@ byte for byte (``tests/test_memory.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -140,7 +140,7 @@ class APOLLOAdamW(LowRankAdamW):
     apollo-torch's convention) and the limiter of Fira, :math:`\lVert S_t\rVert \le \gamma \lVert S_{t-1}\rVert`.
     The channels are the rows of the oriented frame, the side the projection keeps. State per matrix:
     ``2 max(m, n) r`` floats of moments, a seed, counters and the limiter's norm. The paper's pre-training
-    setting: lr 0.01, rank 256 (a quarter of the model width), ``scale=1``, T = 200.
+    setting: lr 0.01, rank 256 (128 at LLaMA-60M), ``scale=1``, T = 200.
 
     :class:`APOLLOMiniAdamW` is the rank-1, tensor-wise form. ``slimtrain.optimizers.APOLLOAdamW`` equals
     ``apollo_torch.APOLLOAdamW`` given the same projection, to 1e-6 after 50 steps and 5 refreshes, with
