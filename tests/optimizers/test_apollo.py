@@ -328,3 +328,22 @@ def test_pretrain_recipe_runs_apollo_mini_at_rank_1(tmp_path, capsys):
     assert (group["rank"], group["scale"], group["scale_type"], group["state_bits"]) == (1, 128.0, "tensor", 8)
     assert ckpt["optimizer"]["slimtrain"]["method"] == "APOLLOAdamW"
     assert json.loads((out / "config.json").read_text())["rank"] == 1
+
+
+@pytest.mark.parametrize("name", ["apollo", "apollo-mini8bit"])
+def test_one_process_layerwise_and_zero_entry_points_agree_bit_for_bit(name):
+    """The three paths of a step rule (optimizer.step, a LayerwiseStepper's hooks, and a ZeRO owner's matrix_update
+    then apply_update_ on whole tensors) give the same weights, bit for bit: the update is materialized once in all."""
+    from .helpers import mini
+    from .test_state_spec import _layerwise, _zero_entry_points
+
+    factory = {"apollo": lambda g: APOLLOAdamW(g, lr=1e-2, weight_decay=0.1),
+               "apollo-mini8bit": lambda g: APOLLOMiniAdamW8bit(mini(g), lr=1e-2, min_8bit_size=0)}[name]
+    results = []
+    for run in (lambda m, o: train(m, o, 12), lambda m, o: _layerwise(m, o, 12), lambda m, o: _zero_entry_points(m, o, 12)):
+        model = mlp()
+        run(model, factory(groups(model)))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(results[0], other))
+    assert not torch.equal(results[0][0], mlp()[0].weight)
