@@ -17,6 +17,8 @@ steps, batches, order and initial weights with:
     python -m benchmarks.convergence --seeds 3               # every row over seeds 0, 1, 2: ~3x the time
     python -m benchmarks.convergence --optimizers frugal@0.003 frugal-block frugal-block@0.003 spectral-sst \
         --adamw-lrs 0.001 --section "FRUGAL modes and spectral SST"    # NAME@LR: that optimizer at lr LR
+    python -m benchmarks.convergence --optimizers apollo apollo8bit apollo-mini apollo-mini8bit \
+        --adamw-lrs 0.001 --section "APOLLO and APOLLO-Mini" --seeds 3
 
 ``--optimizers`` takes the recipe's names (``slimtrain pretrain --optimizer``) and the two references;
 ``NAME@LR`` runs NAME at peak lr LR instead of its default, and the table's lr column says so.
@@ -51,6 +53,7 @@ from slimtrain.recipes.optim import DEFAULTS, RECIPE_NAMES, REFERENCE_NAMES, che
 SLIMTRAIN_LOW_RANK = ["galore", "fira", "frugal", "dct", "sst"]  # 8-bit twins: add with --optimizers
 IMPLEMENTATION = {"adamw": "torch.optim.AdamW", "galore-torch": "galore_torch.GaLoreAdamW 1.0",
                   "apollo-torch": "apollo_torch.APOLLOAdamW",
+                  "apollo-mini": "slimtrain apollo, rank 1, tensor-wise", "apollo-mini8bit": "slimtrain apollo8bit, rank 1, tensor-wise",
                   "frugal-block": "slimtrain frugal, mode='block'", "frugal-block8bit": "slimtrain frugal8bit, mode='block'",
                   "spectral-sst": "slimtrain to_spectral + SpectralSSTAdamW"}
 
@@ -278,6 +281,9 @@ def _variant_text(args) -> str:
         text += (" `frugal-block` is FrugalAdamW(mode='block'): a quarter of the projected matrices (density 0.25) "
                  "get full AdamW for T steps and the rest signSGD, the window moving from the last matrix down "
                  "(block_order 'descending'), as the FRUGAL code's pre-training scripts run it.")
+    if names & {"apollo-mini", "apollo-mini8bit"}:
+        text += (" `apollo-mini` is APOLLO-Mini as APOLLO's code runs it (APOLLOMiniAdamW's settings): rank 1 whatever "
+                 "the rank above, one scaling factor per matrix, scale 128 (the update times sqrt(128)), lr 0.01.")
     if "spectral-sst" in names:
         text += (" `spectral-sst` is SST as its paper runs it: the attention and MLP layers replaced by their "
                  "singular factors (to_spectral, the rank above) and trained by SpectralSSTAdamW (lr 1e-3, T as "

@@ -8,8 +8,9 @@ initial weights and the same batches in the same order. Runs:
 - torch AdamW over a small lr grid (``--adamw-lrs``); the best final validation loss is the reference;
 - galore-torch's ``GaLoreAdamW`` (the published implementation);
 - slimtrain's GaLore, Fira, FRUGAL (``frugal``: subspace mode, slimtrain's default; ``frugal-block``: the
-  paper's pre-training setting), DCT, SST in optimizer form, SST in the paper's form (``sst-spectral``:
-  ``to_spectral`` + ``SpectralSSTAdamW``), and the 8-bit forms of the five.
+  paper's pre-training setting), DCT, APOLLO and APOLLO-Mini (rank 1 whatever ``--rank``), apollo-torch's
+  ``APOLLOAdamW`` beside them, SST in optimizer form, SST in the paper's form (``sst-spectral``:
+  ``to_spectral`` + ``SpectralSSTAdamW``), and the 8-bit forms of the five and of APOLLO's two.
 
     python -m benchmarks.convergence_gpu                  # on a GPU: writes benchmarks/results/convergence_gpu.md
     python -m benchmarks.convergence_gpu --quick --device cpu --out /tmp/c.md    # smoke run, seconds
@@ -35,13 +36,13 @@ input byte is seen twice in a run. Tokens are bytes (vocabulary 256); losses are
 runs the GaLore paper (see :mod:`slimtrain.recipes.runtime`); ``--dtype bf16-autocast`` for fp32 master
 weights. On the CPU fp32.
 
-**Runtime estimate (default 500 steps of 64 x 256 bytes, 16 runs).** The model has 25.6M parameters
+**Runtime estimate (default 500 steps of 64 x 256 bytes, 21 runs).** The model has 25.6M parameters
 (25.3M in the 56 projected matrices). Training FLOPs per token ~= 6 N + 12 L d T = 153M + 12.6M = 166M,
 so a step of 16,384 tokens is 2.7 TFLOP and a run 1.36 PFLOP. At an assumed 100 TFLOP/s (10% of an
 H100's dense bf16 peak: a 512-wide model in eager Hugging Face code is bound by its element-wise kernels
 and launches, not its matmuls) that is ~14 s per run; adding ~10 s per run for optimizer steps (75
-parameters stepped one by one), three projector refreshes and evaluation gives ~25 s per run and ~7 min
-for all 16, within 12 minutes. This is an estimate, not a measurement: ``--time-budget``
+parameters stepped one by one), three projector refreshes and evaluation gives ~25 s per run and ~9 min
+for all 21, within 12 minutes. This is an estimate, not a measurement: ``--time-budget``
 (default 540 s, so the command fits a 10-minute device call) stops starting runs once the next one,
 estimated at 1.25x the longest so far, would overrun it, and the results say which runs were skipped.
 Runs go in order of what the targets need (galore-torch, GaLore, Fira, FRUGAL first), and the
@@ -70,7 +71,7 @@ from slimtrain.memory import llama_from_shape
 from slimtrain.recipes import runtime
 from slimtrain.recipes.data import VOCAB_SIZE
 from slimtrain.recipes.models import build_model, model_config
-from slimtrain.recipes.optim import DEFAULTS, TARGET_MODULES, build_optimizer, optimizer_state_bytes
+from slimtrain.recipes.optim import DEFAULTS, TARGET_MODULES, build_optimizer, fixed_rank, optimizer_state_bytes
 from slimtrain.recipes.pretrain import evaluate, lr_factor, next_byte_loss
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "convergence_gpu.md")
@@ -88,10 +89,15 @@ RUNS: dict[str, tuple[str, dict, str]] = {
     "frugal-block": ("frugal", dict(mode="block"), "slimtrain FrugalAdamW(mode='block')"),
     "frugal": ("frugal", {}, "slimtrain FrugalAdamW (subspace)"),
     "dct": ("dct", {}, "slimtrain DCTAdamW"),
+    "apollo": ("apollo", {}, "slimtrain APOLLOAdamW"),
+    "apollo-mini": ("apollo-mini", {}, "slimtrain APOLLOAdamW, rank 1, tensor-wise (APOLLO-Mini)"),
+    "apollo-torch": ("apollo-torch", {}, "apollo_torch.APOLLOAdamW"),
     "sst": ("sst", {}, "slimtrain SSTAdamW"),
     "sst-spectral": ("sst", {}, "slimtrain to_spectral + SpectralSSTAdamW"),
     **{f"{m}8bit": (f"{m}8bit", {}, f"slimtrain {cls}AdamW8bit")
-       for m, cls in (("galore", "GaLore"), ("fira", "Fira"), ("frugal", "Frugal"), ("dct", "DCT"), ("sst", "SST"))},
+       for m, cls in (("galore", "GaLore"), ("fira", "Fira"), ("frugal", "Frugal"), ("dct", "DCT"), ("sst", "SST"),
+                      ("apollo", "APOLLO"))},
+    "apollo-mini8bit": ("apollo-mini8bit", {}, "slimtrain APOLLOAdamW8bit, rank 1, tensor-wise"),
 }
 
 
@@ -295,7 +301,8 @@ def build(args, label: str):
         optimizer = SpectralSSTAdamW(model, lr=DEFAULTS["sst"]["lr"], update_proj_gap=args.update_proj_gap)
         return model, optimizer
     model.to(dtype=runtime.weight_dtype(args.dtype))
-    optimizer = build_optimizer(name, model, lr=lr, rank=args.rank, update_proj_gap=args.update_proj_gap, **extra)
+    rank = args.rank if fixed_rank(name) is None else None  # apollo-mini keeps its rank 1
+    optimizer = build_optimizer(name, model, lr=lr, rank=rank, update_proj_gap=args.update_proj_gap, **extra)
     return model, optimizer
 
 
@@ -352,6 +359,8 @@ def run_labels(args) -> list[str]:
 def check_dependencies(labels: list[str]) -> None:
     """Fail in seconds, not after the first runs, when a package the runs need is missing."""
     needed = {"galore_torch": "galore-torch"} if "galore-torch" in labels else {}
+    if "apollo-torch" in labels:
+        needed["apollo_torch"] = "apollo-torch"
     if any(label.endswith("8bit") for label in labels):
         needed["bitsandbytes"] = "bitsandbytes"
     missing = [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]

@@ -10,7 +10,8 @@ batch 1, activation checkpointing, layer-wise updates: every parameter is steppe
 hook and its gradient freed, so one gradient is alive at a time. slimtrain does this with
 :class:`~slimtrain.optimizers.LayerwiseStepper`. The peers use one optimizer per parameter, stepped from the
 same hook, as galore-torch's ``torchrun_main.py --optimizer galore_adamw8bit_per_layer`` does. Rank 1024, T =
-200, scale 0.25 for the projected optimizers, the attention and MLP matrices projected.
+200, scale 0.25 for the projected optimizers (APOLLO-Mini: rank 1, scale 128), the attention and MLP matrices
+projected.
 
 **Configurations**, in run order (slimtrain's first: the target is about them):
 
@@ -18,6 +19,8 @@ same hook, as galore-torch's ``torchrun_main.py --optimizer galore_adamw8bit_per
 - ``slimtrain-galore8bit-bf16``: ``GaLoreAdamW8bit`` with ``RandomizedProjector(basis_dtype="bf16")``: the basis
   in bf16, as galore-torch keeps it. Randomized, not exact SVD: the same state bytes, and 224 SVDs of 7B matrices
   would take minutes.
+- ``slimtrain-apollo-mini8bit``: ``APOLLOMiniAdamW8bit``: per projected matrix two 8-bit moments of ``max(m, n)``
+  elements and a seed; the embeddings and head keep 8-bit AdamW moments.
 - ``bnb-adamw8bit``: ``bitsandbytes.optim.AdamW8bit``, one per parameter.
 - ``galore-torch-8bit``: ``galore_torch.GaLoreAdamW8bit``, one per parameter. Its refresh is an exact SVD.
 
@@ -47,7 +50,13 @@ import torch
 from benchmarks._cli import command_line, invocation
 from benchmarks.state_memory_8bit import galore_torch_8bit_bytes
 from slimtrain.memory import LLAMA_SHAPES, estimate_memory, llama_from_shape
-from slimtrain.optimizers import DCTAdamW8bit, GaLoreAdamW8bit, LayerwiseStepper, low_rank_param_groups
+from slimtrain.optimizers import (
+    APOLLOMiniAdamW8bit,
+    DCTAdamW8bit,
+    GaLoreAdamW8bit,
+    LayerwiseStepper,
+    low_rank_param_groups,
+)
 from slimtrain.optimizers.projectors import RandomizedProjector
 from slimtrain.optimizers.rule import matrix_shape
 from slimtrain.recipes import runtime
@@ -55,7 +64,8 @@ from slimtrain.recipes.optim import TARGET_MODULES
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "llama7b_memory_gpu.md")
 SHAPES = {"7b": LLAMA_SHAPES["7B"], "tiny": (64, 160, 4, 2)}  # hidden, intermediate, heads, layers
-CONFIGS = ("slimtrain-dct8bit", "slimtrain-galore8bit-bf16", "bnb-adamw8bit", "galore-torch-8bit")
+CONFIGS = ("slimtrain-dct8bit", "slimtrain-galore8bit-bf16", "slimtrain-apollo-mini8bit", "bnb-adamw8bit",
+           "galore-torch-8bit")
 GB = 1e9
 
 
@@ -138,6 +148,9 @@ def build_optimizer(name: str, model, args):
     elif name == "slimtrain-galore8bit-bf16":
         opt = GaLoreAdamW8bit(low_rank_param_groups(model, TARGET_MODULES, **groups), lr=1e-3,
                               projector=RandomizedProjector(basis_dtype="bf16"))
+    elif name == "slimtrain-apollo-mini8bit":
+        opt = APOLLOMiniAdamW8bit(low_rank_param_groups(model, TARGET_MODULES, **{**groups, "rank": 1, "scale": 128.0}),
+                                  lr=1e-3)
     if name.startswith("slimtrain-"):
         stepper = LayerwiseStepper(opt)
         return [opt], stepper.remove
@@ -180,6 +193,8 @@ def predicted(name: str, model, args) -> dict:
         est = estimate_memory(config, "dct", **kwargs)
     elif name == "slimtrain-galore8bit-bf16":
         est = estimate_memory(config, "galore", projector="randomized", basis_dtype="bf16", **kwargs)
+    elif name == "slimtrain-apollo-mini8bit":
+        est = estimate_memory(config, "apollo-mini8bit", **{**kwargs, "rank": None})  # the variant's rank, 1
     elif name == "bnb-adamw8bit":
         est = estimate_memory(config, "adamw", state_bits=8, weight_dtype="bf16", layerwise=True)
     else:

@@ -7,7 +7,8 @@ counted). Next to it, the analytic expectation, so a reader can check the arithm
 
 - dense parameters (embeddings, norms, lm_head, and everything under AdamW): 2 moments x numel;
 - each projected m x n matrix at rank r: 2 moments x max(m, n) x r, plus the basis: r x min(m, n)
-  floats for SVD / random projections, r int64 indices for DCT; SST keeps the factors U (m x d),
+  floats for SVD projections (and galore-torch's and apollo-torch's stored matrices), r int64 indices for DCT,
+  nothing for slimtrain's seeded random projection (APOLLO: a seed); SST keeps the factors U (m x d),
   V (n x d), Sigma (d) with d = min(m, n), the r sampled indices, Adam moments for Sigma (2d) and for
   the r sampled vector pairs (2 r (m + n));
 - 8-bit variants: moments with >= 4096 elements stored as 1 byte each plus one fp32 scale per block
@@ -68,7 +69,7 @@ def expected_bytes(name: str, model: torch.nn.Module, optimizer: torch.optim.Opt
             basis += 4 * (m * d + n * d + d) + 8 * r  # factors and the sampled indices
             continue
         moments += 2 * moment_bytes(big * r, eight_bit)
-        basis += 8 * r if method == "dct" else 4 * r * d
+        basis += {"dct": 8 * r, "apollo": 0}.get(method, 4 * r * d)
     return moments, basis
 
 

@@ -50,20 +50,25 @@ from benchmarks._cli import command_line, invocation, results_dir
 from slimtrain.memory import LLAMA_VOCAB, PAPER_RANKS
 from slimtrain.recipes.models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import (
-    OPTIMIZER_NAMES,
+    RECIPE_NAMES,
     REFERENCE_NAMES,
+    SPECTRAL_SST,
     build_optimizer,
     check_optimizer_name,
     default_rank,
+    fixed_rank,
     state_tensor_bytes,
 )
 
 DEFAULT_OPTIMIZERS = ["adamw", "galore-torch", "galore", "fira", "frugal", "dct", "sst", "galore8bit", "dct8bit"]
 IMPLEMENTATION = {"adamw": "torch.optim.AdamW", "galore-torch": "galore_torch.GaLoreAdamW 1.0",
+                  "apollo-torch": "apollo_torch.APOLLOAdamW",
                   "adamw-fused": "torch.optim.AdamW(fused=True)", "bnb-adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 # Peers this benchmark builds itself (the recipes do not train with them).
 LOCAL_PEERS = ("adamw-fused", "bnb-adamw8bit")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+# slimtrain's optimizers by recipe name, variants included (spectral SST replaces the model's layers: not here).
+SLIMTRAIN = tuple(n for n in RECIPE_NAMES if n not in ("adamw", SPECTRAL_SST))
 DENSE = ("adamw",) + LOCAL_PEERS
 
 
@@ -80,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="60m", help=f"shape: {', '.join(MODEL_SHAPES)} (default: 60m)")
     p.add_argument("--vocab", type=int, default=LLAMA_VOCAB, help=f"vocabulary (default: {LLAMA_VOCAB}, the paper's)")
-    p.add_argument("--rank", type=int, default=None, help="projection rank (default: the paper's, else a quarter)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="projection rank (default: the paper's, else a quarter; apollo-mini keeps its rank 1)")
     p.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS)
     p.add_argument("--steps", type=int, default=25, help="steps per optimizer, step 0 included (default: 25)")
     p.add_argument("--gap", type=int, default=10, help="steps between refreshes (default: 10; samples at 10, 20)")
@@ -102,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.model, args.vocab, args.steps, args.gap, args.warmup, args.seq_len = "tiny", 256, 6, 2, 1, 32
     for name in args.optimizers:  # fail before building a 60M model, not after
         if name not in LOCAL_PEERS:
-            check_optimizer_name(name, OPTIMIZER_NAMES + REFERENCE_NAMES + LOCAL_PEERS)
+            check_optimizer_name(name, ("adamw",) + SLIMTRAIN + REFERENCE_NAMES + LOCAL_PEERS)
     if args.layers is not None and args.layers < 1:
         raise ValueError(f"Invalid --layers: {args.layers} (expected an integer >= 1)")
     args.device = torch.device(args.device)
@@ -210,11 +216,13 @@ def main(argv=None) -> list[dict]:
         if name in LOCAL_PEERS:
             optimizers[name] = (build_local_peer(name, params, lr=1e-6), None)
             continue
-        ours = name in OPTIMIZER_NAMES and name != "adamw"
+        ours = name in SLIMTRAIN
         for backend in args.kernel_backends:
             if backend == "auto" or ours:
                 label = name if backend == "auto" else f"{name} [{backend} kernels]"
-                opt = build_optimizer(name, model, lr=1e-6, rank=rank, update_proj_gap=args.gap)
+                # A name defined at one rank (apollo-mini) keeps it; the others share the shape's.
+                opt = build_optimizer(name, model, lr=1e-6, rank=rank if fixed_rank(name) is None else None,
+                                      update_proj_gap=args.gap)
                 optimizers[label] = (opt, None if backend == "auto" else backend)
     t0 = time.perf_counter()
     times, transient = time_steps(optimizers, params, grads, args.steps, args.device)

@@ -2,11 +2,12 @@
 # The GPU benchmarks, gpu_check.sh's sibling. Each part runs one benchmark module (python -m benchmarks.NAME, from
 # the repository root) and writes a results file naming the GPU and the versions, under benchmarks/results/:
 #   step       step_time_gpu.md       optimizer step time and transient memory, 4 layers of the LLaMA-1B shape,
-#                                     fp32 master weights, rank 512, beside torch AdamW (fused) and galore-torch,
-#                                     bitsandbytes AdamW8bit; slimtrain on Triton and on its torch kernels (step_time)
+#                                     fp32 master weights, rank 512 (APOLLO-Mini 1), beside torch AdamW (fused),
+#                                     galore-torch, apollo-torch, bitsandbytes AdamW8bit; slimtrain on Triton and on
+#                                     its torch kernels (step_time)
 #   adapters   adapters_gpu.md        4 x Linear(4096, 4096), bf16, 4096 tokens, forward + backward (adapters)
 #   memory7b   llama7b_memory_gpu.md  peak memory of layer-wise LLaMA-7B steps vs slimtrain memory (llama7b_memory)
-#   convergence convergence_gpu.md    LLaMA-60M on Python sources, every optimizer (convergence_gpu; ~7 min alone)
+#   convergence convergence_gpu.md    LLaMA-60M on Python sources, every optimizer (convergence_gpu; ~9 min alone)
 #
 #   bash scripts/gpu_bench.sh step adapters               # the parts named, in that order
 #   SLIMTRAIN_WHEELS=.whl bash scripts/gpu_bench.sh step   # first install those wheels into a side directory
@@ -29,6 +30,7 @@ for part in "$@"; do
     case "$part" in
         step) timeout 300 python -m benchmarks.step_time --device cuda --model 1b --layers 4 --rank 512 \
                   --steps 12 --gap 8 --warmup 1 --optimizers adamw adamw-fused galore-torch galore fira frugal dct galore8bit dct8bit bnb-adamw8bit \
+                  apollo-torch apollo apollo-mini apollo-mini8bit \
                   --kernel-backends auto torch ;;
         adapters) timeout 120 python -m benchmarks.adapters --device cuda ;;
         memory7b) timeout 420 python -m benchmarks.llama7b_memory --time-budget 300 ;;

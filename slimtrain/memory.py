@@ -1,6 +1,7 @@
 """How much memory training takes: weights, gradients and optimizer state, per model component.
 
     slimtrain memory 7B --optimizer galore --rank 1024 --state-bits 8
+    slimtrain memory 7B --optimizer apollo-mini
     slimtrain memory path/to/config.json --optimizer adamw
 
 Built the way the GaLore paper's memory tables are (Zhao et al. 2024, Table 2 and Fig. 1): count the
@@ -33,7 +34,8 @@ from .memory_estimate import (  # noqa: F401
     MemoryOptions,
     count_memory,
     optimizer_names,
-    resolve_method,
+    resolve_optimizer,
+    variant_options,
 )
 from .models import LLAMA_SHAPES, LLAMA_VOCAB, llama_config, llama_from_shape, load_config, meta_model  # noqa: F401
 from .optimizers._validation import STATE_BITS
@@ -63,9 +65,11 @@ def estimate_memory(
     Args:
         config_or_name: ``"60M"``, ``"130M"``, ``"350M"``, ``"1B"``, ``"7B"`` (GaLore's LLaMA shapes), a
             ``config.json`` path or folder, or a transformers config.
-        optimizer: ``"adamw"`` (slimtrain's AdamW: every parameter dense) or a registered method
-            (``"galore"``, ``"fira"``, ``"frugal"``, ``"dct"``, ``"sst"``, ...); a ``"...8bit"`` name sets
-            ``state_bits=8``.
+        optimizer: ``"adamw"`` (slimtrain's AdamW: every parameter dense), ``"sgd"`` (``torch.optim.SGD``: no
+            state, or with ``momentum`` one buffer per parameter) or a registered method (``"galore"``,
+            ``"fira"``, ``"frugal"``, ``"dct"``, ``"sst"``, ``"apollo"``, ...) in any of its recipe names: a
+            ``"...8bit"`` name sets ``state_bits=8``, a variant (``"frugal-block"``, ``"apollo-mini"``) its own
+            settings (``apollo-mini``: rank 1, and another ``rank`` is refused).
         options: what is counted (:class:`~slimtrain.memory_estimate.MemoryOptions`), or its fields as
             keywords (``rank=1024, state_bits=8, weight_dtype="bf16", layerwise=True, ...``); any other keyword is
             an option of the method (FRUGAL's ``density=0.25``, ``mode="block"``), given to its constructor.
@@ -77,16 +81,15 @@ def estimate_memory(
     if options is not None and settings:
         raise TypeError("estimate_memory takes options or keyword settings, not both")
     options = MemoryOptions.from_settings(**settings) if options is None else options
-    method, eight_bit = resolve_method(optimizer)
-    if eight_bit:
-        options = dataclasses.replace(options, state_bits=8)
+    choice = resolve_optimizer(optimizer)
+    options = variant_options(choice, options)
     name = config_or_name if isinstance(config_or_name, str) else type(config_or_name).__name__
     size = name.upper() if isinstance(name, str) and name.upper() in LLAMA_SHAPES else None
     if options.rank is None:
         options = dataclasses.replace(options, rank=PAPER_RANKS.get(size, 128))
     if model is None:
         model = meta_model(load_config(config_or_name))
-    return count_memory(str(name), model, method, options)
+    return count_memory(str(name), model, choice.method, options, choice)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--density", type=float, default=None, help="FRUGAL's state-full fraction (default: the method's, 0.25)")
     a("--mode", "--frugal-mode", dest="mode", default=None,
       help="the method's mode, FRUGAL's subspace or block (default: the method's)")
+    a("--momentum", type=float, default=0.0,
+      help="SGD's momentum, with --optimizer sgd: 0 keeps no state (default), > 0 one buffer per parameter")
     a("--min-8bit-size", type=int, default=4096, help="smaller moments stay fp32 (default: 4096)")
     a("--block-size", type=int, default=256, help="8-bit quantization block (default: 256)")
     a("--stochastic-round", action="store_true", help="count bf16 stochastic rounding's per-parameter seed")
@@ -124,7 +129,7 @@ def run_cli(args: argparse.Namespace) -> MemoryEstimate:
         rank=args.rank, state_bits=args.state_bits, weight_dtype=args.weight_dtype, target_modules=targets,
         projector=args.projector, min_8bit_size=args.min_8bit_size, block_size=args.block_size,
         bf16_stochastic_round=args.stochastic_round, layerwise=args.layerwise, basis_dtype=args.basis_dtype,
-        method_options=method_options,
+        method_options=method_options, momentum=args.momentum,
     )
     try:
         est = estimate_memory(args.model, args.optimizer, options)

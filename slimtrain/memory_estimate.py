@@ -10,16 +10,20 @@ byte for byte (``tests/test_memory.py``).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ._validation import check_choice, check_int_choice
-from .optimizers import OPTIMIZERS, LowRankAdamW, low_rank_param_groups
+from .optimizers import LowRankAdamW, low_rank_param_groups
 from .optimizers._validation import STATE_BITS
 from .optimizers.projectors import PROJECTORS, StoredBasisProjector
-from .optimizers.registry import EIGHT_BIT_SUFFIX, Method, get_method, option_owners
+from .optimizers.registry import EIGHT_BIT_SUFFIX, RECIPE_KEYS, RECIPE_RANK, Method, methods, option_owners
+from .optimizers.state import Slot
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "other")
@@ -27,6 +31,8 @@ COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "other")
 COLUMNS = {"moment": "moments", "absmax": "absmax", "projector": "projector", "scalar": "counters"}
 # The projectors that store an r x n float basis, and so take a basis_dtype.
 BASIS_PROJECTORS = tuple(name for name, cls in PROJECTORS.items() if issubclass(cls, StoredBasisProjector))
+#: The optimizers counted besides the registered methods: slimtrain's AdamW path and torch's SGD.
+ADAMW, SGD = "adamw", "sgd"
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class MemoryOptions:
             (:class:`~slimtrain.optimizers.LayerwiseStepper`), so only the largest is counted.
         method_options: the method's own options (FRUGAL's ``density`` and ``mode``, ...), passed to its
             constructor; the method's defaults where not given.
+        momentum: SGD's momentum (``sgd`` only): 0 (default) keeps no state, more than 0 one buffer per parameter
+            in the weights' dtype, as ``torch.optim.SGD`` does.
     """
 
     rank: int | None = None
@@ -61,6 +69,7 @@ class MemoryOptions:
     layerwise: bool = False
     basis_dtype: str = "fp32"
     method_options: dict[str, Any] = field(default_factory=dict)
+    momentum: float = 0.0
 
     @classmethod
     def from_settings(cls, **settings) -> MemoryOptions:
@@ -70,29 +79,78 @@ class MemoryOptions:
         return cls(**fields, method_options=method_options)
 
 
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """What an optimizer name means to the calculator: ``adamw``, ``sgd``, or a registered method in one of its
+    recipe names (:attr:`Method.recipe_names <slimtrain.optimizers.registry.Method.recipe_names>`), with the
+    settings its variant is defined by (``apollo-mini``: rank 1, tensor-wise)."""
+
+    name: str
+    method: Method | None  # None: adamw or sgd
+    eight_bit: bool = False
+    variant: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _choices() -> dict[str, OptimizerChoice]:
+    out = {ADAMW: OptimizerChoice(ADAMW, None), SGD: OptimizerChoice(SGD, None)}
+    for method in methods():
+        for name, (variant, eight_bit) in method.recipe_names.items():
+            settings = method.variants[variant] if variant is not None else {}
+            out[name] = OptimizerChoice(name, method, eight_bit, settings)
+    return out
+
+
 def optimizer_names() -> tuple[str, ...]:
-    """What ``optimizer`` may be: ``adamw`` (slimtrain's dense path), every registered method and its 8-bit twin."""
-    return ("adamw", *OPTIMIZERS)
+    """What ``optimizer`` may be: ``adamw`` (slimtrain's dense path), ``sgd`` (``torch.optim.SGD``), every
+    registered method and its 8-bit twin, and their variants (``frugal-block``, ``apollo-mini``, ...)."""
+    return tuple(_choices())
 
 
-def resolve_method(name: str) -> tuple[Method | None, bool]:
-    """``(method, 8-bit)`` for an optimizer name (``None`` for ``adamw``); a ``NAME8bit`` name keeps 8-bit states."""
-    base = name.removesuffix(EIGHT_BIT_SUFFIX) if isinstance(name, str) else name
-    if base == "adamw" or name in OPTIMIZERS:
-        return (None if base == "adamw" else get_method(base)), base != name
-    raise ValueError(f"Invalid optimizer: {name!r} (expected one of {', '.join(optimizer_names())})")
+def resolve_optimizer(name: str) -> OptimizerChoice:
+    """What ``name`` means (``ValueError`` naming every accepted name otherwise)."""
+    choices = _choices()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"Invalid optimizer: {name!r} (expected one of {', '.join(choices)})")
+    return choices[name]
 
 
-def build_optimizer(model: torch.nn.Module, method: Method | None, options: MemoryOptions) -> LowRankAdamW:
+def variant_options(choice: OptimizerChoice, options: MemoryOptions) -> MemoryOptions:
+    """``options`` with what the chosen name fixes: 8-bit states for a ``NAME8bit``, a variant's rank (another is
+    refused), and its constructor settings where ``options`` gives none (the recipes' lr, refresh gap and scale
+    change no state)."""
+    if choice.eight_bit:
+        options = dataclasses.replace(options, state_bits=8)
+    variant = {k: v for k, v in choice.variant.items() if k not in RECIPE_KEYS}
+    rank = variant.pop(RECIPE_RANK, None)
+    if rank is not None and options.rank not in (None, rank):
+        twin = choice.method.name + (EIGHT_BIT_SUFFIX if choice.eight_bit else "")
+        raise ValueError(f"Invalid rank: {options.rank} ({choice.name} is defined at rank {rank}; leave it out, or use "
+                         f"{twin} for another rank)")
+    if rank is not None:
+        options = dataclasses.replace(options, rank=rank)
+    return dataclasses.replace(options, method_options={**variant, **options.method_options})
+
+
+def build_optimizer(model: torch.nn.Module, method: Method | None, options: MemoryOptions,
+                    choice: OptimizerChoice | None = None) -> torch.optim.Optimizer:
     """The optimizer ``options`` describe, on ``model``'s parameters (nothing is allocated before a step). Built
     with fp32 states and then told its groups keep ``state_bits`` (the declaration reads only the groups), so an
-    estimate of 8-bit states needs no bitsandbytes."""
-    name = "adamw" if method is None else method.name
+    estimate of 8-bit states needs no bitsandbytes. ``choice`` names ``sgd`` (a ``torch.optim.SGD``); ``method``
+    ``None`` without it is ``adamw``."""
+    name = (choice.name if choice is not None and choice.method is None else ADAMW) if method is None else method.name
     check_choice("weight_dtype", options.weight_dtype, tuple(DTYPES))
     check_int_choice("state_bits", options.state_bits, STATE_BITS)
+    momentum = options.momentum
+    if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and momentum >= 0):
+        raise ValueError(f"Invalid momentum: {momentum!r} (expected a number >= 0)")
+    if momentum and name != SGD:
+        raise ValueError(f"Invalid momentum: {momentum!r} (only sgd takes a momentum; {name} keeps its own moments)")
+    if name == SGD:
+        return _sgd(model, options)
     mine = (method.options | ({"mode"} if method.modes else set())) if method is not None else set()
+    keywords = set(choice.variant) if choice is not None else set()
     for key, value in options.method_options.items():
-        if key not in mine:
+        if key not in mine and key not in keywords:
             owner = option_owners().get(key)
             raise ValueError(f"Invalid {key}: {value!r} ({name} takes no {key}"
                              + (f"; it is an option of {owner})" if owner else ")"))
@@ -123,6 +181,25 @@ def build_optimizer(model: torch.nn.Module, method: Method | None, options: Memo
     for group in optimizer.param_groups:
         group["state_bits"] = options.state_bits
     return optimizer
+
+
+def _sgd(model: torch.nn.Module, options: MemoryOptions) -> torch.optim.SGD:
+    """``torch.optim.SGD`` on every parameter, refusing what it has no use for."""
+    if options.state_bits != 32:
+        raise ValueError(f"Invalid state_bits: {options.state_bits} (sgd keeps its momentum in the weights' dtype)")
+    if options.bf16_stochastic_round:
+        raise ValueError("Invalid bf16_stochastic_round: True (torch.optim.SGD rounds to nearest)")
+    for key, value in (("projector", options.projector), ("basis_dtype", None if options.basis_dtype == "fp32" else
+                       options.basis_dtype), *options.method_options.items()):
+        if value is not None:
+            raise ValueError(f"Invalid {key}: {value!r} (sgd projects no matrix)")
+    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=options.momentum)
+
+
+def sgd_state_spec(p: torch.Tensor, group: dict, dtype: torch.dtype) -> list[Slot]:
+    """What ``torch.optim.SGD`` keeps for ``p`` (in ``dtype``) after its first step: a ``momentum_buffer`` of the
+    gradient's shape and dtype where the group has momentum, else nothing."""
+    return [Slot("momentum_buffer", tuple(p.shape), dtype, kind="moment")] if group["momentum"] else []
 
 
 @dataclass
@@ -217,9 +294,12 @@ def component_of(name: str) -> str:
     return "other"
 
 
-def count_memory(model_name: str, model: torch.nn.Module, method: Method | None, options: MemoryOptions) -> MemoryEstimate:
-    """Weights, gradients and the state of the optimizer ``method`` and ``options`` describe, per component."""
-    optimizer = build_optimizer(model, method, options)
+def count_memory(model_name: str, model: torch.nn.Module, method: Method | None, options: MemoryOptions,
+                 choice: OptimizerChoice | None = None) -> MemoryEstimate:
+    """Weights, gradients and the state of the optimizer ``method`` (or ``choice``) and ``options`` describe, per
+    component."""
+    optimizer = build_optimizer(model, method, options, choice)
+    state_spec = sgd_state_spec if isinstance(optimizer, torch.optim.SGD) else optimizer.state_spec
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     dtype = DTYPES[options.weight_dtype]
     rows = {c: Component(c) for c in COMPONENTS}
@@ -238,27 +318,31 @@ def count_memory(model_name: str, model: torch.nn.Module, method: Method | None,
         if not options.layerwise:
             row.grads += nbytes
         # The state of a weight in `weight_dtype` (a meta model is built in fp32): rounding streams for bf16.
-        for slot in optimizer.state_spec(p, groups[id(p)], dtype=dtype):
+        for slot in state_spec(p, groups[id(p)], dtype=dtype):
             setattr(row, COLUMNS[slot.kind], getattr(row, COLUMNS[slot.kind]) + slot.nbytes)
     if options.layerwise and largest_row is not None:
         largest_row.grads += largest_grad
     components = [rows[c] for c in COMPONENTS if rows[c].params]
-    setting = (f"{_label(method, optimizer, options.rank)}, {'8-bit' if options.state_bits == 8 else 'fp32'} states, "
+    setting = (f"{_label(method, optimizer, options.rank, choice)}, {'8-bit' if options.state_bits == 8 else 'fp32'} states, "
                f"{options.weight_dtype} weights, {_count(sum(c.params for c in components))} parameters")
     return MemoryEstimate(model_name, setting, components, _assumptions(method, optimizer, options))
 
 
-def _label(method: Method | None, optimizer: LowRankAdamW, rank: int) -> str:
+def _label(method: Method | None, optimizer: torch.optim.Optimizer, rank: int, choice: OptimizerChoice | None) -> str:
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = optimizer.defaults["momentum"]
+        return f"sgd, momentum {momentum:g}" if momentum else "sgd"
     if method is None:
         return "adamw"
     density = optimizer.defaults.get("density")
     if "density" in method.options and density is not None:
         mode = method.mode_of(optimizer.rule)
         return f"{' '.join(filter(None, (method.name, mode)))}, density {density}"
-    return f"{method.name} rank {rank}"
+    name = choice.name.removesuffix(EIGHT_BIT_SUFFIX) if choice is not None else method.name  # apollo-mini
+    return f"{name} rank {rank}"
 
 
-def _assumptions(method: Method | None, optimizer: LowRankAdamW, options: MemoryOptions) -> list[str]:
+def _assumptions(method: Method | None, optimizer: torch.optim.Optimizer, options: MemoryOptions) -> list[str]:
     rounds = options.bf16_stochastic_round and options.weight_dtype == "bf16"
     out = [
         f"weights and gradients in {options.weight_dtype} ({DTYPES[options.weight_dtype].itemsize} bytes per element); "
@@ -266,6 +350,10 @@ def _assumptions(method: Method | None, optimizer: LowRankAdamW, options: Memory
            if options.layerwise else "one full set of gradients"),
         "no activations, no allocator or CUDA-context overhead, no data-parallel sharding; GB = 10^9 bytes",
     ]
+    if isinstance(optimizer, torch.optim.SGD):
+        out.append("torch.optim.SGD on every parameter: no state without momentum, with momentum one buffer per "
+                   "parameter in the weights' dtype")
+        return out
     if method is None:
         out.append("AdamW (slimtrain's dense path) on every parameter: two moments and an int64 step each")
     else:

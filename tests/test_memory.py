@@ -33,6 +33,8 @@ SETTINGS = [
     ("frugal", {"mode": "block", "density": 0.5}, {"mode": "block", "density": 0.5}),
     ("dct", {}, {}),
     ("sst", {}, {}),
+    ("apollo", {}, {}),
+    ("apollo", {"scale_type": "tensor", "gamma": None}, {"scale_type": "tensor", "gamma": None}),
 ]
 
 
@@ -170,6 +172,12 @@ def test_settings_the_optimizers_refuse_are_not_estimated(kwargs, message):
         (["60M", "--density", "nan"], r"^error: Invalid --density: nan"),
         (["13B"], r"^error: Invalid model: '13B' \(expected one of 60M"),
         (["60M", "--optimizer", "dct", "--basis-dtype", "bf16"], r"^error: Invalid --basis-dtype: 'bf16' \(only the svd"),
+        (["60M", "--optimizer", "galore", "--momentum", "0.9"], r"^error: Invalid --momentum: 0.9 \(only sgd takes"),
+        (["60M", "--optimizer", "sgd", "--momentum", "-1"], r"^error: Invalid --momentum: -1.0 \(expected a number >= 0\)"),
+        (["60M", "--optimizer", "sgd", "--state-bits", "8"], r"^error: Invalid --state-bits: 8 \(sgd keeps its momentum"),
+        (["60M", "--optimizer", "sgd", "--projector", "dct"], r"^error: Invalid --projector: 'dct' \(sgd projects no matrix\)"),
+        (["60M", "--optimizer", "apollo-mini", "--density", "0.5"], r"^error: Invalid --density: 0.5 \(apollo takes no density"),
+        (["60M", "--optimizer", "apollo-mini8bit", "--rank", "4"], r"^error: Invalid --rank: 4 \(apollo-mini8bit is defined at rank 1; .* apollo8bit for"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
@@ -191,3 +199,59 @@ def test_options_object_equals_keywords():
     assert by_object.setting.startswith("frugal block, density 0.5, 8-bit states")
     with pytest.raises(TypeError, match="options or keyword settings, not both"):
         estimate_memory(CONFIG, "frugal", options, rank=RANK)
+
+
+@pytest.mark.parametrize("name", ["apollo-mini", "apollo-mini8bit"])
+def test_apollo_mini_estimate_equals_allocated_state_exactly(name):
+    """The calculator's apollo-mini (rank 1, tensor-wise, from its registry entry) against APOLLOMiniAdamW's state
+    after a step; min_8bit_size=64 puts the 64- and 160-element moments in 8 bits for the 8-bit form."""
+    from slimtrain.optimizers import APOLLOMiniAdamW, APOLLOMiniAdamW8bit
+
+    model = _llama()
+    cls = APOLLOMiniAdamW8bit if name.endswith("8bit") else APOLLOMiniAdamW
+    opt = cls(low_rank_param_groups(model, "all-linear", rank=1, scale=128), lr=1e-4, min_8bit_size=64)
+    _step(model, opt)
+    est = estimate_memory(CONFIG, name, min_8bit_size=64, weight_dtype="fp32", model=model)
+    assert est.total.state == opt.state_bytes()
+    assert est.setting.startswith("apollo-mini rank 1, " + ("8-bit" if cls is APOLLOMiniAdamW8bit else "fp32"))
+
+
+def test_apollo_mini_at_7b_holds_two_long_moments_and_scalars_per_matrix():
+    """LLaMA-7B's 224 projected matrices under APOLLO-Mini: per matrix two fp32 moments of max(m, n) elements, five
+    int64 counters and a seed, and the limiter's fp32 norm; in 8 bits the moments are 1 byte per element plus an
+    absmax per 256. Embeddings, norms and the head keep AdamW's moments (the rows the calculator prints apart)."""
+    per_layer = 4 * 4096 + 3 * 11008  # q, k, v, o: 4096 x 4096; gate, up: 11008 x 4096; down: 4096 x 11008
+    scalars = 7 * 32 * (6 * 8 + 4)
+    fp32 = estimate_memory("7B", "apollo-mini")
+    rows = {c.name: c for c in fp32.components}
+    projected = rows["attention"].state + rows["mlp"].state
+    assert projected == 32 * per_layer * 2 * 4 + scalars == 12_660_096
+    int8 = {c.name: c for c in estimate_memory("7B", "apollo-mini8bit").components}
+    blocks = 32 * (4 * 16 + 3 * 43)  # ceil(4096 / 256), ceil(11008 / 256) per moment
+    assert int8["attention"].state + int8["mlp"].state == 32 * per_layer * 2 + 2 * blocks * 4 + scalars
+    assert rows["embeddings"].state == rows["head"].state == 2 * 32000 * 4096 * 4 + 8
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sgd_estimate_equals_torch_sgd_state(momentum, dtype):
+    from slimtrain.memory_estimate import DTYPES
+    from slimtrain.recipes.optim import state_tensor_bytes
+
+    model = _llama(DTYPES[dtype])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=momentum)
+    _step(model, opt)
+    est = estimate_memory(CONFIG, "sgd", momentum=momentum, weight_dtype=dtype, model=model)
+    assert est.total.state == state_tensor_bytes(opt) == (sum(p.numel() for p in model.parameters())
+                                                         * DTYPES[dtype].itemsize if momentum else 0)
+    assert est.setting.startswith("sgd, momentum 0.9" if momentum else "sgd, ")
+
+
+def test_memory_command_for_apollo_mini_and_sgd(capsys):
+    main(["7B", "--optimizer", "sgd", "--momentum", "0.9"])
+    out = capsys.readouterr().out
+    assert "7B: sgd, momentum 0.9" in out and "torch.optim.SGD on every parameter" in out
+    main(["7B", "--optimizer", "apollo-mini", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["setting"].startswith("apollo-mini rank 1")
+    assert data["components"]["mlp"]["state"] < 1e7  # 8.4 MB: two 11008-element moments per MLP matrix

@@ -94,6 +94,29 @@ def test_factory_builds_projected_groups(tmp_path):
     assert any("proj_refreshes" in h for h in trainer.state.log_history)
 
 
+def test_factory_builds_apollo_and_apollo_mini(tmp_path):
+    """optimizer_factory("apollo") and the APOLLOMiniAdamW class train through the Trainer as the other methods do:
+    the projected group has its settings, each matrix keeps its seed, rank-r moments and the limiter's norm."""
+    from slimtrain.optimizers import APOLLOAdamW, APOLLOMiniAdamW
+
+    targets = ["attention", "intermediate", "output.dense"]
+    for factory, cls, rank in ((optimizer_factory("apollo", targets, rank=4, update_proj_gap=2, scale=1.0), APOLLOAdamW, 4),
+                               (optimizer_factory(APOLLOMiniAdamW, targets, rank=1, update_proj_gap=2, scale=128.0),
+                                APOLLOMiniAdamW, 1)):
+        trainer = transformers.Trainer(model=tiny_model(), args=training_args(tmp_path), train_dataset=Rows(),
+                                       optimizer_cls_and_kwargs=(factory, {"lr": 5e-3}), callbacks=[SlimtrainCallback()])
+        trainer.train()
+        opt = unwrap_optimizer(trainer.optimizer)
+        assert type(opt) is cls
+        projected = opt.param_groups[-1]
+        assert projected["rank"] == rank and projected["scale_type"] == ("channel" if rank > 1 else "tensor")
+        for p in projected["params"]:
+            state = opt.state[p]
+            assert int(state["proj_refreshes"]) == 3 and state["exp_avg"].shape == (max(p.shape), rank)
+            assert "scaled_grad_norm" in state and "proj_basis" not in state  # the basis is a seed
+        assert any(h.get("proj_refreshes") == 12 * 3 for h in trainer.state.log_history)
+
+
 def test_factory_kwargs_override_and_class(tmp_path):
     factory = optimizer_factory(FiraAdamW, "all-linear", rank=8)
     opt = factory()(tiny_model(), rank=2, lr=1e-3)
@@ -168,9 +191,9 @@ def test_unattached_zero_wrapper_says_what_to_do():
 
 
 # ---------------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO-2 and ZeRO-3 through the Trainer, 2 gloo ranks on CPU (one launch for both stages): 6 steps
+# DeepSpeed ZeRO-2 and ZeRO-3 through the Trainer, 2 gloo ranks on CPU (one launch for every case): 6 steps
 # with a checkpoint at step 3, then a second Trainer resumed from it (trainer.train(resume_from_checkpoint=...))
-STAGES = (2, 3)
+CASES = (("galore", 2), ("galore", 3), ("apollo", 3))  # (optimizer, ZeRO stage)
 SAVE_AT = 3
 
 
@@ -180,14 +203,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _zero_trainer(out_dir, stage: int):
+def _zero_trainer(out_dir, stage: int, name: str = "galore"):
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
           "gradient_clipping": "auto", "steps_per_print": 10_000,
           "zero_optimization": {"stage": stage, "reduce_bucket_size": 64, "stage3_param_persistence_threshold": 0}}
     model = tiny_model()  # before the TrainingArguments: no zero.Init partitioning at construction
     args = training_args(out_dir, deepspeed=ds, ddp_backend="gloo", logging_steps=1, save_strategy="steps",
                          save_steps=SAVE_AT)
-    factory = optimizer_factory("galore", ["attention", "intermediate", "output.dense"], rank=4, update_proj_gap=2)
+    factory = optimizer_factory(name, ["attention", "intermediate", "output.dense"], rank=4, update_proj_gap=2)
     return transformers.Trainer(model=model, args=args, train_dataset=Rows(),
                                 optimizer_cls_and_kwargs=(factory, {"lr": 1e-2}), callbacks=[SlimtrainCallback()])
 
@@ -215,23 +238,24 @@ def _zero_rank(rank: int, world: int, port: int, out_dir: str, queue) -> None:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         import pathlib
 
-        for stage in STAGES:
-            out = pathlib.Path(out_dir) / f"z{stage}"
-            trainer = _zero_trainer(out, stage)
+        for name, stage in CASES:
+            out = pathlib.Path(out_dir) / f"{name}-z{stage}"
+            trainer = _zero_trainer(out, stage, name)
             before = [p.detach().clone() for p in tiny_model().parameters()]
             weights, losses = _zero_run(trainer)
             ours = unwrap_optimizer(trainer.optimizer)
             changed = sum(not torch.equal(a, b) for a, b in zip(weights, before))
             keys = [sorted(set(CALLBACK_KEYS) & set(h)) for h in trainer.state.log_history]
             resumed_weights, resumed_losses = _zero_run(
-                _zero_trainer(out, stage), resume_from_checkpoint=str(out / "out" / f"checkpoint-{SAVE_AT}"))
+                _zero_trainer(out, stage, name), resume_from_checkpoint=str(out / "out" / f"checkpoint-{SAVE_AT}"))
             resume = {"same_weights": all(torch.equal(a, b) for a, b in zip(resumed_weights, weights)),
                       "losses": losses, "resumed_losses": resumed_losses}
-            queue.put((rank, stage, type(ours).__name__, ours.stage, changed, len(before), keys, resume, None))
+            queue.put((rank, (name, stage), type(ours).__name__, ours.stage, changed, len(before), keys, resume,
+                       type(ours.inner).__name__, None))
     except BaseException:
         import traceback
 
-        queue.put((rank, None, None, None, None, None, None, None, traceback.format_exc()))
+        queue.put((rank, None, None, None, None, None, None, None, None, traceback.format_exc()))
 
 
 def test_deepspeed_zero_two_ranks_trains_and_resumes_exactly(tmp_path):
@@ -245,17 +269,18 @@ def test_deepspeed_zero_two_ranks_trains_and_resumes_exactly(tmp_path):
     for p in procs:
         p.start()
     results = []
-    while len(results) < len(procs) * len(STAGES):
+    while len(results) < len(procs) * len(CASES):
         results.append(queue.get(timeout=300))
         assert results[-1][-1] is None, f"rank {results[-1][0]} failed:\n{results[-1][-1]}"
     for p in procs:
         p.join(timeout=60)
-    assert sorted((r[0], r[1]) for r in results) == [(r, s) for r in range(2) for s in STAGES]
-    for rank, stage, cls, attached_stage, changed, total, keys, resume, err in results:
+    assert sorted((r[0], r[1]) for r in results) == sorted((r, c) for r in range(2) for c in CASES)
+    for rank, (name, stage), cls, attached_stage, changed, total, keys, resume, inner, err in results:
         assert cls == "TrainerZeroOptimizer" and attached_stage == stage
+        assert inner == {"galore": "GaLoreAdamW", "apollo": "APOLLOAdamW"}[name]
         assert changed == total  # every parameter moved (the projected matrices included)
         assert any(k == sorted(CALLBACK_KEYS) for k in keys)
         # resumed at step 3 of 6 (its log history holds steps 1-3 from the checkpoint): the same losses at steps
         # 4-6 and the same weights, bit for bit (one machine)
         assert sorted(resume["losses"]) == list(range(1, 7)) and resume["resumed_losses"] == resume["losses"], resume
-        assert resume["same_weights"], f"ZeRO-{stage} rank {rank}: resumed weights differ from the uninterrupted run"
+        assert resume["same_weights"], f"{name} ZeRO-{stage} rank {rank}: resumed weights differ from the uninterrupted run"

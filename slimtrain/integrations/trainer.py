@@ -152,7 +152,8 @@ def optimizer_factory(
 
     Args:
         name_or_cls: a key of :data:`slimtrain.optimizers.OPTIMIZERS` (``"galore"``, ``"fira"``,
-            ``"frugal"``, ``"dct"``, ``"sst"``, their ``...8bit`` twins) or a ``LowRankAdamW`` subclass.
+            ``"frugal"``, ``"dct"``, ``"sst"``, ``"apollo"``, their ``...8bit`` twins) or a ``LowRankAdamW``
+            subclass (``APOLLOMiniAdamW`` with ``rank=1, scale=128``).
         target_modules: which linear layers are projected (see ``low_rank_param_groups``; default
             ``"all-linear"``, which leaves out ``lm_head``/``classifier``/``score``).
         hparams: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``exclude`` shape the projected

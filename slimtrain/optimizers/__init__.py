@@ -6,6 +6,8 @@
 ``FrugalAdamW``    Adam on a state-full subspace or block set, signSGD on the rest (FRUGAL)
 ``DCTAdamW``       SVD-free: DCT basis columns picked by alignment with the gradient
 ``SSTAdamW``       Sparse Spectral Training in optimizer form (singular factors kept as state)
+``APOLLOAdamW``    SVD-free: a random projection's Adam moments scale the raw gradient per channel (APOLLO);
+                   ``APOLLOMiniAdamW``: rank 1, one scale per matrix (APOLLO-Mini)
 =================  ===========================================================================
 
 All share :class:`~slimtrain.optimizers.base.LowRankAdamW`'s options and accept any projector from
@@ -22,6 +24,7 @@ from .fira import FiraAdamW, FiraAdamW8bit
 from .frugal import FrugalAdamW, FrugalAdamW8bit
 from .dct import DCTAdamW, DCTAdamW8bit
 from .sst import SSTAdamW, SSTAdamW8bit
+from .apollo import APOLLOAdamW, APOLLOAdamW8bit, APOLLOMiniAdamW, APOLLOMiniAdamW8bit
 from .groups import low_rank_param_groups
 from .layerwise import LayerwiseStepper
 from .projectors import (
@@ -38,6 +41,10 @@ from .registry import OPTIMIZERS, register_method
 from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, to_spectral
 
 __all__ = [
+    "APOLLOAdamW",
+    "APOLLOAdamW8bit",
+    "APOLLOMiniAdamW",
+    "APOLLOMiniAdamW8bit",
     "OPTIMIZERS",
     "PROJECTORS",
     "ColumnsProjector",

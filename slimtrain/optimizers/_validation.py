@@ -53,7 +53,8 @@ DROP_IN_OPTIONS: dict[str, tuple[tuple, str]] = {
 # Param-group keys that torch itself writes (LR schedulers, named parameters).
 TORCH_GROUP_KEYS = ("initial_lr", "param_names")
 # Keys of other low-rank packages whose meaning slimtrain spells differently.
-RENAMED = {"alpha": "'scale' (fira's 'alpha')", "proj": "'projector' (APOLLO's 'proj')"}
+RENAMED = {"alpha": "'scale' (fira's 'alpha')", "proj": "'projector' (APOLLO's 'proj')",
+           "disable_nl": "gamma=None (apollo-torch's disable_nl=True)"}
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 NONFINITE_POLICIES = ("skip", "raise")
 

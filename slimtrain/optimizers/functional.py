@@ -12,6 +12,7 @@ the step size (as in torch's and galore-torch's AdamW).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +74,82 @@ def fira_row_scale(
 
     Returns ``(row_scale, norm_to_remember)``: ``S = row_scale[:, None] * (G' - R B)``.
     """
-    phi = direction.norm(dim=1) / (low.norm(dim=1) + 1e-8)
+    phi = channel_norm_ratio(low, direction)
     norm = (phi.square() * residual_row_sq).sum().sqrt()
     if prev_norm is None:
         return phi, norm
-    limiter = torch.clamp(norm / (prev_norm + 1e-8), min=gamma) / gamma
+    limiter = norm_growth_limiter(norm, prev_norm, gamma)
     return phi / limiter, norm / limiter
+
+
+def channel_norm_ratio(low: Tensor, direction: Tensor) -> Tensor:
+    r"""By how much Adam changed each channel's norm in the subspace: :math:`\lVert N_i \rVert /
+    (\lVert R_i \rVert + 10^{-8})` for every row ``i`` of the oriented frame (Fira's :math:`\phi_i`, APOLLO's
+    channel-wise scaling factor). Row-local: a rank holding whole rows of ``R`` and ``N`` needs no message."""
+    return direction.norm(dim=1) / (low.norm(dim=1) + 1e-8)
+
+
+def norm_growth_limiter(norm: Tensor, prev_norm: Tensor, gamma: float) -> Tensor:
+    r"""The divisor of Fira's norm-growth limiter (arXiv:2410.01623, also APOLLO's): an update whose norm grew by
+    more than ``gamma`` since the previous step's (remembered after limiting) is divided by
+    :math:`\max(\lVert S_t\rVert / (\lVert S_{t-1}\rVert + 10^{-8}), \gamma) / \gamma`, so that
+    :math:`\lVert S_t\rVert \le \gamma \lVert S_{t-1}\rVert`; 1 where it grew less. A 0-d tensor."""
+    return torch.clamp(norm / (prev_norm + 1e-8), min=gamma) / gamma
+
+
+#: APOLLO's scaling granularities (``scale_type``): one factor per channel (row of the oriented frame), or one for
+#: the whole tensor (APOLLO-Mini).
+APOLLO_SCALE_TYPES = ("channel", "tensor")
+
+
+def apollo_row_scale(
+    low: Tensor,
+    direction: Tensor,
+    grad_row_sq: Tensor | None,
+    prev_norm: Tensor | None,
+    *,
+    scale_type: str,
+    scale: float,
+    scale_front: bool = False,
+    gamma: float | None = 1.01,
+    sum_rows: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""APOLLO's factor on the raw gradient (Zhu et al., arXiv:2412.05270), norm-growth limiter included.
+
+    Adam ran on ``R``, a norm-preserving random projection of the gradient, giving ``N``. By how much it changed
+    the norm of each channel (``scale_type="channel"``: each row ``i`` of the oriented frame,
+    :func:`channel_norm_ratio`) or of the whole tensor (``"tensor"``, APOLLO-Mini:
+    :math:`\lVert N\rVert / (\lVert R\rVert + 10^{-8})`) approximates by how much full-rank Adam would have, and
+    the raw gradient is scaled by that, times :math:`\sqrt{\text{scale}}` (apollo-torch's convention: ``scale``
+    128 multiplies by 11.3). With ``gamma`` the scaled gradient :math:`S` then goes through the norm-growth
+    limiter (:func:`norm_growth_limiter`); ``scale_front`` puts :math:`\sqrt{\text{scale}}` before the limiter
+    instead of after it, as apollo-torch's option does (the same update unless ``scale`` changes between steps).
+    Only the squared row norms of the gradient, ``grad_row_sq``, are needed for the limiter (``None`` without one),
+    since :math:`\lVert S\rVert^2 = \sum_i s_i^2 \lVert G'_i\rVert^2`.
+
+    ``sum_rows`` completes a sum over rows where the rows are split across ranks (an all-reduce of a scalar: the
+    tensor-wise norms and the limiter's norm); by default the rows given are all of them. Channel factors are
+    row-local.
+
+    Returns ``(row_scale, norm_to_remember)``: the update is ``row_scale[:, None] * G'`` (channel) or
+    ``row_scale * G'`` (tensor, a 0-d tensor), before the step size; the norm is ``None`` without a limiter.
+    """
+    total = (lambda t: t) if sum_rows is None else sum_rows
+    if scale_type == "channel":
+        factor = channel_norm_ratio(low, direction)
+    else:
+        sums = total(torch.stack([direction.square().sum(), low.square().sum()]))
+        factor = sums[0].sqrt() / (sums[1].sqrt() + 1e-8)
+    root = math.sqrt(scale)
+    if scale_front:
+        factor = factor * root
+    if gamma is None:
+        return (factor if scale_front else factor * root), None
+    norm = total((factor.square() * grad_row_sq).sum()).sqrt()
+    if prev_norm is not None:
+        limiter = norm_growth_limiter(norm, prev_norm, gamma)
+        factor, norm = factor / limiter, norm / limiter
+    return (factor if scale_front else factor * root), norm
 
 
 def state_free_residual(grad_t: Tensor, back_low: Tensor, rule: str) -> Tensor | None:

@@ -113,7 +113,7 @@ class LowRankRule(StepRule):
         if self.refresh_due(group, state):
             self.refresh(projector, group, state, grad32, transposed)
         basis = projector.dense_basis(state, grad_t.shape[1], grad_t.device)
-        low = grad32 @ basis.T if basis is not None else projector.project(grad32, state)
+        low = self.project(grad32, basis, projector, state)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         state["iters"] += 1
@@ -122,6 +122,11 @@ class LowRankRule(StepRule):
         step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed, projector, state)
         step.residual = self.residual(group, state, step, step_size)
         return step
+
+    def project(self, grad_t: Tensor, basis: Tensor | None, projector: Projector, state: dict) -> Tensor:
+        """``R = G' B^T`` from the oriented fp32 gradient: through the dense basis where there is one, else the
+        projector's own (column selection). APOLLO scales it to preserve norms."""
+        return grad_t @ basis.T if basis is not None else projector.project(grad_t, state)
 
     def init_state(self, grad: Tensor, group: dict, state: dict, ctx: MatrixContext, low_shape: tuple[int, int]) -> None:
         state["step"] = torch.zeros((), dtype=torch.int64)

@@ -17,6 +17,7 @@ This module imports nothing from the optimizer classes; it reads the attributes 
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,11 +26,14 @@ from typing import Any
 
 from .._validation import check_choice
 
-#: Names a method cannot take: plain AdamW in ``slimtrain memory`` and the recipes.
-RESERVED = ("adamw",)
+#: Names a method cannot take: plain AdamW in ``slimtrain memory`` and the recipes, and SGD in ``slimtrain memory``.
+RESERVED = ("adamw", "sgd")
 EIGHT_BIT_SUFFIX = "8bit"
 #: What the recipes need of every method: its learning rate, refresh gap and update scale.
 RECIPE_KEYS = ("lr", "update_proj_gap", "scale")
+#: What a method's recipe or variant may set besides: its rank (default: a quarter of the smallest projected
+#: dimension), for a method defined at one rank (APOLLO-Mini: 1).
+RECIPE_RANK = "rank"
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -105,11 +109,14 @@ def register_method(
         optimizer_8bit: its twin with 8-bit moments (``EightBitStates`` first among its bases), registered
             as ``name + "8bit"``; ``None`` if it has none.
         recipe: the recipes' defaults: ``lr``, ``update_proj_gap`` and ``scale`` (in every projected group),
-            and any of the method's own options (e.g. FRUGAL's ``density``) for its constructor.
+            optionally ``rank`` (in every projected group; default: a quarter of the smallest projected
+            dimension), and any of the method's own options (e.g. FRUGAL's ``density``) for its constructor.
         modes: for a class that takes a ``mode`` argument, the step rule of each mode (its ``rule_type`` is
             the default mode's).
         variants: recipe names for a method run another way: ``{"block": {"mode": "block"}}`` makes
-            ``name-block`` (and ``name-block8bit``) the method with those constructor options.
+            ``name-block`` (and ``name-block8bit``) the method with those settings, which override the recipe's:
+            its keys, ``rank``, and keywords of the optimizer's constructor (``{"mini": {"rank": 1, "scale": 128,
+            "scale_type": "tensor"}}`` makes ``apollo-mini``).
 
     Registering a name again with a class of the same module and qualified name replaces the entry (the same
     definition run again: a reloaded module, a notebook cell); another class under a taken name is refused.
@@ -151,15 +158,32 @@ def _check(method: Method, replaces: Method | None) -> None:
         raise ValueError(f"Invalid modes for method {name!r}: {cls.__name__}.rule_type ({cls.rule_type.__name__}) is "
                          "not the rule of any mode")
     missing = [k for k in RECIPE_KEYS if k not in method.recipe]
-    unknown = set(method.recipe) - set(RECIPE_KEYS) - method.options
+    unknown = set(method.recipe) - set(RECIPE_KEYS) - {RECIPE_RANK} - method.options
     if missing or unknown:
-        raise ValueError(f"Invalid recipe for method {name!r}: {dict(method.recipe)!r} (expected {', '.join(RECIPE_KEYS)} "
-                         f"and the method's own options {sorted(method.options)})")
+        raise ValueError(f"Invalid recipe for method {name!r}: {dict(method.recipe)!r} (expected {', '.join(RECIPE_KEYS)}, "
+                         f"optionally {RECIPE_RANK!r}, and the method's own options {sorted(method.options)})")
+    keywords = _constructor_keywords(cls)
     for variant, options in method.variants.items():
         if not isinstance(variant, str) or not _NAME.fullmatch(variant):
             raise ValueError(f"Invalid variant of method {name!r}: {variant!r} (expected lowercase letters, digits, '_')")
+        unknown = set(options) - set(RECIPE_KEYS) - {RECIPE_RANK} - method.options - keywords - (
+            {"mode"} if method.modes else set())
+        if unknown:
+            raise ValueError(f"Invalid variant {variant!r} of method {name!r}: {sorted(unknown)} (expected recipe keys "
+                             f"{', '.join(RECIPE_KEYS)}, {RECIPE_RANK!r}, a mode or keywords of {cls.__name__})")
         if "mode" in options:
             method.rule_type(options["mode"])
+
+
+def _constructor_keywords(cls: type) -> set[str]:
+    """The keyword parameters of ``cls``'s constructor and of its bases' (a subclass passes ``**kwargs`` on)."""
+    names = set()
+    for c in cls.__mro__:
+        init = c.__dict__.get("__init__")
+        if init is not None:
+            names |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self"}
 
 
 def unregister_method(name: str) -> None:
@@ -189,8 +213,13 @@ def method_of(cls: type) -> Method | None:
 
 
 def option_owners() -> dict[str, str]:
-    """Every method's own options -> the class that takes them (for the hint in a refusal)."""
-    return {k: m.optimizer.__name__ for m in reversed(_METHODS.values()) for k in sorted(m.options)}
+    """Every method's own options -> the classes that take them (for the hint in a refusal): ``"FiraAdamW"``, or
+    ``"FiraAdamW and APOLLOAdamW"`` for an option of two methods."""
+    owners: dict[str, list[str]] = {}
+    for m in _METHODS.values():
+        for k in sorted(m.options):
+            owners.setdefault(k, []).append(m.optimizer.__name__)
+    return {k: " and ".join(names) for k, names in owners.items()}
 
 
 class _Optimizers(Mapping):

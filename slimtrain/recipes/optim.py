@@ -18,9 +18,10 @@ These and ``DEFAULTS`` are read from the registry whenever they are read from th
 so they include a method registered after the import.
 
 Default hyperparameters are the papers' pre-training ones, in each method's registry entry: GaLore and Fira lr 0.01, scale 0.25, T 200; FRUGAL lr 1e-3, density 0.25; DCT GaLore's
-(its code has no defaults for lr and scale); SST lr 1e-3, T 200. Here: AdamW lr 1e-3; spectral SST SST's lr
-and T; APOLLO lr 0.01, scale 1, channel-wise, random projection. Rank defaults to a quarter of the smallest
-projected dimension, the paper's 60M ratio (128 of 512).
+(its code has no defaults for lr and scale); SST lr 1e-3, T 200; APOLLO lr 0.01, scale 1, channel-wise, and
+APOLLO-Mini (``apollo-mini``) rank 1, scale 128, tensor-wise. Here: AdamW lr 1e-3; spectral SST SST's lr and T;
+the reference apollo-torch APOLLO's. Rank defaults to a quarter of the smallest projected dimension, the paper's
+60M ratio (128 of 512), where the method's entry sets none.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from ..optimizers import SpectralSSTAdamW, low_rank_param_groups, to_spectral
-from ..optimizers.registry import Method, methods
+from ..optimizers.registry import RECIPE_RANK, Method, methods
 from ..optimizers.rule import Capabilities
 from .models import smallest_matrix_dim
 
@@ -98,6 +99,25 @@ def default_rank(smallest_dim: int) -> int:
     return max(1, smallest_dim // 4)
 
 
+def fixed_rank(name: str) -> int | None:
+    """The rank the recipe ``name`` is defined at (``apollo-mini``: 1), or ``None`` for a name that takes any."""
+    return defaults().get(name, {}).get(RECIPE_RANK)
+
+
+def recipe_rank(name: str, smallest_dim: int, rank: int | None = None) -> int:
+    """The rank the recipe ``name`` projects at: ``rank`` where given, else the name's own (:func:`fixed_rank`), else
+    :func:`default_rank`. A name defined at one rank refuses another (``ValueError`` naming ``--rank``)."""
+    fixed = fixed_rank(name)
+    if fixed is not None and rank is not None and rank != fixed:
+        method, _, eight_bit = _entries()[name]
+        other = method.name + ("8bit" if eight_bit else "")
+        raise ValueError(f"Invalid --rank: {rank} ({name} is defined at rank {fixed}; leave --rank out, or use "
+                         f"--optimizer {other} for another rank)")
+    if rank is not None:
+        return rank
+    return default_rank(smallest_dim) if fixed is None else fixed
+
+
 def slimtrain_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The class behind the recipe name ``name`` (a variant's is its method's), or a ``RuntimeError`` saying it
     is not in this slimtrain build."""
@@ -153,7 +173,8 @@ def build_optimizer(
     target_modules: list[str] | str = TARGET_MODULES,
     **extra,
 ) -> torch.optim.Optimizer:
-    """An optimizer for ``model`` by short name; ``None`` arguments take the method's defaults.
+    """An optimizer for ``model`` by short name; ``None`` arguments take the method's defaults (the rank: the
+    name's own where its registry entry has one, as ``apollo-mini``'s 1, else a quarter of the smallest dimension).
 
     Low-rank methods project the 2-D weights of ``target_modules`` and give plain AdamW to the rest
     (embeddings, norms, ``lm_head``), as every official script does. ``extra`` goes to the optimizer's
@@ -175,8 +196,8 @@ def build_optimizer(
                              "betas, eps, weight_decay and update_proj_gap)")
         return SpectralSSTAdamW(model, **base, update_proj_gap=gap if update_proj_gap is None else update_proj_gap)
 
-    if rank is None:
-        rank = default_rank(smallest_matrix_dim(model.config))
+    hp.pop(RECIPE_RANK, None)
+    rank = recipe_rank(name, smallest_matrix_dim(model.config), rank)
     gap, default_scale = hp.pop("update_proj_gap"), hp.pop("scale")
     group = dict(
         rank=rank,

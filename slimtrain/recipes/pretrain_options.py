@@ -19,7 +19,7 @@ import os
 from . import metrics, outputs, runtime
 from .data import VOCAB_SIZE, check_files, fingerprint
 from .models import MODEL_SHAPES, model_config, smallest_matrix_dim
-from .optim import check_optimizer_name, default_rank, defaults, recipe_names
+from .optim import check_optimizer_name, defaults, recipe_names, recipe_rank
 from .shakespeare import shakespeare_files
 
 DESCRIPTION = "Pre-train a small LLaMA on Shakespeare (or your own text files) with any slimtrain optimizer."
@@ -97,7 +97,7 @@ def validate(
     config = model_config(cfg.model, VOCAB_SIZE, cfg.seq_len)
     if cfg.optimizer != "adamw":
         limit = smallest_matrix_dim(config)
-        cfg.rank = default_rank(limit) if cfg.rank is None else cfg.rank
+        cfg.rank = recipe_rank(cfg.optimizer, limit, cfg.rank)
         if not 1 <= cfg.rank <= limit:
             raise ValueError(f"Invalid --rank: {cfg.rank} (expected 1 <= rank <= {limit}, the smallest dimension of "
                              f"the {cfg.model} model's attention/MLP matrices)")

@@ -9,6 +9,9 @@ from torch import nn
 
 from slimtrain.optimizers.projectors import DCTProjector, SVDProjector
 from slimtrain.optimizers import (
+    APOLLOAdamW,
+    APOLLOAdamW8bit,
+    APOLLOMiniAdamW,
     DCTAdamW,
     DCTAdamW8bit,
     FiraAdamW,
@@ -32,6 +35,11 @@ def mlp(seed: int = 0, dtype=torch.float32) -> nn.Sequential:
 
 def groups(model: nn.Module, rank: int = 4, gap: int = 5, **extra) -> list[dict]:
     return low_rank_param_groups(model, ["0", "2", "4"], rank=rank, update_proj_gap=gap, scale=0.25, **extra)
+
+
+def mini(groups: list[dict]) -> list[dict]:
+    """:func:`groups` as APOLLO-Mini takes them: rank 1 and its scale in the projected group."""
+    return [{**g, "rank": 1, "scale": 128.0} if "rank" in g else g for g in groups]
 
 
 def batches(steps: int, seed: int = 1, dtype=torch.float32):
@@ -105,6 +113,8 @@ CONFIGS = [
     ("dct", lambda g: DCTAdamW(g, lr=1e-2, weight_decay=0.1)),
     ("dct-matmul-l2", lambda g: DCTAdamW(g, lr=1e-2, projector=DCTProjector(norm=2, backend="matmul"), stagger=True)),
     ("sst", lambda g: SSTAdamW(g, lr=1e-2)),
+    ("apollo", lambda g: APOLLOAdamW(g, lr=1e-2, weight_decay=0.01)),
+    ("apollo-mini-front", lambda g: APOLLOMiniAdamW(mini(g), lr=1e-2, scale_front=True)),
     # 8-bit rows. The MLP's moments have 8-160 elements, under bitsandbytes' 4096 threshold, so
     # min_8bit_size=0 makes every moment 8-bit (test_8bit.py asserts the uint8 codes are there);
     # block_size=64 gives the larger moments several blocks. The galore row also rounds bf16
@@ -113,4 +123,7 @@ CONFIGS = [
     ("dct8bit-rotate", lambda g: DCTAdamW8bit(g, lr=1e-2, min_8bit_size=0, block_size=64)),
     ("frugal8bit-columns-reset", lambda g: FrugalAdamW8bit(g, lr=1e-2, min_8bit_size=0, projector="columns")),
     ("sst8bit", lambda g: SSTAdamW8bit(g, lr=1e-2, min_8bit_size=0)),
+    # gamma=None: APOLLO without its limiter keeps no norm (the declared state follows).
+    ("apollo8bit-tensor-nolimiter", lambda g: APOLLOAdamW8bit(g, lr=1e-2, min_8bit_size=0, block_size=64,
+                                                              scale_type="tensor", gamma=None)),
 ]

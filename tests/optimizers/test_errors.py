@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from slimtrain.optimizers import (
+    APOLLOAdamW,
+    APOLLOMiniAdamW,
     DCTAdamW,
     FiraAdamW,
     FrugalAdamW,
@@ -53,6 +55,14 @@ ERROR_CASES = [
     ("frugal-block-none", FrugalAdamW, {}, {"mode": "block", "density": None}, ValueError, r"Invalid density: None"),
     ("fira-gamma", FiraAdamW, {}, {"gamma": 0.5}, ValueError, r"Invalid gamma: 0\.5 \(expected a number >= 1\)"),
     ("fira-residual", FiraAdamW, {}, {"residual": "paper"}, ValueError, r"Invalid residual: 'paper'"),
+    ("apollo-scale_type", APOLLOAdamW, {}, {"scale_type": "row"}, ValueError, r"Invalid scale_type: 'row' \(expected one of 'channel', 'tensor'\)"),
+    ("apollo-group-scale_type", APOLLOAdamW, {"scale_type": "layer"}, {}, ValueError, r"Invalid scale_type: 'layer'"),
+    ("apollo-scale_front", APOLLOAdamW, {}, {"scale_front": 1}, ValueError, r"Invalid scale_front: 1 \(expected True or False\)"),
+    ("apollo-gamma", APOLLOAdamW, {}, {"gamma": 0.9}, ValueError, r"Invalid gamma: 0\.9 \(expected a number >= 1, or None for no norm-growth limiter\)"),
+    ("apollo-group-gamma", APOLLOAdamW, {"gamma": float("inf")}, {}, ValueError, r"Invalid gamma: inf"),
+    ("apollo-mini-rank", APOLLOMiniAdamW, {}, {}, ValueError, r"Invalid rank/scale_type: 4/'tensor' \(APOLLOMiniAdamW is APOLLO at rank 1"),
+    ("apollo-disable_nl", APOLLOAdamW, {}, {"disable_nl": True}, TypeError, r"APOLLOAdamW got unexpected keyword argument 'disable_nl' \(for 'disable_nl' use gamma=None"),
+    ("apollo-proj", APOLLOAdamW, {"proj": "random"}, {}, TypeError, r"for 'proj' use 'projector' \(APOLLO's 'proj'\)"),
     ("sst-projector", SSTAdamW, {}, {"projector": "dct"}, ValueError, r"Invalid projector: 'dct' \(SSTAdamW samples"),
     ("sst-round", SSTAdamW, {}, {"iterations_per_round": 0}, ValueError, r"Invalid iterations_per_round: 0"),
     ("seed", GaLoreAdamW, {}, {"seed": -1}, ValueError, r"Invalid seed: -1"),

@@ -58,7 +58,7 @@ def toy():
 
 def test_a_registered_method_is_an_optimizer(toy):
     assert OPTIMIZERS["toy"] is ToyAdamW and OPTIMIZERS["toy8bit"] is ToyAdamW8bit
-    assert list(OPTIMIZERS)[-2:] == ["sst8bit", "toy8bit"]  # after the built-in ones, each group in order
+    assert list(OPTIMIZERS)[-2:] == ["apollo8bit", "toy8bit"]  # after the built-in ones, each group in order
     assert get_method("toy") is toy and method_of(ToyAdamW8bit) is toy
     with pytest.raises(TypeError, match=r"'sign_scale' is an option of ToyAdamW"):
         GaLoreAdamW(groups(mlp()), sign_scale=2.0)
@@ -137,6 +137,7 @@ def test_a_registered_method_is_a_recipe(toy, tmp_path):
     (dict(recipe=dict(lr=1e-2, update_proj_gap=200, scale=1.0, density=0.5)), r"Invalid recipe for method 'toy'"),
     (dict(modes={"a": LowRankRule}), r"ToyAdamW.rule_type \(ToyRule\) is not the rule of any mode"),
     (dict(modes={"a": ToyRule}, variants={"b": {"mode": "c"}}), r"Invalid mode: 'c' \(expected one of 'a'\)"),
+    (dict(variants={"b": {"rnak": 1}}), r"Invalid variant 'b' of method 'toy': \['rnak'\] \(expected recipe keys"),
 ])
 def test_the_registry_refuses_what_would_confuse_two_methods(kwargs, message):
     entry = dict(name="toy", optimizer=ToyAdamW, optimizer_8bit=None, recipe=dict(lr=1e-2, update_proj_gap=200, scale=1.0))

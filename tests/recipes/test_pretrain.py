@@ -10,7 +10,7 @@ import torch
 from slimtrain.cli import main as cli_main
 from slimtrain.optimizers import SpectralLinear, SpectralSSTAdamW
 from slimtrain.recipes import pretrain
-from slimtrain.recipes.optim import VARIANT_NAMES
+from slimtrain.recipes.optim import VARIANT_NAMES, fixed_rank
 
 # A few steps of the tiny model on 2 x 32-byte sequences of a small corpus (conftest.py): about a second per run.
 TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
@@ -82,10 +82,11 @@ def test_resume_is_bit_exact(tmp_path, corpus, optimizer, rank, gap):
 
 @pytest.mark.parametrize("optimizer", VARIANT_NAMES)
 def test_variants_train_and_count_their_state(tmp_path, corpus, optimizer):
-    summary = _run(tmp_path / "run", corpus, "--optimizer", optimizer, "--rank", "8", "--steps", "2", "--eval-every", "2")
+    rank = [] if fixed_rank(optimizer) is not None else ["--rank", "8"]  # apollo-mini is defined at rank 1
+    summary = _run(tmp_path / "run", corpus, "--optimizer", optimizer, *rank, "--steps", "2", "--eval-every", "2")
     assert math.isfinite(summary["final_val_loss"])
     cfg = pretrain.validate(pretrain.parse_args([*TINY, "--data", *corpus, "--out", str(tmp_path / "x"),
-                                                 "--optimizer", optimizer, "--rank", "8"]))
+                                                 "--optimizer", optimizer, *rank]))
     model, optimizer_ = pretrain.build_model_and_optimizer(cfg)
     if optimizer == "spectral-sst":
         assert isinstance(optimizer_, SpectralSSTAdamW)
@@ -93,6 +94,9 @@ def test_variants_train_and_count_their_state(tmp_path, corpus, optimizer):
         state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
         held = sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if torch.is_tensor(v))
         assert summary["optimizer_state_bytes"] == held > 0  # SpectralSSTAdamW.state_bytes(), every tensor it holds
+    elif optimizer.startswith("apollo-mini"):
+        group = optimizer_.param_groups[-1]
+        assert (group["rank"], group["scale"], group["scale_type"], optimizer_.defaults["lr"]) == (1, 128.0, "tensor", 1e-2)
     else:
         assert (optimizer_.mode, optimizer_.defaults["density"], optimizer_.rule.block_order) == ("block", 0.25, "descending")
         assert optimizer_.defaults["lr"] == 1e-3 and optimizer_.rule.capabilities.layerwise is False

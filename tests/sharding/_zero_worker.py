@@ -28,7 +28,15 @@ def batch(step: int, rank: int, micro: int = 0, same: bool = False):
 
 
 def optimizer(name: str, params_model: nn.Module):
-    from slimtrain.optimizers import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdamW, low_rank_param_groups
+    from slimtrain.optimizers import (
+        APOLLOAdamW,
+        APOLLOMiniAdamW,
+        DCTAdamW,
+        FiraAdamW,
+        FrugalAdamW,
+        GaLoreAdamW,
+        low_rank_param_groups,
+    )
 
     groups = low_rank_param_groups(params_model, ["0", "2", "4", "6"], rank=4, update_proj_gap=5, scale=0.5)
     return {
@@ -43,6 +51,13 @@ def optimizer(name: str, params_model: nn.Module):
         # projected to 40x4); the small element-wise slices stay fp32, so both runs quantize the same tensors.
         "galore8bit": lambda: GaLoreAdamW(groups, lr=1e-2, state_bits=8, min_8bit_size=128),
         "dct8bit": lambda: DCTAdamW(groups, lr=1e-2, state_bits=8, min_8bit_size=128),
+        "apollo": lambda: APOLLOAdamW(groups, lr=1e-2, weight_decay=0.01),
+        "apollo8bit": lambda: APOLLOAdamW(groups, lr=1e-2, state_bits=8, min_8bit_size=128),
+        # Rank 1, one scale per matrix. Not in 8 bits here: the moments are 24 to 40 elements, which 8-bit optimizers
+        # keep in fp32 (min_8bit_size 4096); forced into 8 bits, a last-bit change of the all-reduced gradient flips
+        # codes that move the one scale of the whole matrix (1.6e-3 after 12 steps).
+        "apollo-mini": lambda: APOLLOMiniAdamW([{**g, "rank": 1, "scale": 128.0} if "rank" in g else g
+                                                for g in groups], lr=1e-2),
     }[name]()
 
 
