@@ -1,0 +1,191 @@
+"""Communication, per-rank optimizer state and time under FSDP2, slimtrain's optimizers vs FSDP2 + torch AdamW.
+
+Question: how many bytes does a step of each slimtrain optimizer move on ``fully_shard`` models, against
+FSDP2's own traffic with torch's AdamW (ordinary steps, and with refreshes amortized at ``update_proj_gap =
+200``), how much optimizer state does each rank hold against one process, and how long is a step?
+
+Every collective issued during a step is counted by :class:`slimtrain.sharding.CollectiveCounter` (FSDP2's
+all-gathers and reduce-scatters and slimtrain's own collectives alike, as bytes each rank receives under ring
+algorithms; see ``slimtrain/sharding/traffic.py``), averaged over ranks. The model is a small LLaMA (4 layers,
+hidden 128, intermediate 344, vocabulary 256) on random tokens, rank 32, with a refresh at steps 0 and
+``--gap``; the amortized bytes put one refresh step among 200. Each configuration runs under both placements:
+``low-rank`` (:func:`slimtrain.sharding.low_rank_placement`: the wide matrices by columns) and ``rows``
+(FSDP2's default), each compared with AdamW under the same placement.
+
+    python -m benchmarks.fsdp2                   # writes benchmarks/results/fsdp2.md (about 10 minutes on 2 CPU cores)
+    python -m benchmarks.fsdp2 --worlds 2 --optimizers adamw galore --out /tmp/fsdp2.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+OPTIMIZERS = ["adamw", "galore", "galore8bit", "fira", "frugal", "frugal-block", "dct", "dct8bit", "sst"]
+PLACEMENTS = ["low-rank", "rows"]
+RANK = 32
+AMORTIZE = 200  # the papers' update_proj_gap
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def build(name: str, placement: str, gap: int):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from slimtrain.recipes.optim import build_optimizer
+    from slimtrain.sharding import low_rank_placement
+
+    net = model()
+    if dist.get_world_size() > 1:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        place = low_rank_placement(mesh=mesh) if placement == "low-rank" else None
+        for layer in net.model.layers:
+            fully_shard(layer, mesh=mesh, shard_placement_fn=place)
+        fully_shard(net, mesh=mesh, shard_placement_fn=place)
+    extra = {} if name == "adamw" else dict(rank=RANK, update_proj_gap=gap)
+    return net, build_optimizer(name, net, **extra)
+
+
+def worker(args) -> None:
+    """One rank: every configuration, its bytes per step by origin, its state on this rank, its time per step."""
+    import torch.distributed as dist
+
+    from slimtrain.recipes.optim import optimizer_state_bytes
+    from slimtrain.sharding import CollectiveCounter
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for name in args.optimizers:
+        for placement in PLACEMENTS if world > 1 else PLACEMENTS[:1]:
+            net, opt = build(name, placement, args.gap)
+            g = torch.Generator().manual_seed(rank)
+            steps, seconds = [], 0.0
+            for step in range(args.steps):
+                ids = torch.randint(0, 256, (4, 32), generator=g)
+                dist.barrier()
+                t0 = time.perf_counter()
+                with CollectiveCounter() as counter:
+                    net(input_ids=ids, labels=ids).loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                seconds += time.perf_counter() - t0 if step else 0.0  # step 0 builds state
+                steps.append(counter.bytes_by_origin())
+            results.append(dict(optimizer=name, placement=placement, steps=steps, state=optimizer_state_bytes(opt),
+                                seconds=seconds / (args.steps - 1)))
+    everyone = [None] * world
+    dist.all_gather_object(everyone, results)
+    if rank == 0:
+        with open(args.json, "w") as f:
+            json.dump(everyone, f)
+    dist.destroy_process_group()
+
+
+def launch(world: int, args) -> list[list[dict]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                   "-m", "benchmarks.fsdp2", "--worker", "--json", out, "--steps", str(args.steps), "--gap",
+                   str(args.gap), "--optimizers", *args.optimizers]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def summarize(per_rank: list[list[dict]], gap: int) -> dict:
+    """``{(optimizer, placement): row}`` averaged over ranks: ordinary and refresh bytes (total and slimtrain's),
+    state per rank, seconds per step."""
+    rows = {}
+    for i, first in enumerate(per_rank[0]):
+        ranks = [results[i] for results in per_rank]
+        ordinary = [s for s in range(len(first["steps"])) if s % gap]
+
+        def mean_bytes(steps, origin=None):
+            return sum(sum(v for o, v in r["steps"][s].items() if origin in (None, o)) for r in ranks
+                       for s in steps) / (len(ranks) * len(steps))
+
+        rows[(first["optimizer"], first["placement"])] = dict(
+            ordinary=mean_bytes(ordinary), ordinary_ours=mean_bytes(ordinary, "slimtrain"),
+            refresh=mean_bytes([gap]), refresh_ours=mean_bytes([gap], "slimtrain"),
+            state=[r["state"] for r in ranks], seconds=sum(r["seconds"] for r in ranks) / len(ranks))
+    return rows
+
+
+def table(worlds: dict[int, dict], one: dict, gap: int) -> list[str]:
+    lines = ["| ranks | placement | optimizer | bytes/step (ordinary) | slimtrain's | vs AdamW | refresh step | "
+             f"vs AdamW, T = {AMORTIZE} | state, 1 process | state per rank | max rank / 1 process | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for world, rows in worlds.items():
+        for (name, placement), row in rows.items():
+            base = rows[("adamw", placement)]
+            amortized = row["ordinary"] + (row["refresh"] - row["ordinary"]) / AMORTIZE
+            base_amortized = base["ordinary"] + (base["refresh"] - base["ordinary"]) / AMORTIZE
+            single = one[(name, "low-rank")]["state"][0]
+            per_rank = " / ".join(f"{s / 1e6:.3f}" for s in row["state"])
+            lines.append(
+                f"| {world} | {placement} | {name} | {row['ordinary'] / 1e6:.3f} MB | {row['ordinary_ours'] / 1e3:.1f} kB | "
+                f"{row['ordinary'] / base['ordinary']:.4f}x | {row['refresh'] / 1e6:.3f} MB | "
+                f"{amortized / base_amortized:.4f}x | {single / 1e6:.3f} MB | {per_rank} MB | "
+                f"{max(row['state']) / single:.3f} | {row['seconds']:.2f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3], help="numbers of ranks (default: 2 3)")
+    parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, help=f"(default: {' '.join(OPTIMIZERS)})")
+    parser.add_argument("--steps", type=int, default=7, help="steps per configuration (default: 7)")
+    parser.add_argument("--gap", type=int, default=5, help="update_proj_gap: refreshes at 0 and GAP (default: 5)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "fsdp2.md"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if "adamw" not in args.optimizers:
+        args.optimizers = ["adamw", *args.optimizers]
+    if args.steps <= args.gap:
+        parser.error(f"--steps {args.steps} must exceed --gap {args.gap} (a refresh step to measure)")
+    if args.worker:
+        worker(args)
+        return
+    one = summarize(launch(1, args), args.gap)
+    worlds = {w: summarize(launch(w, args), args.gap) for w in args.worlds}
+    lines = [
+        "# FSDP2: communication, per-rank optimizer state and time",
+        "",
+        "Produced by `python -m benchmarks.fsdp2` (2 CPU cores, gloo; LLaMA 4 layers x hidden 128 x intermediate 344,",
+        f"rank {RANK}, `update_proj_gap={args.gap}`, micro-batch 4 x 32 tokens per rank). Bytes: what each rank receives",
+        "in every collective of a step (FSDP2's and slimtrain's), under ring algorithms, averaged over ranks",
+        "(`slimtrain/sharding/traffic.py`); 'ordinary' excludes the refresh steps 0 and GAP; 'vs AdamW, T = 200' puts",
+        "one refresh step among 200. State: bytes of optimizer state each rank holds (its pieces of DTensors, and",
+        "whatever it keeps whole), against the same optimizer in one process.",
+        "",
+        *table(worlds, one, args.gap),
+    ]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
