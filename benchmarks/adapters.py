@@ -11,10 +11,10 @@ training step (forward, backward, AdamW step) above what was live before it, fro
 torch.profiler(profile_memory=True) on CPU. The base model's own weights (~87 MiB) are excluded; not RSS. Time: median wall time of
 ``--rounds`` steps per method, taken round-robin after one warm-up step each.
 
-    python benchmarks/adapters.py --out benchmarks/results/adapters.md
-    python benchmarks/adapters.py --device cuda       # issue 14's GPU harness: writes results/adapters_gpu.md
+    python -m benchmarks.adapters --out benchmarks/results/adapters.md
+    python -m benchmarks.adapters --device cuda       # the layer-stack harness on a GPU: writes results/adapters_gpu.md
 
-**The layer-stack harness** (``--device cuda``, or ``--harness`` on any device) is issue 14's speed test:
+**The layer-stack harness** (``--device cuda``, or ``--harness`` on any device) is the GPU speed test:
 forward + backward of ``--layers`` (4) x ``Linear(--dim, --dim)`` (4096) in bf16 on ``--tokens`` (4096) tokens,
 every layer targeted, adapters at PEFT's defaults (``autocast_adapter_dtype=True``: adapter weights in fp32
 beside the bf16 base). The medians are over ``--rounds`` round-robin calls, each between two synchronizations,
@@ -44,6 +44,7 @@ import peft  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import slimtrain.adapters as adapters  # noqa: E402
+from benchmarks._cli import command_line, invocation  # noqa: E402
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -341,7 +342,7 @@ def harness_report(args, argv) -> str:
                  f"Triton {package_version('triton')}")
     else:
         where = f"the CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(__file__, argv)
     return "\n\n".join([
         "# Adapters on a layer stack: forward + backward, slimtrain vs PEFT",
         f"Command: `{command}`",
@@ -350,13 +351,13 @@ def harness_report(args, argv) -> str:
         f"median of {args.rounds} round-robin calls after two warm-up calls each, each call between two "
         "synchronizations.",
         table_md,
-        "Issue 14's targets, as ratios in this run: NOLA (bases regenerated) at most 1.2x LoRA, RandLoRA at most "
+        "The targets, as ratios in this run: NOLA (bases regenerated) at most 1.2x LoRA, RandLoRA at most "
         "2.5x LoRA in both modes, DoRA at most 1.3x LoRA.",
     ])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default: the MiniLM table) or cuda[:N] (the harness)")
     parser.add_argument("--harness", action="store_true", help="the layer-stack harness on --device (implied on CUDA)")
     parser.add_argument("--dim", type=int, default=4096, help="harness: layer width (default 4096)")
@@ -384,7 +385,7 @@ def main(argv=None):
     base, batch = load()
     results = measure_all(methods(), base, batch, args.rounds)
     layer_table = randlora_layer_table(args.rounds)
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(__file__, argv)
     env = (f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU")
     md = "\n\n".join([

@@ -9,13 +9,13 @@ steps, batches, order and initial weights with:
   that slimtrain does not have yet is reported "not available", never estimated;
 - the published galore-torch GaLoreAdamW and apollo-torch APOLLOAdamW.
 
-    python benchmarks/convergence.py                 # 10 runs x 250 steps: ~20 min on an idle core
+    python -m benchmarks.convergence                 # 10 runs x 250 steps: ~20 min on an idle core
                                                      # (0.4 s/step measured; far longer on a busy machine)
-    python benchmarks/convergence.py --quick         # smoke run: 3 steps, seconds
-    python benchmarks/convergence.py --optimizers galore8bit fira8bit frugal8bit dct8bit sst8bit \
+    python -m benchmarks.convergence --quick         # smoke run: 3 steps, seconds
+    python -m benchmarks.convergence --optimizers galore8bit fira8bit frugal8bit dct8bit sst8bit \
         --adamw-lrs 0.001 --section "8-bit optimizer states"    # a second table, below the first
-    python benchmarks/convergence.py --seeds 3               # every row over seeds 0, 1, 2: ~3x the time
-    python benchmarks/convergence.py --optimizers frugal@0.003 frugal-block frugal-block@0.003 spectral-sst \
+    python -m benchmarks.convergence --seeds 3               # every row over seeds 0, 1, 2: ~3x the time
+    python -m benchmarks.convergence --optimizers frugal@0.003 frugal-block frugal-block@0.003 spectral-sst \
         --adamw-lrs 0.001 --section "FRUGAL modes and spectral SST"    # NAME@LR: that optimizer at lr LR
 
 ``--optimizers`` takes the recipe's names (``slimtrain pretrain --optimizer``) and the two references;
@@ -39,12 +39,11 @@ import datetime
 import math
 import os
 import re
-import shlex
-import sys
 import time
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.recipes import pretrain
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import DEFAULTS, RECIPE_NAMES, REFERENCE_NAMES, check_optimizer_name, default_rank
@@ -57,7 +56,7 @@ IMPLEMENTATION = {"adamw": "torch.optim.AdamW", "galore-torch": "galore_torch.Ga
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16)
@@ -135,7 +134,7 @@ def available(name: str) -> bool:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     optimizers = [parse_optimizer(text) for text in args.optimizers]  # fail before the first run, not after an hour
-    command = " ".join(["python", "benchmarks/convergence.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     os.makedirs(args.out_dir, exist_ok=True)
     # One split, and one batch order per seed, for all runs.
     data = {seed: pretrain.load_data(recipe_config(args, "adamw", None, seed)) for seed in seeds(args)}

@@ -1,6 +1,6 @@
 """Do slimtrain's low-rank optimizers train LLaMA-60M as well as galore-torch and AdamW, on a GPU?
 
-Issue 16: the GaLore paper's smallest shape (LLaMA-60M: hidden 512, intermediate 1376, 8 layers, 8 heads;
+The setting: the GaLore paper's smallest shape (LLaMA-60M: hidden 512, intermediate 1376, 8 layers, 8 heads;
 rank 128, update_proj_gap 200, scale 0.25) with a byte vocabulary, trained on a real corpus that no run
 repeats: the Python sources of the packages installed beside slimtrain. Every optimizer sees the same
 initial weights and the same batches in the same order. Runs:
@@ -11,15 +11,15 @@ initial weights and the same batches in the same order. Runs:
   paper's pre-training setting), DCT, SST in optimizer form, SST in the paper's form (``sst-spectral``:
   ``to_spectral`` + ``SpectralSSTAdamW``), and the 8-bit forms of the five.
 
-    python benchmarks/convergence_gpu.py                  # on a GPU: writes benchmarks/results/convergence_gpu.md
-    python benchmarks/convergence_gpu.py --quick --device cpu --out /tmp/c.md    # smoke run, seconds
+    python -m benchmarks.convergence_gpu                  # on a GPU: writes benchmarks/results/convergence_gpu.md
+    python -m benchmarks.convergence_gpu --quick --device cpu --out /tmp/c.md    # smoke run, seconds
 
 It needs galore-torch (the reference) and bitsandbytes (the 8-bit forms' quantization maps) and refuses
 to start without them. On a GPU machine without PyPI, put the wheels that ``scripts/fetch_gpu_wheels.sh``
 fetches on ``PYTHONPATH`` first, as ``scripts/gpu_check.sh`` does:
 
     site=$(mktemp -d) && python -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl && \
-        PYTHONPATH="$site:$PWD" python benchmarks/convergence_gpu.py
+        PYTHONPATH="$site:$PWD" python -m benchmarks.convergence_gpu
 
 **Corpus.** The ``.py`` files of ``--corpus-packages`` (default: those of torch, transformers, triton,
 jax, scipy, numpy, sympy that are installed; found with ``importlib.util.find_spec``, nothing imported),
@@ -41,10 +41,10 @@ so a step of 16,384 tokens is 2.7 TFLOP and a run 1.36 PFLOP. At an assumed 100 
 H100's dense bf16 peak: a 512-wide model in eager Hugging Face code is bound by its element-wise kernels
 and launches, not its matmuls) that is ~14 s per run; adding ~10 s per run for optimizer steps (75
 parameters stepped one by one), three projector refreshes and evaluation gives ~25 s per run and ~7 min
-for all 16, under the issue's 12 minutes. This is an estimate, not a measurement: ``--time-budget``
+for all 16, within 12 minutes. This is an estimate, not a measurement: ``--time-budget``
 (default 540 s, so the command fits a 10-minute device call) stops starting runs once the next one,
 estimated at 1.25x the longest so far, would overrun it, and the results say which runs were skipped.
-Runs go in order of what the issue's targets need (galore-torch, GaLore, Fira, FRUGAL first), and the
+Runs go in order of what the targets need (galore-torch, GaLore, Fira, FRUGAL first), and the
 table is rewritten after every run, so a stopped benchmark leaves what it measured.
 """
 
@@ -61,12 +61,11 @@ import math
 import os
 import platform
 import random
-import shlex
-import sys
 import time
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.memory import llama_from_shape
 from slimtrain.recipes import runtime
 from slimtrain.recipes.data import VOCAB_SIZE
@@ -81,7 +80,7 @@ DEFAULT_PACKAGES = ["torch", "transformers", "triton", "jax", "scipy", "numpy", 
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "jaxlib": "jaxlib"}
 
 # label -> (optimizer name in recipes.optim, extra constructor arguments, implementation shown in the table).
-# The order is the run order: the issue's targets first, so a time budget cuts the least needed runs.
+# The order is the run order: what the targets need first, so a time budget cuts the least needed runs.
 RUNS: dict[str, tuple[str, dict, str]] = {
     "galore-torch": ("galore-torch", {}, "galore_torch.GaLoreAdamW"),
     "galore": ("galore", {}, "slimtrain GaLoreAdamW"),
@@ -97,7 +96,7 @@ RUNS: dict[str, tuple[str, dict, str]] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="60m", help="a shape of slimtrain.recipes.models (default: 60m; --quick: micro)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
@@ -365,7 +364,7 @@ def check_dependencies(labels: list[str]) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_dependencies(run_labels(args))
-    command = " ".join(["python", "benchmarks/convergence_gpu.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     corpus = load_corpus(args)
@@ -406,7 +405,7 @@ def _ok(rows, label):
 
 
 def target_checks(args, rows: list[dict]) -> list[str]:
-    """The issue's targets, each a measured fact with PASS/FAIL (or NOT MEASURED)."""
+    """The targets, each a measured fact with PASS/FAIL (or NOT MEASURED)."""
     galore, ref, fira = _ok(rows, "galore"), _ok(rows, "galore-torch"), _ok(rows, "fira")
     block, subspace = _ok(rows, "frugal-block"), _ok(rows, "frugal")
     out = []
@@ -526,7 +525,7 @@ def write_report(args, command: str, corpus: Corpus, rows: list[dict], total_s: 
             f"{math.exp(min(r['val_loss'], 700)):.3f} | {ratio} | {r['tokens_per_s']:,.0f} | {mem} | "
             f"{r['state_bytes']:,} | {r['wall_s']:.0f} | `{r['data_sha1'][:10]}` |"
         )
-    lines += ["", "## Targets (issue 16)", "", *target_checks(args, rows), ""]
+    lines += ["", "## Targets", "", *target_checks(args, rows), ""]
     skipped = [r["label"] for r in rows if r["status"].startswith("skipped")]
     if skipped:
         lines += [f"Not run, for the time budget: {', '.join(skipped)}.", ""]

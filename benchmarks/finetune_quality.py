@@ -7,8 +7,8 @@ same plays, passages, steps, batch order and seed; only the adapter and its lear
 RandLoRA, DoRA, LoLDU and S2FT, all rank 8 on query/value (RandLoRA r 32; S2FT on value and
 attention output).
 
-    python benchmarks/finetune_quality.py                    # ~15 min on 2 shared CPU cores
-    python benchmarks/finetune_quality.py --quick            # seconds per method, a smoke test
+    python -m benchmarks.finetune_quality                    # ~15 min on 2 shared CPU cores
+    python -m benchmarks.finetune_quality --quick            # seconds per method, a smoke test
 
 Shorter than the recipe's default run (200 steps of 48-word passages) to fit eight methods in about 15
 minutes on a shared 2-core machine: 60 steps of 16 passages of 32 words (about 45 tokens, cut at 64),
@@ -21,13 +21,13 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from benchmarks._cli import command_line, invocation  # noqa: E402
 from slimtrain.recipes import finetune as F  # noqa: E402
 
 METHODS = ("lora", "lora-dora", "peft-randlora", "nola", "randlora", "dora", "loldu", "s2ft")
@@ -39,7 +39,7 @@ QUICK = dict(steps=3, words=16, max_length=32, test_passages=2, batch_size=4, ma
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 steps on 24 passages: checks the script, not the methods")
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT['steps']})")
@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Invalid --methods: {', '.join(map(repr, unknown))} (expected some of {', '.join(METHODS)})")
-    command = "python benchmarks/finetune_quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = command_line(__file__, argv)
     scratch = tempfile.mkdtemp(prefix="finetune_quality_")
     rows, data, setting = [], None, None
     try:

@@ -1,10 +1,10 @@
 """Peak GPU memory of whole LLaMA-7B training steps: slimtrain's leanest configurations beside bitsandbytes'
-AdamW8bit and galore-torch's per-layer 8-bit GaLore, each next to what ``slimtrain memory`` predicts (issue 13).
+AdamW8bit and galore-torch's per-layer 8-bit GaLore, each next to what ``slimtrain memory`` predicts.
 
-    python benchmarks/llama7b_memory.py        # on a GPU: writes benchmarks/results/llama7b_memory_gpu.md
-    python benchmarks/llama7b_memory.py --shape tiny --device cpu --out /tmp/m.md     # smoke run, seconds
+    python -m benchmarks.llama7b_memory        # on a GPU: writes benchmarks/results/llama7b_memory_gpu.md
+    python -m benchmarks.llama7b_memory --shape tiny --device cpu --out /tmp/m.md     # smoke run, seconds
 
-**Setting (the issue's).** A LLaMA with GaLore's 7B shape (hidden 4096, intermediate 11008, 32 heads, 32
+**Setting.** A LLaMA with GaLore's 7B shape (hidden 4096, intermediate 11008, 32 heads, 32
 layers, vocabulary 32000; 6.74B parameters), random initialization, bf16 weights and gradients, sequence 256,
 batch 1, activation checkpointing, layer-wise updates: every parameter is stepped in its post-accumulate-grad
 hook and its gradient freed, so one gradient is alive at a time. slimtrain does this with
@@ -12,7 +12,7 @@ hook and its gradient freed, so one gradient is alive at a time. slimtrain does 
 same hook, as galore-torch's ``torchrun_main.py --optimizer galore_adamw8bit_per_layer`` does. Rank 1024, T =
 200, scale 0.25 for the projected optimizers, the attention and MLP matrices projected.
 
-**Configurations**, in run order (the issue's target first):
+**Configurations**, in run order (slimtrain's first: the target is about them):
 
 - ``slimtrain-dct8bit``: ``DCTAdamW8bit``. It stores r indices per matrix instead of a basis.
 - ``slimtrain-galore8bit-bf16``: ``GaLoreAdamW8bit`` with ``RandomizedProjector(basis_dtype="bf16")``: the basis
@@ -26,7 +26,7 @@ same hook, as galore-torch's ``torchrun_main.py --optimizer galore_adamw8bit_per
 after the model is built. ``max_memory_reserved`` is shown beside it. The optimizer state after the last step
 is counted tensor by tensor on every device. **Predicted**: ``slimtrain.memory.estimate_memory`` (weights +
 one gradient + state, ``--layerwise``) for slimtrain and the AdamW8bit row, and galore-torch's state by the
-analytic formula of ``benchmarks/state_memory_8bit.py``. Activations, the refresh's temporaries, cuBLAS
+analytic formula of ``benchmarks.state_memory_8bit``. Activations, the refresh's temporaries, cuBLAS
 workspaces and the CUDA context are not predicted: the table shows how much they add.
 
 On the CPU there is no allocator peak to read. The smoke run checks the code path and the predicted state
@@ -38,15 +38,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.util
 import os
 import platform
-import shlex
-import sys
 import time
 
 import torch
 
+from benchmarks._cli import command_line, invocation
+from benchmarks.state_memory_8bit import galore_torch_8bit_bytes
 from slimtrain.memory import LLAMA_SHAPES, estimate_memory, llama_from_shape
 from slimtrain.optimizers import DCTAdamW8bit, GaLoreAdamW8bit, LayerwiseStepper, low_rank_param_groups
 from slimtrain.optimizers.projectors import RandomizedProjector
@@ -61,7 +60,7 @@ GB = 1e9
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="7b", choices=tuple(SHAPES), help="model shape (tiny: smoke run)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--rank", type=int, default=None, help="projection rank (default: 1024 at 7b, 16 at tiny)")
@@ -185,22 +184,12 @@ def predicted(name: str, model, args) -> dict:
         est = estimate_memory(config, "adamw", state_bits=8, weight_dtype="bf16", layerwise=True)
     else:
         est = estimate_memory(config, "adamw", weight_dtype="bf16", layerwise=True)  # weights and one gradient
-        peers = _state_memory_8bit()
         projected = _projected(model)
         params = [p for p in model.parameters()]
-        state = peers.galore_torch_8bit_bytes([p for p in params if id(p) in projected],
-                                              [p for p in params if id(p) not in projected], args.rank, 2)
+        state = galore_torch_8bit_bytes([p for p in params if id(p) in projected],
+                                        [p for p in params if id(p) not in projected], args.rank, 2)
         return dict(weights=est.total.weights, grads=est.total.grads, state=state)
     return dict(weights=est.total.weights, grads=est.total.grads, state=est.total.state)
-
-
-def _state_memory_8bit():
-    """``benchmarks/state_memory_8bit.py`` as a module: its peers' formulas, checked there against measurements."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "state_memory_8bit.py")
-    spec = importlib.util.spec_from_file_location("benchmarks_state_memory_8bit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +243,7 @@ def _train(name: str, model, row: dict, args) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    command = " ".join(["python benchmarks/llama7b_memory.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     t_start = time.perf_counter()
     rows, skipped = [], []
     for name in args.configs:
@@ -338,7 +327,7 @@ def write_report(args, command: str, rows: list[dict], skipped: list[str], total
               "optimizer, one optimizer per parameter here (counted once in the prediction)."]
     lines += ["", "What the peak holds beyond the prediction: activations (checkpointed: one layer's recomputed "
               "activations plus every layer's input), logits and their gradient, a refresh's temporaries (an SVD's "
-              "or FFT's workspace for one matrix), cuBLAS workspaces. The issue's target: the best slimtrain peak "
+              "or FFT's workspace for one matrix), cuBLAS workspaces. The target: the best slimtrain peak "
               "at most 18 GB, and `slimtrain memory` within 5% of each measured peak."]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -6,8 +6,8 @@ this machine's CPU threads), best of ``--repeats`` runs. Quality: the fraction o
 the chosen rank-r subspace captures, ``||G B^T||_F^2 / ||G||_F^2`` (the exact SVD maximizes it), on a
 gradient with a decaying spectrum (singular values ``~ 1/sqrt(i)``) so that subspaces differ.
 
-    python benchmarks/refresh_cost.py                 # 7B shapes, rank 1024: several minutes on 2 CPU cores
-    python benchmarks/refresh_cost.py --quick         # small shapes, seconds
+    python -m benchmarks.refresh_cost                 # 7B shapes, rank 1024: several minutes on 2 CPU cores
+    python -m benchmarks.refresh_cost --quick         # small shapes, seconds
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.optimizers.projectors import make_projector
 
 SHAPES_7B = [(4096, 4096), (11008, 4096)]  # attention (q, k, v, o) and MLP (gate/up, down^T), oriented m' >= n'
@@ -35,7 +36,7 @@ def spectral_gradient(m: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="shapes 512 x 256 and 1376 x 512, rank 64")
@@ -65,7 +66,7 @@ def main(argv=None):
     lines = [
         "# Projector refresh cost",
         "",
-        f"Produced by `python benchmarks/refresh_cost.py{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU cores "
+        f"Produced by `{command_line(__file__, argv)}` on {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"fp32, rank {rank}, best of {args.repeats}. Time: one `refresh` plus materializing the r x n basis. "
         "Energy: fraction of the gradient's squared Frobenius norm inside the chosen subspace (spectrum 1/sqrt(i)).",

@@ -14,8 +14,8 @@ frozen factors are buffers), gradients (every ``.grad``) and optimizer state (ev
 (distinct storages seen by ``saved_tensors_hooks``, weights and buffers excluded): not part of the target, shown because the
 spectral layer saves ``x V`` (d per token) beside ``x``.
 
-    python benchmarks/sst_memory.py             # tiny and 60m at the byte vocabulary, 60m at 32k; ~1 min
-    python benchmarks/sst_memory.py --quick     # tiny only
+    python -m benchmarks.sst_memory             # tiny and 60m at the byte vocabulary, 60m at 32k; ~1 min
+    python -m benchmarks.sst_memory --quick     # tiny only
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shlex
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.optimizers import SpectralSSTAdamW, to_spectral
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import TARGET_MODULES, build_optimizer, default_rank, optimizer_state_bytes
@@ -38,7 +37,7 @@ CASES = [("tiny", 256), ("60m", 256), ("60m", 32000)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -100,7 +99,7 @@ def run_case(shape: str, vocab: int, args) -> list[dict]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/sst_memory.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     t0 = time.perf_counter()
     rows = [r for shape, vocab in (CASES[:1] if args.quick else CASES) for r in run_case(shape, vocab, args)]
     mib = 2**20

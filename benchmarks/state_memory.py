@@ -15,8 +15,8 @@ counted). Next to it, the analytic expectation, so a reader can check the arithm
 
 "other" is measured minus expected: step counters, seeds, per-matrix scalars.
 
-    python benchmarks/state_memory.py            # about a minute (73 s measured, one thread, busy machine)
-    python benchmarks/state_memory.py --quick    # tiny model
+    python -m benchmarks.state_memory            # about a minute (73 s measured, one thread, busy machine)
+    python -m benchmarks.state_memory --quick    # tiny model
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shlex
-import sys
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import (
     DEFAULTS,
@@ -74,7 +73,7 @@ def expected_bytes(name: str, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="small")
     p.add_argument("--rank", type=int, default=None, help="default: a quarter of the hidden size")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZER_NAMES + REFERENCE_NAMES))
@@ -90,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/state_memory.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     config = model_config(args.model, 256, 64)
     rank = args.rank or default_rank(smallest_matrix_dim(config))
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
 """How many bytes of optimizer state does each optimizer keep, in fp32 and in 8 bits, and what does
 8-bit storage cost in convergence?
 
-    python benchmarks/state_memory_8bit.py                  # about 30 minutes on 2 CPU cores (10 training runs)
-    python benchmarks/state_memory_8bit.py --steps 0        # bytes only, under a minute
+    python -m benchmarks.state_memory_8bit                  # about 30 minutes on 2 CPU cores (10 training runs)
+    python -m benchmarks.state_memory_8bit --steps 0        # bytes only, under a minute
 
 1. The tiny LLaMA of the pretrain recipe (byte vocabulary, fp32 weights), after one step: state bytes
    *measured* for slimtrain's optimizers (fp32 and 8-bit), torch AdamW, bitsandbytes ``AdamW8bit``,
@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import os
-import shlex
-import sys
 import time
 import warnings
 
 import torch
 
+from benchmarks import convergence
+from benchmarks._cli import command_line, invocation
 from slimtrain.memory import estimate_memory, llama_config
 from slimtrain.optimizers import LowRankAdamW, low_rank_param_groups
 from slimtrain.optimizers.base import matrix_shape
@@ -209,22 +208,14 @@ def check_7b_slice(rank: int) -> str:
 # 3. Convergence, 8-bit vs fp32
 
 
-def _convergence():
-    """``benchmarks/convergence.py`` as a module, so the runs here use exactly its settings."""
-    spec = importlib.util.spec_from_file_location("convergence", os.path.join(os.path.dirname(__file__), "convergence.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def train_pairs(args) -> tuple[dict[str, dict], argparse.Namespace]:
-    conv = _convergence()
-    conv_args = conv.parse_args(["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []))
+    """Each method and its 8-bit twin, trained as ``benchmarks.convergence`` trains them (its settings exactly)."""
+    conv_args = convergence.parse_args(["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []))
     out = {}
     data = None
     for method in METHODS:
         for name in (method, method + "8bit"):
-            cfg = conv.recipe_config(conv_args, name, None)
+            cfg = convergence.recipe_config(conv_args, name, None)
             if data is None:
                 data = pretrain.load_data(cfg)
             print(f"[state_memory_8bit] training {name} ...", flush=True)
@@ -241,15 +232,15 @@ def _fmt(b: int) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps per convergence run (default: benchmarks/convergence.py's; 0: skip training)")
+                   help="training steps per convergence run (default: benchmarks.convergence's; 0: skip training)")
     p.add_argument("--rank-7b", type=int, default=1024)
     p.add_argument("--skip-slice", action="store_true", help="skip the real 7B-layer cross-check (about 1.6 GB, a minute)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
-    command = "python benchmarks/state_memory_8bit.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    command = command_line(__file__, argv)
     t0 = time.perf_counter()
     rank = default_rank(smallest_matrix_dim(model_config(args.model, pretrain.VOCAB_SIZE)))
     tiny, n_tiny = measure_tiny(args.model, rank)
@@ -319,7 +310,7 @@ def main(argv=None) -> None:
             f"## 3. Convergence: 8-bit vs fp32 ({args.model} LLaMA on Shakespeare, {conv_args.steps} steps of "
             f"{conv_args.batch_size} x {conv_args.seq_len} bytes)",
             "",
-            "Each run is `benchmarks/convergence.py`'s (its `recipe_config`, defaults unchanged: same initial weights,",
+            "Each run is `benchmarks.convergence`'s (its `recipe_config`, defaults unchanged: same initial weights,",
             f"batch order, paper-default hyperparameters, rank {rank}, validation on {conv_args.eval_batches} batches of",
             "held-out plays). Final validation loss in nats per byte; the fp32 rows are that benchmark's own runs",
             "repeated here.",

@@ -18,18 +18,18 @@ Method, all in one process:
 - state: bytes of every distinct tensor reachable from ``optimizer.state`` after the last step
   (``recipes.optim.state_tensor_bytes``, which also counts galore-torch's projector objects).
 
-    python benchmarks/step_time.py                  # 60M shapes: 6 minutes on an idle 2-core CPU, one thread
-    python benchmarks/step_time.py --model 130m     # the 130M shapes at the paper's rank 256 (not run here)
-    python benchmarks/step_time.py --quick          # tiny model, byte vocabulary: seconds
-    python benchmarks/step_time.py --device cuda --model 1b --optimizers adamw adamw-fused galore-torch \
-        galore fira frugal dct galore8bit bnb-adamw8bit --kernel-backends auto torch     # issue 13, on a GPU
+    python -m benchmarks.step_time                  # 60M shapes: 6 minutes on an idle 2-core CPU, one thread
+    python -m benchmarks.step_time --model 130m     # the 130M shapes at the paper's rank 256 (not run here)
+    python -m benchmarks.step_time --quick          # tiny model, byte vocabulary: seconds
+    python -m benchmarks.step_time --device cuda --model 1b --optimizers adamw adamw-fused galore-torch \
+        galore fira frugal dct galore8bit bnb-adamw8bit --kernel-backends auto torch     # on a GPU
 
 Writes ``step_time.md`` into ``--out-dir`` with the command and the machine on top; on CUDA
 ``step_time_gpu.md``, naming the GPU and the versions of CUDA, Triton, bitsandbytes and galore-torch.
 
 **On a GPU** each step is timed between two ``torch.cuda.synchronize()`` calls, and the table adds the step's
 transient memory: ``torch.cuda.max_memory_allocated`` during the step minus what was allocated before it (the
-temporaries a step needs beyond the state it keeps; issue 13 asks for at most 0.1x the state). Two peers exist
+temporaries a step needs beyond the state it keeps; the target is at most 0.1x the state). Two peers exist
 only here: ``adamw-fused`` (``torch.optim.AdamW(fused=True)``) and ``bnb-adamw8bit`` (bitsandbytes'
 ``AdamW8bit``). ``--kernel-backends auto torch`` adds a row per slimtrain optimizer stepped with
 ``slimtrain.kernels.use_backend("torch")``: its Triton path beside its torch path.
@@ -41,13 +41,12 @@ import argparse
 import datetime
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.memory import LLAMA_VOCAB, PAPER_RANKS
 from slimtrain.recipes.models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import (
@@ -78,7 +77,7 @@ AMORTIZE_GAP = 200  # the papers' default update_proj_gap
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n")[0])
     p.add_argument("--model", default="60m", help=f"shape: {', '.join(MODEL_SHAPES)} (default: 60m)")
     p.add_argument("--vocab", type=int, default=LLAMA_VOCAB, help=f"vocabulary (default: {LLAMA_VOCAB}, the paper's)")
     p.add_argument("--rank", type=int, default=None, help="projection rank (default: the paper's, else a quarter)")
@@ -91,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--layers", type=int, default=None,
-                   help="decoder layers (default: the shape's); e.g. 4 layers of the 1B shape, as issue 13 allows")
+                   help="decoder layers (default: the shape's); e.g. 4 layers of the 1B shape")
     p.add_argument("--kernel-backends", nargs="+", default=["auto"], choices=KERNEL_BACKENDS,
                    help="slimtrain's kernels: auto (default: Triton on CUDA, torch elsewhere); each other one adds a "
                         "row per slimtrain optimizer")
@@ -195,7 +194,7 @@ def summarize(name: str, seconds: list[float], state_bytes: int, args, transient
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = " ".join(["python", "benchmarks/step_time.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     host = machine(args.device)
     config = model_config(args.model, args.vocab, args.seq_len)
     if args.layers is not None:

@@ -10,7 +10,7 @@ averaged over ranks. Steps 0 and 5 are refresh steps (``update_proj_gap=5``); th
 table splits them from ordinary steps. The model is a small LLaMA (4 layers, hidden 128) on random
 tokens; the state sizes do not depend on the data.
 
-    python benchmarks/zero.py                  # writes benchmarks/results/zero.md (about 3 minutes on 2 CPU cores)
+    python -m benchmarks.zero                  # writes benchmarks/results/zero.md (about 3 minutes on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections import defaultdict
 
 import torch
 import torch.multiprocessing as mp
+
+from benchmarks._cli import command_line, invocation
 
 STEPS = 7
 GAP = 5
@@ -120,7 +122,7 @@ def run(world, stage):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "zero.md"))
     args = parser.parse_args(argv)
@@ -141,7 +143,7 @@ def main(argv=None):
     lines = [
         "# ZeRO: communication and per-rank optimizer state",
         "",
-        "Produced by `python benchmarks/zero.py` (2 CPU cores, gloo; LLaMA 4 layers x hidden 128, rank 32,",
+        f"Produced by `{command_line(__file__, argv)}` (2 CPU cores, gloo; LLaMA 4 layers x hidden 128, rank 32,",
         f"`update_proj_gap={GAP}`, micro-batch 4 x 32 tokens). Bytes: message sizes of every collective a rank",
         "issues in a step, DeepSpeed's from its comms logger and slimtrain's from its own counter, averaged over",
         "the 2 ranks; 'ordinary' excludes the refresh steps 0 and 5.",

@@ -13,7 +13,7 @@ steps, on the first 20,000 characters of three Shakespeare texts), at rank 8 and
 If ``halves`` reproduces ``2 ranks``, the gap to ``one process`` comes from the split batch (a mean of
 means in fp32), not from the sharding.
 
-    DS_ACCELERATOR=cpu python benchmarks/zero_vs_one_process.py   # about 3 minutes on 2 CPU cores
+    DS_ACCELERATOR=cpu python -m benchmarks.zero_vs_one_process   # about 3 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import tempfile
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain.recipes import pretrain
 from slimtrain.recipes.data import shakespeare_files
 
@@ -102,14 +103,16 @@ def _fmt(value: float | None) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "zero_vs_one_process.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    accelerator = os.environ.get("DS_ACCELERATOR")
+    command = command_line(__file__, argv, env=f"DS_ACCELERATOR={accelerator}" if accelerator else "")
     lines = [
         "# 2 ZeRO-2 ranks vs one process (GaLore, tiny LLaMA)",
         "",
-        "Produced by `DS_ACCELERATOR=cpu python benchmarks/zero_vs_one_process.py` (CPU, torch "
+        f"Produced by `{command}` (CPU, torch "
         f"{torch.__version__}). Losses in nats per byte; validation every 2 steps. `halves` is one process stepping "
         "on the mean of the two half-batch gradients.",
         "",

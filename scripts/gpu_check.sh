@@ -3,7 +3,7 @@
 # benchmark. Writes, under benchmarks/results/:
 #   tests_gpu.md    the pytest summary (counts, every failure, skip reasons), naming the GPU and the torch,
 #                   Triton and CUDA versions;  tests_gpu.log: the full pytest output
-#   kernels_gpu.md  every fused op beside its torch reference on this GPU (benchmarks/kernels.py)
+#   kernels_gpu.md  every fused op beside its torch reference on this GPU (python -m benchmarks.kernel_speed)
 #
 #   bash scripts/gpu_check.sh                          # with the packages this Python environment has
 #   SLIMTRAIN_WHEELS=.whl bash scripts/gpu_check.sh    # first install those wheels into a side directory
@@ -61,5 +61,5 @@ lines += ["Full log: `tests_gpu.log` beside this file.", ""]
 open(out, "w").write("\n".join(lines))
 print("\n".join(lines[:6]))
 PY
-timeout 120 python benchmarks/kernels.py || echo "gpu_check.sh: benchmarks/kernels.py failed or was cut (status $?)" >&2
+timeout 120 python -m benchmarks.kernel_speed || echo "gpu_check.sh: benchmarks.kernel_speed failed or was cut (status $?)" >&2
 exit "$status"

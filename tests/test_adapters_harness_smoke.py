@@ -1,9 +1,7 @@
-"""benchmarks/adapters.py's layer-stack harness (issue 14's GPU speed test) at a small size on whichever device is
+"""benchmarks.adapters' layer-stack harness (the GPU speed test) at a small size on whichever device is
 here: every method builds, trains forward and backward, and gets a row."""
 
 import argparse
-import importlib.util
-import os
 
 import pytest
 
@@ -11,13 +9,10 @@ from tests._device import DEVICE
 
 pytest.importorskip("peft")
 
-BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "adapters.py")
+from benchmarks import adapters as bench  # noqa: E402
 
 
 def test_harness_times_every_method(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmarks_adapters", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     args = argparse.Namespace(device=str(DEVICE), dim=64, layers=4, tokens=32, rounds=1)
     table, medians = bench.harness(args)
     assert set(medians) == set(bench.harness_methods(4)), table  # none failed to build

@@ -1,31 +1,14 @@
-"""Each benchmark script runs end to end at its tiniest setting and writes its results table."""
-
-import importlib.util
-import os
+"""The benchmarks' own logic at their tiniest settings, in this process, where a test needs what ``main`` returns:
+seeds and sections of the convergence table, refused arguments, step time and state bytes. Each benchmark started
+as a user starts it, and the reports of those runs, are checked in test_benchmark_commands.py."""
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_convergence_quick(tmp_path):
-    rows = _load("convergence").main(["--quick", "--optimizers", "galore", "galore-torch", "--out-dir", str(tmp_path)])
-    assert [r["name"] for r in rows] == ["adamw", "galore", "galore-torch"]
-    report = (tmp_path / "convergence.md").read_text()
-    assert "python benchmarks/convergence.py --quick" in report
-    assert sum(line.startswith("|") for line in report.splitlines()) == 2 + len(rows)  # header, rule, rows
-    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+from benchmarks import convergence, step_time
 
 
 def test_convergence_quick_seeds_reports_mean_and_spread(tmp_path):
-    rows = _load("convergence").main(["--quick", "--seeds", "2", "--optimizers", "galore", "--out-dir", str(tmp_path)])
+    rows = convergence.main(["--quick", "--seeds", "2", "--optimizers", "galore", "--out-dir", str(tmp_path)])
     report = (tmp_path / "convergence.md").read_text()
     assert "seeds 0, 1 (" in report
     for r in rows:
@@ -38,34 +21,11 @@ def test_convergence_quick_seeds_reports_mean_and_spread(tmp_path):
 
 def test_convergence_rejects_unknown_optimizer_before_training(tmp_path):
     with pytest.raises(ValueError, match="Invalid --optimizer: 'lion'"):
-        _load("convergence").main(["--quick", "--optimizers", "galore", "lion", "--out-dir", str(tmp_path)])
+        convergence.main(["--quick", "--optimizers", "galore", "lion", "--out-dir", str(tmp_path)])
     assert not (tmp_path / "convergence.md").exists()
 
 
-def test_state_memory_quick_matches_expectation(tmp_path):
-    rows = _load("state_memory").main(["--quick", "--out-dir", str(tmp_path)])
-    report = (tmp_path / "state_memory.md").read_text()
-    assert "python benchmarks/state_memory.py --quick" in report
-    for r in rows:
-        if r["available"]:
-            # What is not moments or basis is counters and per-matrix scalars: a few kB at most.
-            assert 0 <= r["measured"] - r["moments"] - r["basis"] < 32 * 1024, r["name"]
-            assert r["own"] is None or r["own"] == r["measured"], r["name"]
-
-
-def test_refresh_cost_quick(tmp_path):
-    out = tmp_path / "refresh_cost.md"
-    _load("refresh_cost").main(["--quick", "--out", str(out)])
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and " x " in line]
-    assert len(rows) == 2 * 4  # two shapes, four projectors
-    energy = {tuple(c.strip() for c in r.split("|")[1:3]): float(r.split("|")[5]) for r in rows}
-    for shape in {k[0] for k in energy}:
-        # The exact SVD captures the most energy of any rank-r subspace (Eckart-Young).
-        assert energy[(shape, "svd")] >= max(energy[(shape, p)] for p in ("randomized", "dct", "random")) - 1e-6
-
-
 def test_convergence_section_keeps_the_main_table(tmp_path):
-    convergence = _load("convergence")
     convergence.main(["--quick", "--optimizers", "galore", "--out-dir", str(tmp_path)])
     main_table = (tmp_path / "convergence.md").read_text()
     for optimizer in ("galore8bit", "dct8bit"):  # the second run replaces the first one's section
@@ -82,7 +42,6 @@ def test_convergence_section_keeps_the_main_table(tmp_path):
 
 
 def test_convergence_name_at_lr_sets_the_lr_in_its_own_section(tmp_path):
-    convergence = _load("convergence")
     convergence.main(["--quick", "--optimizers", "galore", "--out-dir", str(tmp_path)])
     main_table = (tmp_path / "convergence.md").read_text()
     rows = convergence.main(["--quick", "--optimizers", "frugal-block@0.003", "frugal-block", "spectral-sst",
@@ -100,7 +59,7 @@ def test_convergence_name_at_lr_sets_the_lr_in_its_own_section(tmp_path):
 @pytest.mark.parametrize("text, expected", [("frugal", ("frugal", None)), ("frugal@0.003", ("frugal", 0.003)),
                                             ("spectral-sst@1e-3", ("spectral-sst", 1e-3)), ("galore-torch@0.01", ("galore-torch", 0.01))])
 def test_convergence_parses_name_at_lr(text, expected):
-    assert _load("convergence").parse_optimizer(text) == expected
+    assert convergence.parse_optimizer(text) == expected
 
 
 @pytest.mark.parametrize("text, message", [
@@ -115,16 +74,16 @@ def test_convergence_parses_name_at_lr(text, expected):
 ])
 def test_convergence_refuses_bad_optimizers_before_training(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
-        _load("convergence").main(["--quick", "--optimizers", "galore", text, "--out-dir", str(tmp_path)])
+        convergence.main(["--quick", "--optimizers", "galore", text, "--out-dir", str(tmp_path)])
     assert not (tmp_path / "convergence.md").exists()
 
 
 def test_step_time_quick(tmp_path):
     names = ["adamw", "galore-torch", "galore", "dct8bit"]
-    rows = _load("step_time").main(["--quick", "--optimizers", *names, "--out-dir", str(tmp_path)])
+    rows = step_time.main(["--quick", "--optimizers", *names, "--out-dir", str(tmp_path)])
     assert [r["name"] for r in rows] == names
     report = (tmp_path / "step_time.md").read_text()
-    assert "python benchmarks/step_time.py --quick" in report and "cores, torch" in report
+    assert "python -m benchmarks.step_time --quick" in report and "cores, torch" in report
     assert sum(line.startswith("|") for line in report.splitlines()) == 2 + len(names)
     by_name = {r["name"]: r for r in rows}
     assert by_name["adamw"]["refresh"] is None and all(by_name[n]["refresh"] > 0 for n in names[1:])

@@ -1,25 +1,18 @@
-"""benchmarks/llama7b_memory.py end to end at a tiny shape on whichever device is here: every configuration trains,
+"""benchmarks.llama7b_memory end to end at a tiny shape on whichever device is here: every configuration trains,
 and the state slimtrain's optimizers hold is the state ``slimtrain memory`` predicts, to the byte."""
-
-import importlib.util
-import os
 
 import pytest
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("galore_torch")
 
+from benchmarks import llama7b_memory  # noqa: E402
 from tests._device import DEVICE  # noqa: E402
-
-BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "llama7b_memory.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmarks_llama7b_memory", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return llama7b_memory
 
 
 def test_tiny_run_writes_every_configuration(bench, tmp_path):
@@ -35,7 +28,7 @@ def test_tiny_run_writes_every_configuration(bench, tmp_path):
             assert 0 <= r["state"] - r["predicted"]["state"] <= 2048 * r["n_optimizers"], r
     report = out.read_text()
     assert report.startswith("# LLaMA (tiny) training memory")
-    assert "python benchmarks/llama7b_memory.py --shape tiny" in report
+    assert "python -m benchmarks.llama7b_memory --shape tiny" in report
     assert all(f"| {c} |" in report for c in bench.CONFIGS)
 
 

@@ -1,28 +1,18 @@
-"""benchmarks/step_time.py's device, peer and kernel-backend options (issue 13), at its --quick size on whichever
+"""benchmarks.step_time's device, peer and kernel-backend options, at its --quick size on whichever
 device is here: on CUDA it writes step_time_gpu.md with each step's transient memory."""
-
-import importlib.util
-import os
 
 import pytest
 
 from tests._device import DEVICE
 
-BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "step_time.py")
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("benchmarks_step_time", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import step_time
 
 
 def test_peers_and_kernel_backends_each_get_a_row(tmp_path):
     pytest.importorskip("bitsandbytes")
     names = ["adamw", "adamw-fused", "bnb-adamw8bit", "galore"]
-    rows = _bench().main(["--quick", "--device", str(DEVICE), "--optimizers", *names, "--kernel-backends", "auto", "torch",
-                          "--out-dir", str(tmp_path)])
+    rows = step_time.main(["--quick", "--device", str(DEVICE), "--optimizers", *names, "--kernel-backends", "auto", "torch",
+                           "--out-dir", str(tmp_path)])
     assert [r["name"] for r in rows] == ["adamw", "adamw-fused", "bnb-adamw8bit", "galore", "galore [torch kernels]"]
     dense = [r for r in rows if r["name"] in ("adamw", "adamw-fused", "bnb-adamw8bit")]
     assert all(r["refresh"] is None for r in dense)  # peers without a subspace have no refresh step
@@ -39,4 +29,4 @@ def test_refuses_a_device_that_is_not_here():
     if DEVICE.type == "cuda":
         pytest.skip("CUDA is here")
     with pytest.raises(ValueError, match=r"Invalid --device: cuda \(CUDA is not available here\)"):
-        _bench().parse_args(["--quick", "--device", "cuda"])
+        step_time.parse_args(["--quick", "--device", "cuda"])

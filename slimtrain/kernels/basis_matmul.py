@@ -3,7 +3,7 @@
 RandLoRA's shared basis ``B`` is as large as the largest weight it adapts, and every use of it is a matmul
 (``x B^T`` in forward, ``g B`` in backward, ``B A`` for the dense update). Here ``U`` is the 2-D basis
 of ``shape = (R, C)`` that ``philox_uniform(seed, shape, low, high, offset=offset)`` materializes (the
-stream of :mod:`.philox`), and the two ops read a leading block ``U[:rows, :cols]`` of it:
+stream of :mod:`._philox_stream`), and the two ops read a leading block ``U[:rows, :cols]`` of it:
 
 * :func:`philox_linear`: ``x @ U[:rows, :cols]^T``, ``x`` (..., cols) -> (..., rows), like ``F.linear``;
 * :func:`philox_matmul`: ``x @ U[:rows, :cols]``, ``x`` (..., rows) -> (..., cols), its adjoint
@@ -31,7 +31,7 @@ import torch
 from .._validation import check_int
 from . import _dispatch, _triton
 from ._triton import tl, triton
-from .philox import (
+from ._philox_stream import (
     _LAUNCH_OPTIONS,
     _MASK32,
     _accumulator_dtype,
@@ -55,7 +55,7 @@ _REFERENCE_CHUNK = 1 << 14
 # ----------------------------------------------------------------------------------------- torch reference
 def philox_elements_reference(s: _Stream, index: torch.Tensor) -> torch.Tensor:
     """The 32-bit words (int64) of basis 0 of ``s`` at flat, row-major ``index`` (an int64 tensor): element
-    ``i`` is lane ``i // Q`` of counter ``offset + i mod Q`` (the stream of :mod:`.philox`)."""
+    ``i`` is lane ``i // Q`` of counter ``offset + i mod Q`` (the stream of :mod:`._philox_stream`)."""
     q = s.quarter
     lane = torch.div(index, q, rounding_mode="floor")
     t = index - lane * q + s.offset
@@ -95,7 +95,7 @@ def _matmul_reference(x2: torch.Tensor, s: _Stream, rows: int, cols: int, out: t
 # ----------------------------------------------------------------------------------------- Triton kernel
 if _triton.HAS_TRITON:
     from .apply import _round_to
-    from .philox import _to_float_tl
+    from ._philox_stream import _to_float_tl
 
     @triton.jit
     def _basis_tile(index, seed, offset, quarter, half, center):

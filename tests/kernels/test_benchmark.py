@@ -1,21 +1,15 @@
-"""benchmarks/kernels.py runs end to end at its small size and says plainly what it did not run."""
-
-import importlib.util
-from pathlib import Path
+"""benchmarks.kernel_speed runs end to end at its small size and says plainly what it did not run."""
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+from benchmarks import kernel_speed
 
 
 def test_kernel_benchmark_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmarks_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "kernels.md"
-    module.main(["--quick", "--repeats", "1", "--out", str(out)])
+    kernel_speed.main(["--quick", "--repeats", "1", "--out", str(out)])
     report = out.read_text()
-    assert "`python benchmarks/kernels.py --quick`" in report
+    assert f"`python -m benchmarks.kernel_speed --quick --repeats 1 --out {out}`" in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 17  # eight ops, reference and Triton each, and the stored-basis matmul they replace
     if not torch.cuda.is_available():

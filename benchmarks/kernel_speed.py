@@ -12,8 +12,8 @@ Without a GPU the Triton rows are written as "not run" with the reason: the inte
 kernels on CPU for the tests is a debugging tool (about 2 ms per program instance), and timing it
 would say nothing about the kernels.
 
-    python benchmarks/kernels.py            # on whatever device is present (CUDA if any)
-    python benchmarks/kernels.py --quick    # small shapes, seconds
+    python -m benchmarks.kernel_speed            # on whatever device is present (CUDA if any)
+    python -m benchmarks.kernel_speed --quick    # small shapes, seconds
 
 On a CUDA device the table goes to ``results/kernels_gpu.md`` (naming the GPU and the torch, Triton and
 CUDA versions), elsewhere to ``results/kernels.md``. Matmul-bound rows also report TFLOP/s: their
@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks._cli import command_line, invocation
 from slimtrain import kernels
 from slimtrain.kernels.adam import adam_direction_
 from slimtrain.kernels.adam8bit import adam8bit_direction_
@@ -130,7 +131,7 @@ def row(op, shape, backend, t, nbytes, flops, copy_bw, t_ref) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1376 x 512 matrix, rank 128")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="results file (default results/kernels_gpu.md on CUDA, "
@@ -161,7 +162,7 @@ def main(argv=None):
         rows += [ref, fused]
         print(ref, fused, sep="\n", flush=True)
 
-    command = "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
+    command = command_line(__file__, argv)
     lines = [
         "# Fused kernels: time and achieved bandwidth",
         "",
