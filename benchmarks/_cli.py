@@ -18,3 +18,15 @@ def command_line(file: str, argv: list[str] | None, env: str = "") -> str:
     ``argv`` is None) quoted for a POSIX shell."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join([*([env] if env else []), invocation(file), *map(shlex.quote, args)])
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# A --quick run checks that a benchmark works, not what it measures: by default its tables go here (ignored by git),
+# never over the committed tables in results/.
+QUICK_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "benchmarks-quick")
+
+
+def results_dir(quick: bool) -> str:
+    """Where a benchmark writes its tables when no ``--out``/``--out-dir`` is given: ``benchmarks/results`` for a
+    full run, ``runs/benchmarks-quick`` for a ``--quick`` one."""
+    return QUICK_RESULTS if quick else RESULTS

@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from benchmarks._cli import command_line, invocation
+from benchmarks._cli import command_line, invocation, results_dir
 from slimtrain.recipes import pretrain
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import DEFAULTS, RECIPE_NAMES, REFERENCE_NAMES, check_optimizer_name, default_rank
@@ -75,13 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--section", default=None, metavar="TITLE",
                    help="write the table as a section of convergence.md, keeping the main table (e.g. 8-bit rows)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps of 2 x 32 bytes, one AdamW lr")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results (--quick: runs/benchmarks-quick)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1 (got {args.seeds})")
     if args.quick:
         args.steps, args.batch_size, args.seq_len, args.eval_every, args.eval_batches = 3, 2, 32, 3, 1
         args.adamw_lrs = args.adamw_lrs[:1]
+    args.out_dir = args.out_dir or results_dir(args.quick)
     return args
 
 

@@ -27,7 +27,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from benchmarks._cli import command_line, invocation  # noqa: E402
+from benchmarks._cli import command_line, invocation, results_dir  # noqa: E402
 from slimtrain.recipes import finetune as F  # noqa: E402
 
 METHODS = ("lora", "lora-dora", "peft-randlora", "nola", "randlora", "dora", "loldu", "s2ft")
@@ -44,8 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT['steps']})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    return p.parse_args(argv)
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results (--quick: runs/benchmarks-quick)")
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or results_dir(args.quick)
+    return args
 
 
 def _cfg(args, method: str, out: str):

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._cli import command_line, invocation
+from benchmarks._cli import command_line, invocation, results_dir
 from slimtrain import kernels
 from slimtrain.kernels.adam import adam_direction_
 from slimtrain.kernels.adam8bit import adam8bit_direction_
@@ -135,11 +135,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a 1376 x 512 matrix, rank 128")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="results file (default results/kernels_gpu.md on CUDA, "
-                        "results/kernels.md elsewhere)")
+                        "results/kernels.md elsewhere; with --quick, in runs/benchmarks-quick)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   "kernels_gpu.md" if device.type == "cuda" else "kernels.md")
+    out = args.out or os.path.join(results_dir(args.quick), "kernels_gpu.md" if device.type == "cuda" else "kernels.md")
     m, n, r = (1376, 512, 128) if args.quick else (11008, 4096, 1024)
     copy_bw = copy_bandwidth(device, args.repeats)
     name = describe(device)

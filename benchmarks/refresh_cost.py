@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks._cli import command_line, invocation
+from benchmarks._cli import command_line, invocation, results_dir
 from slimtrain.optimizers.projectors import make_projector
 
 SHAPES_7B = [(4096, 4096), (11008, 4096)]  # attention (q, k, v, o) and MLP (gate/up, down^T), oriented m' >= n'
@@ -40,8 +40,10 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="shapes 512 x 256 and 1376 x 512, rank 64")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "refresh_cost.md"))
+    parser.add_argument("--out", default=None,
+                        help="results file (default results/refresh_cost.md; with --quick, in runs/benchmarks-quick)")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(results_dir(args.quick), "refresh_cost.md")
     shapes, rank = (SHAPES_7B, args.rank) if not args.quick else ([(512, 256), (1376, 512)], 64)
     projectors = ["svd", "randomized", "dct", "random"]
     rows = []

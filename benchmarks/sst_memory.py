@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks._cli import command_line, invocation
+from benchmarks._cli import command_line, invocation, results_dir
 from slimtrain.optimizers import SpectralSSTAdamW, to_spectral
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import TARGET_MODULES, build_optimizer, default_rank, optimizer_state_bytes
@@ -42,8 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny model only")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    return p.parse_args(argv)
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results (--quick: runs/benchmarks-quick)")
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or results_dir(args.quick)
+    return args
 
 
 def _bytes(tensors) -> int:

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from benchmarks._cli import command_line, invocation
+from benchmarks._cli import command_line, invocation, results_dir
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import (
     DEFAULTS,
@@ -79,10 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZER_NAMES + REFERENCE_NAMES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="the tiny model")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results (--quick: runs/benchmarks-quick)")
     args = p.parse_args(argv)
     if args.quick:
         args.model = "tiny"
+    args.out_dir = args.out_dir or results_dir(args.quick)
     return args
 
 

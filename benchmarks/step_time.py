@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from benchmarks._cli import command_line, invocation
+from benchmarks._cli import command_line, invocation, results_dir
 from slimtrain.memory import LLAMA_VOCAB, PAPER_RANKS
 from slimtrain.recipes.models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import (
@@ -95,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="slimtrain's kernels: auto (default: Triton on CUDA, torch elsewhere); each other one adds a "
                         "row per slimtrain optimizer")
     p.add_argument("--quick", action="store_true", help="tiny model, byte vocabulary, 6 steps, refresh every 2")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results (--quick: runs/benchmarks-quick)")
     args = p.parse_args(argv)
+    args.out_dir = args.out_dir or results_dir(args.quick)
     if args.quick:
         args.model, args.vocab, args.steps, args.gap, args.warmup, args.seq_len = "tiny", 256, 6, 2, 1, 32
     for name in args.optimizers:  # fail before building a 60M model, not after

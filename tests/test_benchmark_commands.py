@@ -287,3 +287,13 @@ def test_no_module_of_ours_takes_an_installed_name():
 
 def test_the_naming_rule_sees_a_clash():
     assert clashes({"torch", "statistics", "convergence"}) == {"statistics": "the standard library", "torch": "torch"}
+
+
+@pytest.mark.parametrize("name", ["convergence", "finetune_quality", "sst_memory", "state_memory", "step_time"])
+def test_a_quick_run_never_writes_over_the_committed_tables(name):
+    from benchmarks._cli import QUICK_RESULTS, RESULTS
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.parse_args(["--quick"]).out_dir == QUICK_RESULTS
+    assert module.parse_args([]).out_dir == RESULTS
+    assert os.path.relpath(QUICK_RESULTS, ROOT) == os.path.join("runs", "benchmarks-quick")  # ignored by git

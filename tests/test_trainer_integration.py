@@ -40,10 +40,9 @@ class Rows(torch.utils.data.Dataset):
 
 
 def training_args(tmp_path, **kw):
-    return transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8, logging_steps=2,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **kw,
-    )
+    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8, logging_steps=2,
+                    save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    return transformers.TrainingArguments(**{**defaults, **kw})
 
 
 def test_instance_and_callback_keys_in_log_history(tmp_path):
@@ -121,6 +120,16 @@ def test_factory_targets_matching_nothing():
         optimizer_factory("galore", ["nope"], rank=2)()(tiny_model())
 
 
+def test_factory_targets_that_are_frozen_say_so():
+    """low_rank_param_groups over frozen targets: they matched, so say that they are frozen and what to do."""
+    model = tiny_model()
+    model.bert.encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"Invalid target_modules: \['attention'\] matches 8 linear layers, all frozen "
+                                         r"\(requires_grad=False: bert\.encoder\.layer\.0\.attention\.self\.query, .*"
+                                         r"unfreeze them \(module\.requires_grad_\(True\)\)"):
+        optimizer_factory("galore", ["attention"], rank=2)()(model)
+
+
 def test_callback_ignores_other_optimizers(tmp_path):
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -159,14 +168,37 @@ def test_unattached_zero_wrapper_says_what_to_do():
 
 
 # ---------------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO-2 and ZeRO-3 through the Trainer, 2 gloo ranks on CPU (one launch for both stages)
+# DeepSpeed ZeRO-2 and ZeRO-3 through the Trainer, 2 gloo ranks on CPU (one launch for both stages): 6 steps
+# with a checkpoint at step 3, then a second Trainer resumed from it (trainer.train(resume_from_checkpoint=...))
 STAGES = (2, 3)
+SAVE_AT = 3
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _zero_trainer(out_dir, stage: int):
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "steps_per_print": 10_000,
+          "zero_optimization": {"stage": stage, "reduce_bucket_size": 64, "stage3_param_persistence_threshold": 0}}
+    model = tiny_model()  # before the TrainingArguments: no zero.Init partitioning at construction
+    args = training_args(out_dir, deepspeed=ds, ddp_backend="gloo", logging_steps=1, save_strategy="steps",
+                         save_steps=SAVE_AT)
+    factory = optimizer_factory("galore", ["attention", "intermediate", "output.dense"], rank=4, update_proj_gap=2)
+    return transformers.Trainer(model=model, args=args, train_dataset=Rows(),
+                                optimizer_cls_and_kwargs=(factory, {"lr": 1e-2}), callbacks=[SlimtrainCallback()])
+
+
+def _zero_run(trainer, **train_kw):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    trainer.train(**train_kw)
+    weights = [safe_get_full_fp32_param(p).detach().clone() for p in trainer.model_wrapped.module.parameters()]
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    return weights, losses
 
 
 def _zero_rank(rank: int, world: int, port: int, out_dir: str, queue) -> None:
@@ -183,34 +215,26 @@ def _zero_rank(rank: int, world: int, port: int, out_dir: str, queue) -> None:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         import pathlib
 
-        from deepspeed.utils import safe_get_full_fp32_param
-
         for stage in STAGES:
-            ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                  "gradient_clipping": "auto", "steps_per_print": 10_000,
-                  "zero_optimization": {"stage": stage, "reduce_bucket_size": 64,
-                                        "stage3_param_persistence_threshold": 0}}
-            model = tiny_model()  # before the TrainingArguments: no zero.Init partitioning at construction
-            args = training_args(pathlib.Path(out_dir) / f"z{stage}", deepspeed=ds, ddp_backend="gloo")
-            factory = optimizer_factory("galore", ["attention", "intermediate", "output.dense"], rank=4,
-                                        update_proj_gap=2)
-            trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(),
-                                           optimizer_cls_and_kwargs=(factory, {"lr": 1e-2}),
-                                           callbacks=[SlimtrainCallback()])
+            out = pathlib.Path(out_dir) / f"z{stage}"
+            trainer = _zero_trainer(out, stage)
             before = [p.detach().clone() for p in tiny_model().parameters()]
-            trainer.train()
+            weights, losses = _zero_run(trainer)
             ours = unwrap_optimizer(trainer.optimizer)
-            after = [safe_get_full_fp32_param(p).detach() for p in trainer.model_wrapped.module.parameters()]
-            changed = sum(not torch.equal(a, b) for a, b in zip(after, before))
+            changed = sum(not torch.equal(a, b) for a, b in zip(weights, before))
             keys = [sorted(set(CALLBACK_KEYS) & set(h)) for h in trainer.state.log_history]
-            queue.put((rank, stage, type(ours).__name__, ours.stage, changed, len(before), keys, None))
+            resumed_weights, resumed_losses = _zero_run(
+                _zero_trainer(out, stage), resume_from_checkpoint=str(out / "out" / f"checkpoint-{SAVE_AT}"))
+            resume = {"same_weights": all(torch.equal(a, b) for a, b in zip(resumed_weights, weights)),
+                      "losses": losses, "resumed_losses": resumed_losses}
+            queue.put((rank, stage, type(ours).__name__, ours.stage, changed, len(before), keys, resume, None))
     except BaseException:
         import traceback
 
-        queue.put((rank, None, None, None, None, None, None, traceback.format_exc()))
+        queue.put((rank, None, None, None, None, None, None, None, traceback.format_exc()))
 
 
-def test_deepspeed_zero_two_ranks(tmp_path):
+def test_deepspeed_zero_two_ranks_trains_and_resumes_exactly(tmp_path):
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
 
@@ -227,7 +251,11 @@ def test_deepspeed_zero_two_ranks(tmp_path):
     for p in procs:
         p.join(timeout=60)
     assert sorted((r[0], r[1]) for r in results) == [(r, s) for r in range(2) for s in STAGES]
-    for rank, stage, cls, attached_stage, changed, total, keys, err in results:
+    for rank, stage, cls, attached_stage, changed, total, keys, resume, err in results:
         assert cls == "TrainerZeroOptimizer" and attached_stage == stage
         assert changed == total  # every parameter moved (the projected matrices included)
         assert any(k == sorted(CALLBACK_KEYS) for k in keys)
+        # resumed at step 3 of 6 (its log history holds steps 1-3 from the checkpoint): the same losses at steps
+        # 4-6 and the same weights, bit for bit (one machine)
+        assert sorted(resume["losses"]) == list(range(1, 7)) and resume["resumed_losses"] == resume["losses"], resume
+        assert resume["same_weights"], f"ZeRO-{stage} rank {rank}: resumed weights differ from the uninterrupted run"

@@ -15,8 +15,11 @@ Config classes (``peft_type`` in adapter_config.json in brackets):
 * :class:`S2FTConfig` (``S2FT``): S²FT (Yang et al., NeurIPS 2024), dense blocks over selected attention
   heads and FFN channels, GQA-aware.
 
-NOLA and RandLoRA also take ``use_dora=True``. The only module touching PEFT internals is
-:mod:`slimtrain.adapters.registry`; supported PEFT versions: ``registry.SUPPORTED_PEFT_SPEC``.
+NOLA and RandLoRA also take ``use_dora=True``. The pieces the methods share: :mod:`.config` (the config base),
+:mod:`.tuner` (the tuner base, with ``add_weighted_adapter``), :mod:`.delta_layer` (the layer base: merge, unmerge,
+DoRA), :mod:`.dora_scaling` (DoRA's maths), :mod:`.base_layers` (which layers a method wraps), :mod:`.bases`
+(random bases from seeds) and :mod:`.rollback` (a refused call changes nothing). The only module touching PEFT
+internals is :mod:`slimtrain.adapters.registry`; supported PEFT versions: ``registry.SUPPORTED_PEFT_SPEC``.
 """
 
 from . import registry  # noqa: F401  (first: version check, PeftType extension)

@@ -3,7 +3,8 @@
 - :func:`optimizer_factory`: a slimtrain optimizer for ``Trainer(optimizer_cls_and_kwargs=(factory, kwargs))``,
   built from the model's named modules, also under ``TrainingArguments(deepspeed=...)`` with ZeRO 0-3;
 - :class:`SlimtrainCallback`: optimizer-state MiB, projector refreshes and skipped steps in the Trainer's
-  logs; attaches the ZeRO wrapper to the engine when training begins.
+  logs; attaches the ZeRO wrapper to the engine when training begins (and then loads the state of a
+  checkpoint being resumed).
 
 Needs ``transformers`` (imported here, not by ``import slimtrain``).
 """

@@ -21,7 +21,9 @@ Under ZeRO stage 1, 2 or 3 the factory returns a :class:`~slimtrain.sharding.Zer
 around the slimtrain optimizer (ZeRO steps flat partitions; the wrapper reassembles the matrices, see
 :mod:`slimtrain.sharding.zero`). The wrapper must be attached to the ZeRO optimizer once the engine
 exists, which happens inside ``Trainer.train`` after ``accelerator.prepare``; ``SlimtrainCallback``
-does it in ``on_train_begin``. Without the callback the first step raises and says so.
+does it in ``on_train_begin``. Without the callback the first step raises and says so. With
+``trainer.train(resume_from_checkpoint=...)`` DeepSpeed loads the optimizer state before that; the wrapper
+keeps it and loads it when it is attached, so a resumed run continues exactly as the uninterrupted one.
 
 Note the lr: with ``optimizer_cls_and_kwargs`` the Trainer passes only the tuple's kwargs, so
 ``TrainingArguments.learning_rate`` is *not* the optimizer's lr: put ``lr`` in the kwargs (the Trainer's
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ..optimizers import OPTIMIZERS, LowRankAdamW, low_rank_param_groups
-from ..sharding.zero import ZeroLowRankOptimizer
+from ..sharding.zero import FORMAT, ZeroLowRankOptimizer
 
 # Keys of low_rank_param_groups (they shape the projected group); every other keyword is the optimizer's.
 GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "exclude")
@@ -64,11 +66,34 @@ def _deepspeed_config() -> dict | None:
 
 
 class TrainerZeroOptimizer(ZeroLowRankOptimizer):
-    """The ZeRO wrapper as the Trainer gets it: it remembers the stage so a callback can attach it."""
+    """The ZeRO wrapper as the Trainer gets it: it remembers the stage so a callback can attach it.
+
+    ``trainer.train(resume_from_checkpoint=...)`` has DeepSpeed load the checkpoint (``deepspeed_load_checkpoint``)
+    as soon as the engine exists, before ``on_train_begin`` attaches this wrapper, and the saved state can only be
+    placed once the wrapper knows this rank's partitions. So an unattached wrapper keeps the state it is given
+    and loads it when it is attached, before the first step.
+    """
 
     def __init__(self, inner: LowRankAdamW, stage: int):
         super().__init__(inner)
         self.zero_stage = stage
+        self._state_to_load: dict | None = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._units:
+            super().load_state_dict(state_dict)
+            return
+        if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:
+            raise RuntimeError(
+                "Not a slimtrain ZeRO optimizer checkpoint (saved by another optimizer or an elastic checkpoint)"
+            )
+        self._state_to_load = state_dict
+
+    def attach(self, zero_optimizer, stage: int) -> None:
+        super().attach(zero_optimizer, stage)
+        state, self._state_to_load = self._state_to_load, None
+        if state is not None:
+            super().load_state_dict(state)
 
     def step(self, closure=None):
         if not self._units:

@@ -57,7 +57,8 @@ def low_rank_param_groups(
         empty.
 
     Raises:
-        ValueError: if no linear layer matches ``target_modules``.
+        ValueError: if no linear layer matches ``target_modules``, or all that match are frozen. Frozen matches
+            are left out (an optimizer steps only what trains); unfreeze them first to have them projected.
     """
     if isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules):
         raise ValueError(f"Invalid target_modules: {target_modules!r} (expected a list of strings, a regex or 'all-linear')")
@@ -66,15 +67,24 @@ def low_rank_param_groups(
         exclude += ["lm_head", "classifier", "score"]
     projected: list[torch.nn.Parameter] = []
     seen: set[int] = set()
+    frozen: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, _LINEAR_TYPES) or not _matches(name, target_modules):
             continue
         if any(e in name for e in exclude):
             continue
         w = module.weight
-        if w.requires_grad and id(w) not in seen:
+        if not w.requires_grad:
+            frozen.append(name)
+        elif id(w) not in seen:
             projected.append(w)
             seen.add(id(w))
+    if not projected and frozen:
+        raise ValueError(
+            f"Invalid target_modules: {target_modules!r} matches {len(frozen)} linear layers, all frozen "
+            f"(requires_grad=False: {', '.join(frozen[:8])}{', ...' if len(frozen) > 8 else ''}): unfreeze them "
+            "(module.requires_grad_(True)) before building the groups, or target trainable layers"
+        )
     if not projected:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)][:8]
         raise ValueError(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from . import _validation as V
+from .._validation import check_int
 from .base import LowRankAdamW
 
 
@@ -39,15 +43,36 @@ class LayerwiseStepper:
     ``optimizer.step()`` pass. Other wrappers are refused: shard with DeepSpeed ZeRO through
     :func:`slimtrain.sharding.initialize` and call ``step()``.
 
+    **Parameters that start training later.** The stepper follows the optimizer, not the parameters it saw
+    when built: at the start of every backward pass it steps, it also hooks every parameter of the
+    optimizer's groups that requires grad by then (unfrozen since, or added with ``add_param_group``),
+    and such a parameter trains from that backward pass on, as with ``optimizer.step()``. A backward pass
+    is seen when it reaches a parameter the stepper already steps; one that reaches only parameters
+    unfrozen since the previous pass is not (nothing of the stepper's runs in it): unfreeze new parameters
+    while others still train, or build the stepper after unfreezing.
+
+    **Accumulation.** With ``accumulation_steps=k`` the stepper counts backward passes (each autograd run
+    that reaches its parameters), not gradient arrivals: backward passes ``k*i`` to ``k*i + k - 1`` form
+    a window, and a parameter is stepped once per window on what it accumulated in it, exactly as
+    ``loss.backward()`` k times, then ``optimizer.step()`` and ``zero_grad()`` would: in its hook during the
+    window's last backward pass, or, if it got gradients earlier in the window but none in the last one
+    (a branch or an expert that did not run), when that backward pass ends. A reentrant activation
+    checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``) runs a backward pass of its own inside
+    the outer one; when a pass's first gradient arrives in there, the end of the outer pass cannot be seen, so
+    with ``k > 1`` that is refused (use ``use_reentrant=False``, transformers' default); ``k = 1`` is exact
+    either way.
+
     Args:
         optimizer: a slimtrain optimizer (FRUGAL's block mode is refused: choosing the active blocks
             needs the whole step).
         accumulation_steps: with k > 1, gradients accumulate over k backward passes and each parameter
-            is stepped on the k-th (scale the loss by 1/k as usual); they are held in between. Under DDP
-            it must be 1 (accumulate with ``no_sync()``).
+            is stepped at the end of each window of k (scale the loss by 1/k as usual); they are held in
+            between. Under DDP it must be 1 (accumulate with ``no_sync()``).
         model: the ``DistributedDataParallel`` model in a multi-process run (required there), else None.
             ``find_unused_parameters=True`` is refused (DDP would hand this stepper zeros for unused
-            parameters, which Adam's momentum still moves).
+            parameters, which Adam's momentum still moves). DDP averages only the parameters that
+            required grad when it was built: a parameter of the optimizer that gets a gradient outside
+            DDP's buckets is refused at the end of that backward pass (its gradient is one rank's alone).
 
     Don't call ``optimizer.step()`` or ``zero_grad()`` yourself in this mode. Under DDP, a stepper's
     communication hook stays installed after :meth:`remove` (DDP cannot uninstall one); it then only
@@ -57,22 +82,35 @@ class LayerwiseStepper:
     def __init__(self, optimizer: LowRankAdamW, accumulation_steps: int = 1, *, model: nn.Module | None = None):
         if not isinstance(optimizer, LowRankAdamW):
             raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (expected a slimtrain optimizer)")
-        V.check_int("accumulation_steps", accumulation_steps, minimum=1)
+        check_int("accumulation_steps", accumulation_steps, minimum=1)
         if not optimizer.rule.capabilities.layerwise:
             raise RuntimeError(f"{type(optimizer).__name__} cannot run layer-wise: {optimizer.rule.capabilities.reason}")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
-        self._calls: dict[int, int] = {}
-        self._handles = []
-        self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._hooks: dict[int, RemovableHandle] = {}  # id(parameter) -> its post-accumulate-grad hook
+        self._backward_passes = 0  # backward passes seen (single process)
+        self._running = _no_pass  # a weak reference to the end-of-backward callback of the pass running now
         self._ddp = self._check_data_parallel(model)
         self._active = True
         if self._ddp is not None:
             self._clear_queued = False
+            self._stepped_now: set[int] = set()
             self._ddp.register_comm_hook(self._ddp.process_group, self._comm_hook)
             return
-        for p in self._params:
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        if not self._trainable():
+            count = sum(len(g["params"]) for g in optimizer.param_groups)
+            raise RuntimeError(
+                f"LayerwiseStepper found none of the optimizer's {count} parameters requiring grad, so no backward "
+                "pass would ever reach it: unfreeze the parameters to train before building the stepper"
+            )
+        self._hook_new_parameters()
+
+    def _params(self) -> list[Tensor]:
+        """The optimizer's parameters, in its order, as they are now (groups may have been added)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for p in self._params() if p.requires_grad]
 
     def _check_data_parallel(self, model: nn.Module | None) -> nn.parallel.DistributedDataParallel | None:
         ddp_type = nn.parallel.DistributedDataParallel
@@ -104,7 +142,7 @@ class LayerwiseStepper:
                 "without it, or use a regular optimizer.step()"
             )
         in_model = {id(p) for p in model.parameters()}
-        outside = [tuple(p.shape) for p in self._params if id(p) not in in_model]
+        outside = [tuple(p.shape) for p in self._trainable() if id(p) not in in_model]
         if outside:
             raise RuntimeError(
                 f"The optimizer holds parameters that the DistributedDataParallel model does not (shapes "
@@ -113,11 +151,53 @@ class LayerwiseStepper:
             )
         return model
 
+    # One process: a hook per parameter, a callback at the end of each backward pass ---------------
+    def _hook_new_parameters(self) -> None:
+        for p in self._trainable():
+            if id(p) not in self._hooks:
+                self._hooks[id(p)] = p.register_post_accumulate_grad_hook(self._hook)
+
+    def _window_ends(self) -> bool:
+        """Whether the backward pass now running is the last of its accumulation window."""
+        return self._backward_passes % self.accumulation_steps == 0
+
     def _hook(self, p: Tensor) -> None:
-        calls = self._calls.get(id(p), 0) + 1
-        self._calls[id(p)] = calls
-        if calls % self.accumulation_steps:
+        if not self._active:
             return
+        if self._running() is None:
+            self._begin_backward()
+        if self._window_ends():
+            self._step(p)
+
+    def _begin_backward(self) -> None:
+        """The first gradient of a backward pass has arrived: count the pass, hook the parameters that require
+        grad since the previous one (their hooks fire later in this pass; a gradient that arrived before is
+        stepped at its end), and have the engine call :meth:`_end_backward` when the pass is over."""
+        if self.accumulation_steps > 1 and _inside_reentrant_checkpoint():
+            raise RuntimeError(
+                f"LayerwiseStepper(accumulation_steps={self.accumulation_steps}) got the first gradient of a backward "
+                "pass inside a reentrant activation checkpoint's own backward pass, so it cannot tell where the "
+                "outer pass ends: checkpoint with use_reentrant=False (transformers: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or "
+                "use accumulation_steps=1"
+            )
+        end = _EndOfBackward(self)
+        self._running = weakref.ref(end)
+        self._backward_passes += 1
+        self._hook_new_parameters()
+        torch.autograd.Variable._execution_engine.queue_callback(end)
+
+    def _end_backward(self, end: _EndOfBackward) -> None:
+        if self._running() is not end:
+            return
+        self._running = _no_pass
+        if self._window_ends():
+            # what optimizer.step() would step now: every parameter still holding a gradient of this window
+            for p in self._params():
+                if p.grad is not None:
+                    self._step(p)
+
+    def _step(self, p: Tensor) -> None:
         self.optimizer.step_param(p)
         p.grad = None
         self._stepped()
@@ -140,26 +220,75 @@ class LayerwiseStepper:
             self._clear_queued = True
             engine = torch.autograd.Variable._execution_engine
             engine.queue_callback(lambda: engine.queue_callback(self._free_grads))
-        mine = {id(p) for p in self._params}
+        mine = {id(p) for p in self._trainable()}  # the optimizer's groups now, add_param_group included
 
         def step_bucket(fut):
             for p, grad in zip(bucket.parameters(), bucket.gradients()):
                 if id(p) in mine:
                     p.grad = grad  # a view of the averaged bucket: the gradient this step is on
                     self.optimizer.step_param(p)
+                    self._stepped_now.add(id(p))
             self._stepped()
             return fut.value()
 
         return averaged.then(step_bucket)
 
     def _free_grads(self) -> None:
-        for p in self._params:
-            p.grad = None
+        stepped, self._stepped_now = self._stepped_now, set()
         self._clear_queued = False
+        unaveraged = []
+        for p in self._params():
+            if id(p) in stepped:
+                p.grad = None
+            elif p.grad is not None:
+                unaveraged.append(tuple(p.shape))
+        if unaveraged:
+            raise RuntimeError(
+                f"LayerwiseStepper got gradients for {len(unaveraged)} parameters of the optimizer that "
+                f"DistributedDataParallel does not average (shapes {unaveraged[:4]}): DDP reduces only the parameters "
+                "that required grad when it was built. Build DDP after unfreezing (or after add_param_group), so "
+                "that every rank steps on the averaged gradient"
+            )
 
     def remove(self) -> None:
         """Detach the hooks (the optimizer goes back to ordinary ``step()`` use)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
         self._active = False
+
+
+def _no_pass() -> None:
+    return None
+
+
+def _inside_reentrant_checkpoint() -> bool:
+    """Whether this code runs inside the backward pass that ``torch.utils.checkpoint(..., use_reentrant=True)``
+    starts within the outer one (its ``CheckpointFunction.backward`` is on the Python stack). A callback queued
+    there runs when that inner pass ends, not the outer one."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    code = CheckpointFunction.backward.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _EndOfBackward:
+    """Queued on the autograd engine by the first hook of a backward pass; the engine calls it when the pass ends.
+
+    The stepper holds it by weak reference only: the engine drops the callbacks of a pass that raised (an
+    out-of-memory error caught by the training loop), so such a pass stops counting as running and the next
+    backward pass is a new one.
+    """
+
+    __slots__ = ("stepper", "__weakref__")
+
+    def __init__(self, stepper: LayerwiseStepper):
+        self.stepper = stepper
+
+    def __call__(self) -> None:
+        self.stepper._end_backward(self)

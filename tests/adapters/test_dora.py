@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from slimtrain.adapters import DoraConfig, LoLDUConfig, NolaConfig, RandLoraConfig, S2FTConfig
-from slimtrain.adapters._common import DeltaLayer
+from slimtrain.adapters.delta_layer import DeltaLayer
 
 TARGETS = ["lin0", "lin1"]
 

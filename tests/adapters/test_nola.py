@@ -17,7 +17,7 @@ from torch import nn
 import slimtrain.kernels
 from slimtrain._seeds import stable_seed
 from slimtrain.adapters import NolaConfig
-from slimtrain.adapters import _common
+from slimtrain.adapters.bases import GENERATOR_VERSION
 from slimtrain.adapters.nola import layer as nola_layer
 from slimtrain.kernels.philox import philox_uniform
 
@@ -232,7 +232,7 @@ def test_checkpoint_is_coefficients_plus_seed(tmp_path):
         "base_model.model.lin0.nola_shape": (2,), "base_model.model.lin1.nola_shape": (2,),  # (out, in), int64
     }
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["seed"] == 9 and cfg["generator_version"] == _common.GENERATOR_VERSION
+    assert cfg["seed"] == 9 and cfg["generator_version"] == GENERATOR_VERSION
     # a checkpoint from another generator version refuses to load instead of using different bases
     cfg["generator_version"] = 99
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))

@@ -76,6 +76,50 @@ def ddp_layerwise_accum(rank: int, world: int) -> list:
     return ddp_layerwise(rank, world, accum=2, as_view=True)
 
 
+def ddp_layerwise_added_group(rank: int, world: int) -> dict:
+    """A group added with add_param_group after the stepper was built (parameters DDP averages but the optimizer
+    did not hold), against DDP with a regular step; then a parameter DDP does not average (frozen when DDP was
+    built) given to the optimizer, which the stepper refuses at the end of the backward pass."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from slimtrain.optimizers import FiraAdamW, LayerwiseStepper
+
+    models = []
+    for layerwise in (True, False):
+        model = mlp()
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.002)
+        opt = FiraAdamW(groups(model[:3]), lr=1e-2, weight_decay=0.01)  # the last layer joins at step 4
+        stepper = LayerwiseStepper(opt, model=ddp) if layerwise else None
+        for step in range(STEPS):
+            if step == 4:
+                opt.add_param_group({"params": list(model[4].parameters())})
+            x, y = batch(step, rank)
+            ((ddp(x) - y) ** 2).mean().backward()
+            if not layerwise:  # zero_grad after the step: the added parameters first step on all they accumulated
+                opt.step()
+                opt.zero_grad()
+        if stepper is not None:
+            stepper.remove()
+        models.append(model)
+    equal = all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in models)))
+
+    model = mlp()
+    model[4].weight.requires_grad_(False)
+    ddp = DistributedDataParallel(model)
+    opt = FiraAdamW(groups(model[:3]), lr=1e-2)
+    LayerwiseStepper(opt, model=ddp)
+    model[4].weight.requires_grad_(True)
+    opt.add_param_group({"params": [model[4].weight]})
+    x, y = batch(0, rank)
+    try:
+        ((ddp(x) - y) ** 2).mean().backward()
+    except RuntimeError as e:
+        message = str(e)
+    else:
+        message = None
+    return {"equal": equal, "unaveraged": message}
+
+
 def layerwise_refusals(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -104,6 +148,7 @@ SCENARIOS = {
     "ddp_layerwise": ddp_layerwise,
     "ddp_layerwise_accum": ddp_layerwise_accum,
     "layerwise_refusals": layerwise_refusals,
+    "ddp_layerwise_added_group": ddp_layerwise_added_group,
 }
 
 

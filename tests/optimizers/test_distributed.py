@@ -92,3 +92,11 @@ def test_layerwise_refuses_what_it_cannot_run(ranks):
         assert m["not_ddp"] and "takes a torch.nn.parallel.DistributedDataParallel model, got Sequential" in m["not_ddp"]
         assert m["accumulation"] and "no_sync()" in m["accumulation"]
         assert m["unused"] and "find_unused_parameters=True" in m["unused"]
+
+
+def test_layerwise_under_ddp_follows_add_param_group_and_refuses_unaveraged_gradients(ranks):
+    for rank in range(WORLD):
+        result = ranks[(rank, "ddp_layerwise_added_group")]
+        assert result["equal"], "layer-wise under DDP differs from DDP with a regular step after add_param_group"
+        assert result["unaveraged"] and "DistributedDataParallel does not average (shapes [(8, 16)])" in \
+            result["unaveraged"]

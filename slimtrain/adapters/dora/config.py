@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..._validation import check_float, check_int
-from .._common import SlimConfig
+from ..config import SlimConfig
 from ..registry import peft_type_member
 
 

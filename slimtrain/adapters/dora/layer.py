@@ -1,5 +1,5 @@
 """Standalone DoRA layer: LoRA factors + a magnitude vector; the DoRA algebra is the shared one in
-:class:`slimtrain.adapters._common.DeltaLayer` (also used by ``use_dora=True`` on NOLA and RandLoRA)."""
+:class:`slimtrain.adapters.delta_layer.DeltaLayer` (also used by ``use_dora=True`` on NOLA and RandLoRA)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._common import DeltaLayer
+from ..delta_layer import DeltaLayer
 from .config import DoraConfig
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._common import SlimTuner
+from ..tuner import SlimTuner
 from .layer import DoraLayer, Linear
 
 
@@ -13,3 +13,7 @@ class DoraModel(SlimTuner):
     prefix: str = "dora_"
     tuner_layer_cls = DoraLayer
     layer_cls = Linear
+    weighted_combination_refusal = (
+        "its weight m * (W + B A) / ||W + B A||_row is not linear in the adapter (a row norm, and the product "
+        "B A), so a weighted sum of two DoRA updates is no DoRA update"
+    )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._seeds import generator, stable_seed
-from .._common import DeltaLayer
+from ..delta_layer import DeltaLayer
 from ..registry import peft_api
 
 BufferDict = peft_api.BufferDict
@@ -212,6 +212,24 @@ class LoLDULayer(DeltaLayer):
                 self.coefficients(adapter).to(dtype),
                 self.loldu_U[adapter].to(dtype),
             )
+
+    def add_weighted(self, target: str, adapters: list[str], weights: list[float], key: str) -> None:
+        """Make ``target``'s update ``sum_k weights[k] * ΔW[adapters[k]]``: the update is linear in the coefficient
+        vector over the factors, so over the same factors the weighted coefficients are exact. ``target`` gets
+        ``z = d₀ + c / s`` (and τ = 0), rounded once to the diagonal's dtype."""
+        fingerprint = self.loldu_fingerprint[target]
+        other = [a for a in adapters if not torch.equal(self.loldu_fingerprint[a], fingerprint)]
+        if other:
+            raise ValueError(
+                f"Invalid adapters for add_weighted_adapter at {key}: {other} use other LDU factors than "
+                f"{adapters[0]!r} (another r or base weight); LoLDU updates add up only over the same factors"
+            )
+        with torch.no_grad():
+            coef = sum(w * self.coefficients(a).double() for a, w in zip(adapters, weights))
+            diag = self.loldu_d0[target].double() + coef / self.scaling[target]
+            self.loldu_diag[target].copy_(diag)
+            if target in self.loldu_scale:
+                self.loldu_scale[target].zero_()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

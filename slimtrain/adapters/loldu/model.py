@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import SlimTuner
+from ..tuner import SlimTuner
 from .layer import Linear, LoLDULayer
 
 # Default targets when `target_modules` is None (the paper adapts the attention projections).

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..._validation import check_bool, check_float, check_int
-from .._common import GENERATOR_VERSION, SlimConfig, check_seed
+from ..bases import GENERATOR_VERSION, check_seed
+from ..config import SlimConfig
 from ..registry import peft_type_member
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from ...kernels.philox import philox_combine, philox_project, philox_uniform
 from ..._seeds import stable_seed
-from .._common import DeltaLayer, seeded_uniform, uniform_on_cpu
+from ..bases import seeded_uniform, uniform_on_cpu
+from ..delta_layer import DeltaLayer
 from ..registry import peft_api
 from .config import NolaConfig
 

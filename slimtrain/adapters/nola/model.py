@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from .._common import SlimTuner
+from ..tuner import SlimTuner
 from .layer import Linear, NolaLayer
 
 
@@ -18,6 +18,10 @@ class NolaModel(SlimTuner):
     prefix: str = "nola_"
     tuner_layer_cls = NolaLayer
     layer_cls = Linear
+    weighted_combination_refusal = (
+        "its update s * B(b) A(a) is a product of the two coefficient vectors' factors, so a weighted sum of two "
+        "NOLA updates has rank up to 2r and is in general no NOLA update of rank r over the same bases"
+    )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -13,7 +13,8 @@ from torch import nn
 from ...kernels.basis_matmul import philox_linear, philox_matmul
 from ...kernels.philox import philox_uniform
 from ..._seeds import generator, randlora_init_seed, stable_seed
-from .._common import GENERATOR_VERSION, DeltaLayer, uniform_on_cpu
+from ..bases import GENERATOR_VERSION, uniform_on_cpu
+from ..delta_layer import DeltaLayer
 from .config import RandLoraConfig
 
 
@@ -48,7 +49,8 @@ class FusedDeltaLinear(torch.autograd.Function):
     """y = x (W + dW)^T + b with dW = make_delta(*params), saving only x and the (small) params.
 
     Plain autograd through ``F.linear(x, W + dW)`` would keep W + dW (one weight-sized tensor per adapted
-    layer) until backward; here backward rebuilds dW (n*r*in*out flops, as in forward) instead.
+    layer) until backward; here backward rebuilds dW (n*r*in*out flops, as in forward) instead. W and b get
+    the gradients ``F.linear`` would give them when they require one (a trainable base layer): dL/dW is dL/d(dW).
     """
 
     @staticmethod
@@ -69,11 +71,12 @@ class FusedDeltaLinear(torch.autograd.Function):
         grad_x = grad @ (weight + delta.detach()) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         wanted = [p for p in leaves if p.requires_grad]
-        grads = iter(())
-        if wanted:
-            grad_delta = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-            grads = iter(torch.autograd.grad(delta, wanted, grad_delta))
-        return (grad_x, None, grad_bias, None, *[next(grads) if p.requires_grad else None for p in leaves])
+        grad_weight = grads = None
+        if wanted or ctx.needs_input_grad[1]:
+            grad_delta = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # = dL/dW
+            grad_weight = grad_delta if ctx.needs_input_grad[1] else None
+            grads = iter(torch.autograd.grad(delta, wanted, grad_delta)) if wanted else None
+        return (grad_x, grad_weight, grad_bias, None, *[next(grads) if p.requires_grad else None for p in leaves])
 
 
 def randlora_delta(A, B, lam, gam, scaling: float) -> torch.Tensor:
@@ -305,7 +308,7 @@ class RandLoraLayer(DeltaLayer):
             if fusable and self._use_dense(adapter, x, fused=True):
                 # one matmul for base + adapter: x (W + dW)^T + b
                 return FusedDeltaLinear.apply(
-                    x, self.dense_base_weight(), base.bias, lambda lam, gam: self._delta_from(adapter, lam, gam),
+                    x, self.oriented_base_weight(), base.bias, lambda lam, gam: self._delta_from(adapter, lam, gam),
                     self.slimrandlora_lambda[adapter], self.slimrandlora_gamma[adapter])
         return super()._forward_active(x, *args, **kwargs)
 

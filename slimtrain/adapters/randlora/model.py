@@ -7,7 +7,8 @@ import math
 
 from torch import nn
 
-from .._common import BaseTunerLayer, SlimTuner, base_layer_kind, in_out_features
+from ..base_layers import base_layer_kind, in_out_features
+from ..tuner import BaseTunerLayer, SlimTuner
 from ..registry import peft_api
 from .config import RandLoraConfig
 from .layer import Linear, RandLoraLayer, generated_basis, make_bases, make_basis_A
@@ -26,6 +27,10 @@ class RandLoraModel(SlimTuner):
     prefix: str = "slimrandlora_"
     tuner_layer_cls = RandLoraLayer
     layer_cls = Linear
+    weighted_combination_refusal = (
+        "its update sum_j B_j diag(lambda_j) A diag(gamma_j) multiplies lambda by gamma, so a weighted sum of "
+        "two RandLoRA updates (lambda gamma^T of rank 2 per basis block) is in general no single (lambda, gamma)"
+    )
 
     def _pre_injection_hook(self, model: nn.Module, config: RandLoraConfig, adapter_name: str) -> None:
         self._ensure_bases(model, config, adapter_name)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..._validation import check_choice, check_int
-from .._common import SlimConfig, check_seed
+from ..bases import check_seed
+from ..config import SlimConfig
 from ..registry import peft_type_member
 
 SELECTIONS = ("random", "weight_norm")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._seeds import generator, stable_seed
-from .._common import DeltaLayer
+from ..delta_layer import DeltaLayer
 from ..registry import peft_api
 
 BufferDict = peft_api.BufferDict
@@ -163,6 +163,22 @@ class S2FTLayer(DeltaLayer):
             adapter = self.merged_adapters.pop()
             if adapter in self.s2ft_delta:
                 self._add_to_base(adapter, -1.0)
+
+    def add_weighted(self, target: str, adapters: list[str], weights: list[float], key: str) -> None:
+        """Make ``target``'s update ``sum_k weights[k] * ΔW[adapters[k]]``: over the same rows (or columns) the
+        blocks add up, exactly as the dense updates do (the scatter into ``ΔW`` is exact)."""
+        index, axis = self.s2ft_index[adapters[0]], self.s2ft_axis[adapters[0]]
+        other = [a for a in adapters if self.s2ft_axis[a] != axis or not torch.equal(self.s2ft_index[a], index)]
+        if other or self.s2ft_delta[target].shape != self.s2ft_delta[adapters[0]].shape:
+            raise ValueError(
+                f"Invalid adapters for add_weighted_adapter at {key}: {other or [target]} train other rows or columns "
+                f"than {adapters[0]!r}; S²FT blocks add up only over the same selection"
+            )
+        dtype = torch.promote_types(self.s2ft_delta[target].dtype, torch.float32)
+        with torch.no_grad():
+            block = sum(w * self.s2ft_delta[a].to(dtype) for a, w in zip(adapters, weights))
+            self.s2ft_delta[target].copy_(block)
+        self.s2ft_index[target] = index.clone()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

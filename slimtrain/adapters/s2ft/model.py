@@ -10,7 +10,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..._seeds import generator, s2ft_selection_seed
-from .._common import BaseTunerLayer, SlimTuner, base_layer_kind
+from ..base_layers import base_layer_kind
+from ..tuner import BaseTunerLayer, SlimTuner, wrapping_method
 from .config import S2FTConfig
 from .layer import Linear, S2FTLayer
 
@@ -205,8 +206,7 @@ class S2FTModel(SlimTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        # before the role and the selection: a Conv2d or Embedding has no rows/columns of ours to select, and
-        # used to be skipped silently (0 trainable parameters); the other methods raise here too
+        # before the role and the selection: a Conv2d or Embedding has no rows/columns of ours to select
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         base_layer_kind(base, "S2FT", allow_bnb8bit=False)
         role = role_of(current_key, config.roles)
@@ -224,8 +224,8 @@ class S2FTModel(SlimTuner):
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(
-                f"Target module {current_key!r} is already wrapped by another PEFT method ({type(target).__name__});"
-                " S2FT cannot stack on it."
+                f"Target module {current_key!r} is already wrapped by another PEFT method ({wrapping_method(target)}); "
+                "S2FT cannot stack on it. Wrap a fresh base model, or unload() the other adapter first."
             )
         new_module = Linear(target, adapter_name, config, current_key, axis, index)
         if adapter_name not in self.active_adapters:
