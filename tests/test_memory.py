@@ -30,7 +30,7 @@ SETTINGS = [
     ("galore", {"projector": "columns", "proj_type": "reverse_std"}, {"projector": "columns", "proj_type": "reverse_std"}),
     ("fira", {}, {}),
     ("frugal", {}, {}),
-    ("frugal", {"mode": "block", "density": 0.5}, {"frugal_mode": "block", "density": 0.5}),
+    ("frugal", {"mode": "block", "density": 0.5}, {"mode": "block", "density": 0.5}),
     ("dct", {}, {}),
     ("sst", {}, {}),
 ]
@@ -147,12 +147,12 @@ def test_slimtrain_memory_subcommand(capsys):
         ({"optimizer": "frugal", "density": -1.0}, r"Invalid density: -1.0 \(expected 0 <= density <= 1\)"),
         ({"optimizer": "frugal", "density": 5.0}, r"Invalid density: 5.0"),
         ({"optimizer": "frugal", "density": float("nan")}, r"Invalid density: nan"),
-        ({"optimizer": "frugal", "frugal_mode": "block", "density": None}, r"Invalid density: None \(block mode"),
+        ({"optimizer": "frugal", "mode": "block", "density": None}, r"Invalid density: None \(block mode"),
         ({"state_bits": 8, "block_size": 7}, r"Invalid block_size: 7 \(expected one of 64, 128, 256"),
         ({"min_8bit_size": -1}, r"Invalid min_8bit_size: -1"),
         ({"rank": 0}, r"Invalid rank: 0 \(expected an integer >= 1\)"),
         ({"proj_type": "sideways"}, r"Invalid proj_type: 'sideways'"),
-        ({"basis_dtype": "fp16"}, r"Invalid basis_dtype: 'fp16' \(expected one of fp32, bf16\)"),
+        ({"basis_dtype": "fp16"}, r"Invalid basis_dtype: 'fp16' \(expected one of 'fp32', 'bf16'\)"),
         ({"optimizer": "dct", "basis_dtype": "bf16"}, r"Invalid basis_dtype: 'bf16' \(only the svd and randomized"),
         ({"optimizer": "sst", "basis_dtype": "bf16"}, r"Invalid basis_dtype: 'bf16' \(only the svd and randomized"),
     ],
@@ -179,3 +179,15 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert re.search(message, captured.err.strip()), captured.err
+
+
+def test_options_object_equals_keywords():
+    from slimtrain.memory import MemoryOptions
+
+    options = MemoryOptions(rank=RANK, state_bits=8, min_8bit_size=MIN_8BIT, method_options={"mode": "block", "density": 0.5})
+    by_object = estimate_memory(CONFIG, "frugal", options)
+    assert by_object.as_dict() == estimate_memory(CONFIG, "frugal", rank=RANK, state_bits=8, min_8bit_size=MIN_8BIT,
+                                                  mode="block", density=0.5).as_dict()
+    assert by_object.setting.startswith("frugal block, density 0.5, 8-bit states")
+    with pytest.raises(TypeError, match="options or keyword settings, not both"):
+        estimate_memory(CONFIG, "frugal", options, rank=RANK)

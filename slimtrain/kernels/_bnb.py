@@ -1,7 +1,7 @@
 """What 8-bit optimizer state needs from bitsandbytes, and what it refuses to store, in one place.
 
 Shared by the 8-bit Adam kernel's reference (:mod:`.adam8bit`) and the optimizers' blockwise storage
-(``slimtrain/optimizers/quantized.py``, which imports from here: optimizers depend on kernels, never
+(``slimtrain/optimizers/moments.py``, which imports from here: optimizers depend on kernels, never
 the reverse).
 """
 
@@ -14,12 +14,12 @@ from torch import Tensor
 def functional():
     """``bitsandbytes.functional``, imported on first use; an ``ImportError`` naming the extra if absent."""
     try:
-        import bitsandbytes.functional as F
+        import bitsandbytes.functional as bnb_functional
     except ImportError as err:  # pragma: no cover - bitsandbytes is in the dev extra
         raise ImportError(
             "8-bit optimizer states need bitsandbytes: pip install 'slimtrain[bnb]' (or state_bits=32)"
         ) from err
-    return F
+    return bnb_functional
 
 
 def refuse_nonfinite(values: Tensor, name: str, what: str = "values", cause: str = "") -> None:

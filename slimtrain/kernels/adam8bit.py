@@ -1,6 +1,6 @@
 """Adam on 8-bit blockwise moments in one pass: dequantize, update, take the direction, requantize.
 
-The moments are bitsandbytes' blockwise dynamic quantization (see ``slimtrain/optimizers/quantized.py``):
+The moments are bitsandbytes' blockwise dynamic quantization (see ``slimtrain/optimizers/moments.py``):
 uint8 codes into a sorted 256-entry map, one fp32 absmax per ``block_size`` consecutive elements. The
 torch reference dequantizes both moments to fp32 tensors, updates them, and quantizes them back
 through bitsandbytes: three full-size fp32 temporaries and about eight passes. The kernel gives each

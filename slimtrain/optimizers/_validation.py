@@ -1,7 +1,8 @@
 """The optimizer family's input tables and the checks only optimizers need.
 
 The generic checks (``check_lr``, ``check_int``, ``check_choice``, ...) are defined once, for optimizers and
-adapters alike, in :mod:`slimtrain._validation`, and re-exported here for the ``V.check_*`` call sites.
+adapters alike, in :mod:`slimtrain._validation`, and re-exported here so the optimizer family imports its
+checks from one module.
 Each raises ``ValueError`` naming the parameter, the value it got and what is allowed; a keyword or
 param-group key that no optimizer understands is a ``TypeError``, as Python's own for an unexpected
 keyword argument.
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .._validation import (  # noqa: F401  (re-exported: the optimizers' V.check_* call sites)
+from .._validation import (  # noqa: F401  (re-exported for the optimizer family)
     check_betas,
     check_bool,
     check_choice,
@@ -27,6 +28,10 @@ from .._validation import (  # noqa: F401  (re-exported: the optimizers' V.check
 )
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+STATE_BITS = (32, 8)
+# The block sizes bitsandbytes' CUDA kernels accept; its CPU kernel takes any, but a checkpoint must
+# resume on either device.
+BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 _KERNELS = (
     "slimtrain picks its kernels itself (Triton on CUDA, torch elsewhere); force one with "
@@ -61,18 +66,41 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
+_NO_DTENSORS = (
+    "slimtrain optimizers project whole matrices and do not support DTensor parameters yet; shard with DeepSpeed "
+    "ZeRO through slimtrain.sharding.initialize(...), or replicate with plain torch.nn.parallel.DistributedDataParallel"
+)
+
+
+def _dtensor(p: torch.Tensor) -> str:
+    return f"a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)}"
+
+
 def check_param(p: torch.Tensor) -> None:
     if _is_dtensor(p):
         raise RuntimeError(
-            f"Unsupported parameter: a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)} (FSDP2's "
-            "fully_shard or tensor parallelism). slimtrain optimizers project whole matrices and do not support "
-            "DTensor parameters yet; shard with DeepSpeed ZeRO through slimtrain.sharding.initialize(...), or "
-            "replicate with plain torch.nn.parallel.DistributedDataParallel"
+            f"Unsupported parameter: {_dtensor(p)} (FSDP2's fully_shard or tensor parallelism). {_NO_DTENSORS}"
         )
     if p.is_complex():
         raise ValueError(f"Invalid parameter: complex dtype {p.dtype} is not supported (use real parameters)")
     if not p.is_floating_point():
         raise ValueError(f"Invalid parameter: dtype {p.dtype} is not a floating-point type")
+
+
+def refuse_swapped_param(p: torch.Tensor) -> None:
+    """Raise for a tensor in the param groups that the optimizer was not built with, naming what put it there."""
+    if _is_dtensor(p):
+        raise RuntimeError(
+            f"This optimizer is stepping {_dtensor(p)} that was swapped in after it was built (FSDP2's fully_shard "
+            "applied to the model after the optimizer was constructed, as Accelerate does). An optimizer must be "
+            f"built on the parameters it steps: build it after fully_shard. {_NO_DTENSORS}"
+        )
+    raise RuntimeError(
+        f"This optimizer is stepping a tensor of shape {tuple(p.shape)} that it was not built with. DeepSpeed ZeRO "
+        "(stage >= 1) does this: it replaces an optimizer's parameters by flat partitions, where matrices cannot "
+        "be projected; build the engine with slimtrain.sharding.initialize(model=..., optimizer=..., config=...) "
+        "instead. Otherwise build the optimizer on the parameters it steps."
+    )
 
 
 def check_grad(p: torch.Tensor) -> None:
@@ -84,7 +112,7 @@ def check_grad(p: torch.Tensor) -> None:
 
 
 def check_drop_in_option(name: str, value) -> None:
-    """A torch/galore-torch keyword (:data:`DROP_IN_OPTIONS`) is accepted only where it means what we do."""
+    """A torch/galore-torch keyword (:data:`DROP_IN_OPTIONS`) is accepted only where it means what slimtrain does."""
     allowed, why = DROP_IN_OPTIONS[name]
     if not any(value is a for a in allowed):
         reason = f": {why}" if why else ""
@@ -116,14 +144,16 @@ def refuse_unknown(owner: str, what: str, unknown: Iterable[str], known: Iterabl
 
 def check_group(group: dict) -> None:
     """The checks every slimtrain optimizer makes of a param group's shared settings (the method's own are its
-    rule's, :meth:`StepRule.validate_group <slimtrain.optimizers.rule.StepRule.validate_group>`)."""
-    from .quantized import BLOCK_SIZES, STATE_BITS
-
+    rule's, :meth:`StepRule.validate_group <slimtrain.optimizers.rule.StepRule.validate_group>`; ``projector``
+    and ``moments`` are the optimizer's, which knows whether its rule uses them)."""
     check_lr(group["lr"])
-    check_betas(group["betas"])
+    betas = group["betas"]
+    if isinstance(betas, (list, tuple)) and any(isinstance(b, torch.Tensor) for b in betas):
+        # torch.optim takes them for CUDA-graph-captured steps; ours read them as numbers on the host.
+        raise ValueError(f"Invalid betas: {tuple(betas)!r} (expected two numbers; tensor betas are not supported)")
+    check_betas(betas)
     check_nonneg("eps", group["eps"])
     check_nonneg("weight_decay", group["weight_decay"])
-    check_choice("moments", group["moments"], MOMENT_POLICIES)
     check_int_choice("state_bits", group["state_bits"], STATE_BITS)
     check_int("min_8bit_size", group["min_8bit_size"], minimum=0)
     check_int_choice("block_size", group["block_size"], BLOCK_SIZES)

@@ -1,7 +1,8 @@
 """The low-rank AdamW family's shared bookkeeping: param groups and their validation, the step loop and the
-non-finite policy, plain AdamW for what is not projected, and applying updates (weight decay, stochastic
-rounding). What a method does to a projected matrix is its step rule (``rule.py``, ``lowrank.py``);
-checkpoints are ``checkpoint.py``; the declared state layout is ``state.py``.
+non-finite policy, plain AdamW for what is not projected, and the entry points for stepping pieces of
+parameters (ZeRO). What a method does to a projected matrix is its step rule (``rule.py``, ``lowrank.py``);
+applying an update to a weight is ``updates.py``; checkpoints are ``checkpoint.py``; the declared state
+layout is ``state.py``; the methods themselves are named in ``registry.py``.
 """
 
 from __future__ import annotations
@@ -13,16 +14,29 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .. import _seeds
-from . import _validation as V
-from . import quantized as Q
-from .checkpoint import Checkpointing, _option_owners
-from .functional import adam_step_size
-from .lowrank import MOMENTS, LowRankRule, projects_left  # noqa: F401  (projects_left: re-exported)
+from .._seeds import MAX_OPTIMIZER_SEED, parameter_seed
+from ._validation import (
+    DROP_IN_OPTIONS,
+    MOMENT_POLICIES,
+    NONFINITE_POLICIES,
+    TORCH_GROUP_KEYS,
+    check_choice,
+    check_drop_in_option,
+    check_grad,
+    check_group,
+    check_int,
+    refuse_swapped_param,
+    refuse_unknown,
+)
+from .checkpoint import Checkpointing
+from .functional import adam_step_size, descent
+from .lowrank import LowRankRule, projects_left  # noqa: F401  (projects_left: re-exported)
+from .moments import adam_direction, init_moments, require_bitsandbytes
 from .projectors import PROJECTORS, Projector, make_projector
-from .rule import StepRule, matrix_shape
-from .state import ROUNDING, Slot, counters, host_keys, moment_slots, rounding_slots
-from .updates import DenseUpdate, apply_
+from .registry import option_owners
+from .rule import MatrixContext, StepRule, matrix_shape
+from .state import ADAM, ROUNDING, Slot, counters, host_keys, moment_slots, rounding_slots
+from .updates import DenseUpdate, RoundingStream, apply_, group_lr, rounds_stochastically
 
 logger = logging.getLogger("slimtrain.optimizers")
 
@@ -43,7 +57,8 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         rank, update_proj_gap, scale, proj_type: defaults for projected groups (a group without
             ``rank`` is never projected).
         projector: ``"svd"``, ``"randomized"``, ``"dct"``, ``"random"``, ``"columns"`` or a
-            :class:`~slimtrain.optimizers.projectors.Projector` instance.
+            :class:`~slimtrain.optimizers.projectors.Projector` instance (a rule that uses none, SST's or
+            FRUGAL's block mode, refuses it and ``moments``).
         moments: what happens to Adam's moments when the subspace is refreshed: ``"keep"`` (GaLore,
             Fira: the coordinates stay, now meaning other directions), ``"reset"`` (FRUGAL: zeroed and
             bias correction restarted), ``"rotate"`` (carried into the new basis, see
@@ -57,7 +72,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
             no state, and is counted in :attr:`skipped_steps`; ``"raise"``: raise ``FloatingPointError``.
         seed: base seed for projectors that draw random numbers (each matrix derives its own).
         state_bits: 32 (default) or 8: keep Adam's moments in 8 bits, blockwise-quantized as in
-            bitsandbytes (see :mod:`~slimtrain.optimizers.quantized` and ``docs/low_bit.md``).
+            bitsandbytes (see :mod:`~slimtrain.optimizers.moments` and ``docs/low_bit.md``).
         min_8bit_size: moments with fewer elements stay fp32 (default 4096, bitsandbytes' value).
         block_size: elements per 8-bit quantization block, one fp32 absmax each (default 256).
         bf16_stochastic_round: round bf16 parameters' updates stochastically (unbiased) instead of to
@@ -73,8 +88,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
             ``foreach=None``, ...), refused otherwise. Any other keyword is a ``TypeError``.
     """
 
-
-    #: Subclasses set their method's defaults for these.
+    #: Subclasses set their method's defaults for these (read where the rule steps through a projector).
     default_projector: str = "svd"
     default_moments: str = "keep"
     rule_type: type[StepRule] = LowRankRule
@@ -109,19 +123,22 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
             raise TypeError(f"Invalid rule: {rule!r} (expected a slimtrain.optimizers.rule.StepRule instance)")
         self.rule = self.rule_type() if rule is None else rule
         method = {k: options.pop(k) for k in self.rule.options if k in options}
-        V.refuse_unknown(type(self).__name__, "keyword argument", set(options) - set(V.DROP_IN_OPTIONS),
-                         self._constructor_keywords(), self._option_owners())
+        refuse_unknown(type(self).__name__, "keyword argument", set(options) - set(DROP_IN_OPTIONS),
+                       self._constructor_keywords(), self._option_owners())
         for k, v in options.items():
-            V.check_drop_in_option(k, v)
-        V.check_choice("nonfinite", nonfinite, V.NONFINITE_POLICIES)
-        V.check_int("seed", seed, minimum=0, maximum=_seeds.MAX_OPTIMIZER_SEED)
-        projector = self.default_projector if projector is None else projector
+            check_drop_in_option(k, v)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        check_int("seed", seed, minimum=0, maximum=MAX_OPTIMIZER_SEED)
         self._projectors: dict[str, Projector] = {}
+        if self.rule.uses_projector:
+            projector = self._register_projector(self.default_projector if projector is None else projector)
+            moments = self.default_moments if moments is None else moments
+        else:
+            self._refuse_subspace_options({"projector": projector, "moments": moments})
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
             weight_decay=weight_decay, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-            projector=self._register_projector(projector),
-            moments=self.default_moments if moments is None else moments, stagger=stagger,
+            projector=projector, moments=moments, stagger=stagger,
             decay_after_update=decay_after_update, state_bits=state_bits, min_8bit_size=min_8bit_size,
             block_size=block_size, bf16_stochastic_round=bf16_stochastic_round, maximize=maximize, **method,
         )
@@ -141,41 +158,62 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         self._projectors[proj.name] = proj
         return proj.name
 
+    def _refuse_subspace_options(self, given: dict) -> None:
+        """A rule that uses no projector (:attr:`StepRule.uses_projector`) takes neither a projector nor a moment
+        policy: refuse either rather than ignore it."""
+        for name, value in given.items():
+            if value is not None:
+                what = "projector" if name == "projector" else "moments policy"
+                raise ValueError(f"Invalid {name}: {value!r} ({self._describe()} {self.rule.no_projector_reason}; "
+                                 f"it takes no {what})")
+
     def projector(self, group: dict) -> Projector:
         """The projector instance of a projected group."""
         return self._projectors[group["projector"]]
 
     def _constructor_keywords(self) -> set[str]:
         names = set(inspect.signature(LowRankAdamW.__init__).parameters) - {"self", "params", "options"}
-        return names | set(self.rule.options) | set(V.DROP_IN_OPTIONS)
+        return names | set(self.rule.options) | set(DROP_IN_OPTIONS)
 
     def _option_owners(self) -> dict[str, str]:
         """Other methods' options -> their class name (for the hint in a refusal)."""
-        return {k: v for k, v in _option_owners().items() if k not in self.rule.options}
+        return {k: v for k, v in option_owners().items() if k not in self.rule.options}
 
     def add_param_group(self, param_group: dict) -> None:
+        # A copy: torch writes the defaults into the dict it is given, and the caller's dict must stay as it
+        # was, so that it can build another optimizer (which refuses the keys of this one's options).
+        param_group = dict(param_group)
         # Before torch fills in the defaults: a misspelt key would otherwise sit beside the real one.
-        known = set(self.defaults) | {"params", "rank"} | set(V.TORCH_GROUP_KEYS) | set(V.DROP_IN_OPTIONS)
-        V.refuse_unknown(type(self).__name__, "param group key", set(param_group) - known, known - {"params"},
-                         self._option_owners())
-        for k in set(param_group) & set(V.DROP_IN_OPTIONS):
-            V.check_drop_in_option(k, param_group[k])
+        known = set(self.defaults) | {"params", "rank"} | set(TORCH_GROUP_KEYS) | set(DROP_IN_OPTIONS)
+        refuse_unknown(type(self).__name__, "param group key", set(param_group) - known, known - {"params"},
+                       self._option_owners())
+        for k in set(param_group) & set(DROP_IN_OPTIONS):
+            check_drop_in_option(k, param_group[k])
         super().add_param_group(param_group)
         self._validate_group(self.param_groups[-1])
-        self.__dict__.setdefault("_known_params", set()).update(id(p) for p in self.param_groups[-1]["params"])
+        self._index_params()
+
+    def _index_params(self) -> None:
+        """Each parameter's position over all groups: stable, so per-matrix seeds don't depend on which
+        parameters happened to have gradients at their first step. Its keys are the tensors ``step`` accepts."""
+        self._param_indices = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
 
     def _validate_group(self, group: dict) -> None:
-        V.check_group(group)
+        check_group(group)
         if group["state_bits"] == 8:
             if not self.rule.capabilities.eight_bit:
                 raise ValueError(f"Invalid state_bits: 8 ({type(self).__name__} keeps no 8-bit states: "
                                  f"{self.rule.capabilities.reason})")
-            Q.require_bitsandbytes()
-        if group["projector"] not in self._projectors:
-            V.check_choice("projector", group["projector"], PROJECTORS)
-            self._register_projector(group["projector"])
+            require_bitsandbytes()
+        if not self.rule.uses_projector:
+            self._refuse_subspace_options({"projector": group["projector"], "moments": group["moments"]})
+        else:
+            check_choice("moments", group["moments"], MOMENT_POLICIES)
+            if group["projector"] not in self._projectors:
+                check_choice("projector", group["projector"], PROJECTORS)
+                self._register_projector(group["projector"])
         if "rank" in group:
-            self.rule.validate_group(self, group)
+            self.rule.validate_group(group)
 
     def _group_of(self, p: Tensor) -> dict:
         for group in self.param_groups:
@@ -183,34 +221,40 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
                 return group
         raise ValueError(f"Invalid parameter: a tensor of shape {tuple(p.shape)} is not in this optimizer")
 
-    def _param_index(self, p: Tensor) -> int:
-        """The parameter's position over all groups: stable, so per-matrix seeds don't depend on which
-        parameters happened to have gradients at their first step."""
-        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
-
-    def _num_params(self) -> int:
-        return sum(len(g["params"]) for g in self.param_groups)
-
     @staticmethod
     def _projected(p: Tensor, group: dict) -> bool:
         return "rank" in group and matrix_shape(p) is not None
 
+    def _context(self, p: Tensor, group: dict) -> MatrixContext:
+        """What the rule may know about ``p`` (:class:`~slimtrain.optimizers.rule.MatrixContext`)."""
+        projector = self._projectors[group["projector"]] if self.rule.uses_projector else None
+        return MatrixContext(self._param_indices.get(id(p)), self.seed, projector, self.param_groups)
+
+    def _rounding(self, p: Tensor, group: dict) -> RoundingStream | None:
+        """``p``'s stochastic-rounding stream where its updates are rounded stochastically; ``None`` elsewhere, and
+        for a tensor that is not one of the optimizer's parameters (a ZeRO shard, which the apply refuses)."""
+        if not rounds_stochastically(p, group) or p not in self.state:
+            return None
+        return RoundingStream(self.state[p], parameter_seed(self.seed, self._param_indices[id(p)]))
+
     # ------------------------------------------------------------------------------------------
     # The declared state
-    def state_spec(self, p: Tensor, group: dict | None = None) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict | None = None, *, dtype: torch.dtype | None = None) -> list[Slot]:
         """The state ``p`` holds after its first step, as declared by the rule (or plain AdamW) that steps it:
-        keys, shapes, dtypes, host or device (:mod:`slimtrain.optimizers.state`). Needs nothing but shapes:
-        ``p`` may live on the meta device."""
+        keys, shapes, dtypes, host or device, kind (:mod:`slimtrain.optimizers.state`). Needs nothing but shapes:
+        ``p`` may live on the meta device. ``dtype`` declares it for ``p`` in another dtype (a bf16 weight keeps a
+        stochastic-rounding stream where its group asks for one)."""
         group = self._group_of(p) if group is None else group
+        dtype = p.dtype if dtype is None else dtype
         if not self._projected(p, group):
-            return counters("step") + moment_slots(group, MOMENTS, p.shape) + rounding_slots(p.dtype, group)
-        rounding = rounding_slots(p.dtype, group) if self.rule.stochastic_rounding else []
-        return self.rule.state_spec(self, p, group) + rounding
+            return counters("step") + moment_slots(group, ADAM, p.shape) + rounding_slots(dtype, group)
+        rounding = rounding_slots(dtype, group) if self.rule.stochastic_rounding else []
+        return self.rule.state_spec(p, group, self._context(p, group)) + rounding
 
     def state_host_keys(self, p: Tensor, group: dict) -> set[str]:
         """The keys of ``p``'s state kept on the host, in any phase of it: what ``load_state_dict`` (and the ZeRO
         wrapper's) put back on the CPU. From shapes alone."""
-        rule = self.rule.host_keys(self, p, group) if self._projected(p, group) else set()
+        rule = self.rule.host_keys(p, group, self._context(p, group)) if self._projected(p, group) else set()
         return rule | host_keys(self.state_spec(p, group)) | host_keys(ROUNDING)
 
     # ------------------------------------------------------------------------------------------
@@ -223,20 +267,16 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
                 loss = closure()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for _, p in work:
-            if id(p) not in self._known_params:
-                raise RuntimeError(
-                    "This optimizer is stepping tensors it was not built with: DeepSpeed ZeRO (stage >= 1) replaces "
-                    "an optimizer's parameters by flat partitions, where matrices cannot be projected. Build the "
-                    "engine with slimtrain.sharding.initialize(model=..., optimizer=..., config=...) instead."
-                )
-            V.check_grad(p)
+            if id(p) not in self._param_indices:
+                refuse_swapped_param(p)
+            check_grad(p)
         if not self._grads_finite([p.grad for _, p in work]):
             if self.nonfinite == "raise":
                 raise FloatingPointError("Non-finite gradient (NaN or inf); no parameter or state was changed")
             self.skipped_steps += 1
             logger.warning("Skipped an optimizer step with a non-finite gradient (%d so far)", self.skipped_steps)
             return loss
-        self.rule.prepare_step(self)
+        self.rule.prepare_step(self.param_groups, self.state, self.seed)
         for group, p in work:
             self._step_one(p, group)
         return loss
@@ -252,7 +292,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         group = self._group_of(p)
         if p.grad is None:
             return False
-        V.check_grad(p)
+        check_grad(p)
         if not self._grads_finite([p.grad]):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"Non-finite gradient for a parameter of shape {tuple(p.shape)}")
@@ -264,12 +304,14 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
 
     def _step_one(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
+        grad = descent(p.grad, group["maximize"])
+        rounding = self._rounding(p, group)
         if not self._projected(p, group):
-            direction, step_size = self._dense_update(p.grad.float(), group, state)
-            apply_(self, p, group, direction, step_size)
+            direction, step_size = self._dense_update(grad.float(), group, state)
+            apply_(p, group, direction, step_size, rounding)
             return
-        index = self._param_index(p) if not state else -1  # seeds are drawn once, at the first step
-        self.rule.update(self, p, p.grad.reshape(matrix_shape(p)), group, state, index).apply_(self, p, group)
+        update = self.rule.update(p, grad.reshape(matrix_shape(p)), group, state, self._context(p, group))
+        update.apply_(p, group, rounding)
 
     @staticmethod
     def _grads_finite(grads: list[Tensor]) -> bool:
@@ -281,22 +323,16 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         return bool(torch.isfinite(sums).all())
 
     @staticmethod
-    def _descent(grad: Tensor, group: dict) -> Tensor:
-        """The gradient the step descends: ``-grad`` when the group maximizes (a new tensor: the
-        caller's, often ``p.grad`` itself, is never written)."""
-        return -grad if group["maximize"] else grad
-
-    def _dense_update(self, grad: Tensor, group: dict, state: dict) -> tuple[Tensor, float]:
-        """Plain AdamW on any fp32 gradient (a whole parameter or a shard of one): returns the
+    def _dense_update(grad: Tensor, group: dict, state: dict) -> tuple[Tensor, float]:
+        """Plain AdamW on any fp32 descent direction (of a whole parameter or a shard of one): returns the
         direction and its step size. Creates the state on first use."""
-        grad = self._descent(grad, group)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            Q.init_moments(state, group, MOMENTS, grad.shape, grad.device)
+            init_moments(state, group, ADAM, grad.shape, grad.device)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        direction = Q.adam_direction(state, group, grad)
-        return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        direction = adam_direction(state, group, grad)
+        return direction, adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
 
     # Entry points for a wrapper that steps pieces of parameters (slimtrain.sharding.zero: ZeRO hands each
     # rank flat slices, and one owner rank the whole gradient of each projected matrix) ------------------
@@ -304,8 +340,8 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         """AdamW with the group's weight decay on ``shard`` (an fp32 slice of an unprojected parameter, or
         of a vector in a projected group) from its gradient ``grad``; ``state`` holds the slice's moments
         (created on first use). The same arithmetic as a whole parameter's step."""
-        direction, step_size = self._dense_update(grad, group, state)
-        apply_(self, shard, group, direction, step_size)
+        direction, step_size = self._dense_update(descent(grad, group["maximize"]), group, state)
+        apply_(shard, group, direction, step_size, self._rounding(shard, group))
 
     def matrix_update(self, p: Tensor, grad: Tensor, group: dict, state: dict) -> Tensor:
         """The step of the projected matrix parameter ``p`` from its whole gradient ``grad`` (``m x n``) as an
@@ -315,7 +351,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         if not self.rule.capabilities.shardable:
             raise RuntimeError(f"{type(self).__name__} cannot step a matrix from a gathered gradient: "
                                f"{self.rule.capabilities.reason}")
-        update = self.rule.update(self, p, grad, group, state, self._param_index(p))
+        update = self.rule.update(p, descent(grad, group["maximize"]), group, state, self._context(p, group))
         if isinstance(update, DenseUpdate) and update.direction is None:
             return torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
         return update.materialize()
@@ -323,4 +359,26 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
     def apply_update_(self, shard: Tensor, group: dict, update: Tensor) -> None:
         """``shard <- shard - update`` with the group's decoupled weight decay (``update`` from
         :meth:`matrix_update`, or the slice of it that matches ``shard``)."""
-        apply_(self, shard, group, update, 1.0)
+        apply_(shard, group, update, 1.0, self._rounding(shard, group))
+
+
+class EightBitStates:
+    """Mixin of the ``...8bit`` twins (``GaLoreAdamW8bit``, ...): the method with ``state_bits=8``, torchao's naming.
+
+    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32 absmax per
+    ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4 of their fp32 bytes.
+    Smaller ones stay fp32, and so does everything that is not a moment: projector bases and indices, counters,
+    and SST's singular factors, which are the weight itself rather than a running statistic. See
+    ``docs/low_bit.md``.
+    """
+
+    def __init__(self, params, *args, **kwargs):
+        bits = kwargs.setdefault("state_bits", 8)
+        if bits != 8:
+            mro = type(self).__mro__
+            full = mro[mro.index(EightBitStates) + 1].__name__
+            raise ValueError(
+                f"Invalid state_bits: {bits!r} ({type(self).__name__} keeps 8-bit states; use "
+                f"{full}(state_bits=...) for another width)"
+            )
+        super().__init__(params, *args, **kwargs)

@@ -4,14 +4,27 @@ one this optimizer would misread before anything is changed.
 A slimtrain state dict is torch's (``state``, ``param_groups``) plus a ``"slimtrain"`` entry: optimizer-level
 counters (skipped steps, the rule's own, e.g. FRUGAL's block window) and the writer's identity (its method
 and the rule settings that change what the state means). Only tensors and plain values: it loads with
-``torch.load(..., weights_only=True)``.
+``torch.load(..., weights_only=True)``. Each saved param group carries a copy of the entry too, because
+``torch.distributed.checkpoint`` (``get_optimizer_state_dict``, ``set_optimizer_state_dict``) keeps only
+``state`` and ``param_groups``; the live param groups never hold it.
+
+torch runs its state-dict hooks inside its own ``state_dict``/``load_state_dict``; here they run around the
+whole of ours, so a hook sees (and may change) the entry, and a load post-hook sees the state as loaded.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import Tensor
 
-from . import quantized as Q
+from ._validation import DROP_IN_OPTIONS
+from .registry import method_of, methods, option_owners
+
+#: The key of slimtrain's entry in a state dict and in each of its param groups.
+EXTRA = "slimtrain"
 
 
 class Checkpointing:
@@ -24,12 +37,16 @@ class Checkpointing:
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        # Checkpoints from older versions lack newer options: fill them from the defaults.
+        # torch's __setstate__ adds its own 'differentiable' flag to the defaults, from which the loop below and
+        # add_param_group would copy it into every group: a load would change the state dict's groups.
+        for k in set(self.defaults) & set(DROP_IN_OPTIONS):
+            del self.defaults[k]
+        # A state dict that holds fewer options than this optimizer takes: the missing ones get their defaults.
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
         # A copied or unpickled optimizer holds new parameter objects; a loaded one, new state.
-        self._known_params = {id(p) for g in self.param_groups for p in g["params"]}
+        self._index_params()
         self.rule.forget_tensors()
 
     def _extra_state(self) -> dict:
@@ -37,23 +54,36 @@ class Checkpointing:
         return {"skipped_steps": self.skipped_steps, **self.rule.extra_state(), **self._identity()}
 
     def _identity(self) -> dict:
-        """What a checkpoint must have been written by for this optimizer to resume it: the method (an 8-bit
-        twin is its method with ``state_bits=8``, which the param groups carry) and its rule's settings."""
-        methods = _methods()
-        return {"method": next(c for c in type(self).__mro__ if c in methods).__name__, **self.rule.identity()}
+        """What a checkpoint must have been written by for this optimizer to resume it: the method's class name
+        (its registered class: an 8-bit twin is its method with ``state_bits=8``, which the param groups carry;
+        ``LowRankAdamW`` for a class of no registered method) and its rule's settings."""
+        method = method_of(type(self))
+        name = method.optimizer.__name__ if method is not None else self._unregistered()[0]
+        return {"method": name, **self.rule.identity()}
+
+    def _unregistered(self) -> tuple[str, frozenset]:
+        """The class a state dict names for an optimizer of no registered method (``LowRankAdamW``, whatever rule
+        it is given), and the options of its default rule."""
+        cls = next(c for c in type(self).__mro__ if Checkpointing in c.__bases__)
+        return cls.__name__, frozenset(cls.rule_type.options)
+
+    def _describe(self) -> str:
+        """The optimizer as a refusal names it: ``FiraAdamW``, ``FrugalAdamW(mode='block')``."""
+        return _describe(self._identity())
 
     def _saved_identity(self, state_dict: dict) -> dict:
-        """The identity recorded in ``state_dict`` (keys of :meth:`_identity`). Checkpoints written before
-        it was recorded (commit e556968 and earlier) are told apart by the method options their param
-        groups hold; GaLore's and DCT's have none, so either is taken for the other (the projector check
-        in :meth:`load_state_dict` still applies). FRUGAL's mode, unrecorded then, shows in its state: only
-        block mode keeps ``active``."""
-        extra = state_dict.get("slimtrain", {})
+        """The identity recorded in ``state_dict`` (keys of :meth:`_identity`). A state dict without one is told
+        apart by the method options its param groups hold; GaLore's and DCT's have none, so either is taken for
+        the other (the projector check in :meth:`load_state_dict` still applies). FRUGAL's mode then shows in
+        its state: only block mode keeps ``active``."""
+        extra = _saved_extra(state_dict) or {}
         saved = {k: extra[k] for k in self._identity() if k in extra}
         if "method" not in saved:
-            owners = _option_owners()
+            owners = option_owners()
             present = {k for g in state_dict["param_groups"] for k in g} & set(owners)
-            candidates = sorted(c.__name__ for c in _methods() if set(c.rule_type.options) == present)
+            unregistered, options = self._unregistered()
+            candidates = sorted([m.optimizer.__name__ for m in methods() if m.options == present]
+                                + ([unregistered] if options == present else []))
             mine = self._identity()["method"]
             if mine in candidates or len(candidates) == 1:
                 saved["method"] = mine if mine in candidates else candidates[0]
@@ -69,7 +99,15 @@ class Checkpointing:
         """Refuse a state dict this optimizer would misread, before anything is changed."""
         me = type(self).__name__
         groups = state_dict["param_groups"]
-        if "slimtrain" not in state_dict or any("projector" not in g for g in groups):
+        if _saved_extra(state_dict) is None and groups and all("projector" in g for g in groups):
+            raise RuntimeError(
+                f"Cannot load this state dict into {me}: its param groups are a slimtrain optimizer's but its "
+                f"'{EXTRA}' entry (skipped steps, the method, FRUGAL's block window) is gone. "
+                "torch.distributed.checkpoint keeps it in the param groups, except with "
+                "StateDictOptions(flatten_optimizer_state_dict=True), which keeps only the keys a live optimizer "
+                "holds; save and load with flatten_optimizer_state_dict=False"
+            )
+        if _saved_extra(state_dict) is None or any("projector" not in g for g in groups):
             raise RuntimeError(
                 f"Cannot load this state dict into {me}: it was written by {_foreign_writer(groups)}, not by a "
                 f"slimtrain optimizer (its param groups have no 'projector'). Its moments would be read as {me}'s "
@@ -82,6 +120,8 @@ class Checkpointing:
                 f"Cannot load a state dict written by {_describe(saved)} into {_describe(mine)}: their states differ "
                 f"(keys, meaning and update rule); build {_describe(saved)} to resume it"
             )
+        if not self.rule.uses_projector:
+            return
         for i, (sg, g) in enumerate(zip(groups, self.param_groups)):
             if ("rank" in sg or "rank" in g) and sg["projector"] != g["projector"]:
                 raise RuntimeError(
@@ -95,14 +135,37 @@ class Checkpointing:
         self.rule.load_extra_state(extra)
 
     def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["slimtrain"] = self._extra_state()
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            sd = super().state_dict()
+        extra = self._extra_state()
+        sd[EXTRA] = extra
+        for group in sd["param_groups"]:
+            group[EXTRA] = dict(extra)
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._check_loadable(state_dict)
         state_dict = dict(state_dict)
-        extra = state_dict.pop("slimtrain", {})
+        with (_hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks,
+              _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks):
+            for hook in pre_hooks.values():
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+            self._load(state_dict)
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _load(self, state_dict: dict) -> None:
+        self._check_loadable(state_dict)
+        extra = _saved_extra(state_dict)
+        state_dict = dict(state_dict)
+        state_dict.pop(EXTRA, None)
+        # torch makes the saved groups the live ones: without the entry, which lives in state dicts only.
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if k != EXTRA} for g in state_dict["param_groups"]]
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
         # torch casts every state tensor but `step` to its parameter's dtype; ours hold int64 indices,
@@ -113,6 +176,8 @@ class Checkpointing:
             pid: (p, g) for sg, g in zip(saved_groups, self.param_groups) for pid, p in zip(sg["params"], g["params"])
         }
         for pid, saved in state_dict["state"].items():
+            if pid not in params:  # state not assigned to a parameter, which torch keeps as it is
+                continue
             p, group = params[pid]
             host = self.state_host_keys(p, group)
             for key, value in saved.items():
@@ -127,25 +192,23 @@ class Checkpointing:
                    if isinstance(v, Tensor))
 
 
-def _methods() -> list[type]:
-    """``LowRankAdamW`` and every slimtrain subclass that is a method. An 8-bit twin is its method, and so is a
-    user's subclass (e.g. one that records something): it writes and reads that method's state, and must not
-    change which names a checkpoint check reports."""
-    from .base import LowRankAdamW
-
-    found, todo = [], [LowRankAdamW]
-    while todo:
-        c = todo.pop(0)
-        todo.extend(c.__subclasses__())
-        ours = c.__module__.split(".")[0] == "slimtrain"
-        if ours and not issubclass(c, Q.EightBitStates) and c not in found:
-            found.append(c)
-    return found
+def _saved_extra(state_dict: dict) -> dict | None:
+    """The state dict's slimtrain entry: its own, or the copy its param groups carry (after
+    torch.distributed.checkpoint, which keeps only ``state`` and ``param_groups``); ``None`` if it has neither."""
+    if EXTRA in state_dict:
+        return state_dict[EXTRA]
+    return next((g[EXTRA] for g in state_dict["param_groups"] if EXTRA in g), None)
 
 
-def _option_owners() -> dict[str, str]:
-    """Every method's own options -> that method's class name."""
-    return {k: c.__name__ for c in reversed(_methods()) for k in c.rule_type.options}
+@contextmanager
+def _hooks_held(opt, attr: str) -> Iterator[OrderedDict]:
+    """``opt``'s hooks of one kind, taken away while torch's own method runs (see the module docstring)."""
+    hooks = getattr(opt, attr)
+    setattr(opt, attr, OrderedDict())
+    try:
+        yield hooks
+    finally:
+        setattr(opt, attr, hooks)
 
 
 def _describe(identity: dict) -> str:

@@ -3,8 +3,8 @@ basis whose columns are picked by their alignment with the gradient."""
 
 from __future__ import annotations
 
-from .base import LowRankAdamW
-from .quantized import EightBitStates
+from .base import EightBitStates, LowRankAdamW
+from .registry import register_method
 
 
 class DCTAdamW(LowRankAdamW):
@@ -26,9 +26,8 @@ class DCTAdamW(LowRankAdamW):
 
 
 class DCTAdamW8bit(EightBitStates, DCTAdamW):
-    """:class:`DCTAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+    """:class:`DCTAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
 
-    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
-    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
-    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
-    """
+
+# GaLore's pre-training setting (the method's code has no defaults for lr and scale).
+register_method("dct", DCTAdamW, DCTAdamW8bit, recipe=dict(lr=1e-2, update_proj_gap=200, scale=0.25))

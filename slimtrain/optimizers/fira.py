@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 
 from ..kernels.apply import residual_with_row_sq_norms
-from . import _validation as V
-from .base import LowRankAdamW
+from ._validation import check_choice
+from .base import EightBitStates, LowRankAdamW
 from .functional import Residual, fira_row_scale
 from .lowrank import LowRankRule, LowRankStep
-from .quantized import EightBitStates
+from .registry import register_method
 from .state import Slot
 
 RESIDUAL_MODES = ("orthogonal", "fira_code")
@@ -80,14 +80,13 @@ class FiraAdamW(LowRankAdamW):
     def __init__(self, params, lr: float = 1e-3, *args, gamma: float = 1.01, residual: str = "orthogonal", **kwargs):
         if not (isinstance(gamma, (int, float)) and gamma >= 1.0):
             raise ValueError(f"Invalid gamma: {gamma} (expected a number >= 1)")
-        V.check_choice("residual", residual, RESIDUAL_MODES)
+        check_choice("residual", residual, RESIDUAL_MODES)
         super().__init__(params, lr, *args, gamma=gamma, residual=residual, **kwargs)
 
 
 class FiraAdamW8bit(EightBitStates, FiraAdamW):
-    """:class:`FiraAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+    """:class:`FiraAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
 
-    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
-    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
-    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
-    """
+
+# The paper's pre-training setting, as GaLore's: lr 0.01, scale 0.25, a refresh every 200 steps.
+register_method("fira", FiraAdamW, FiraAdamW8bit, recipe=dict(lr=1e-2, update_proj_gap=200, scale=0.25))

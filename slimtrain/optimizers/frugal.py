@@ -3,20 +3,26 @@ signSGD (or SGD) on the rest of the gradient. Two step rules, one per mode."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import MutableMapping, Sequence
+
 import torch
 from torch import Tensor
 
 from .._seeds import block_order_seed, generator
-from . import _validation as V
-from . import quantized as Q
-from .base import LowRankAdamW
+from ..kernels._triton import matmul_precision
+from ..kernels.apply import residual_with_row_sq_norms
+from ._validation import check_choice, check_nonneg, check_unit_interval
+from .base import EightBitStates, LowRankAdamW
 from .functional import STATE_FREE_RULES, Residual, adam_step_size, state_free_residual
-from .lowrank import MOMENTS, LowRankRule, LowRankStep, projects_left
-from .rule import Capabilities, StepRule, matrix_shape
-from .state import Slot, counter, counters, moment_slots
-from .updates import DenseUpdate, Update
+from .lowrank import LowRankRule, LowRankStep, projects_left
+from .moments import adam_direction, init_moments
+from .projectors import Projector
+from .registry import register_method
+from .rule import Capabilities, MatrixContext, StepRule, matrix_shape
+from .state import ADAM, Slot, counter, counters, moment_slots
+from .updates import DenseUpdate, Update, group_lr
 
-MODES = ("subspace", "block")
 BLOCK_ORDERS = ("descending", "ascending", "random")
 OPTIONS = ("density", "inactive_update_rule", "inactive_lr_scale")
 
@@ -24,7 +30,73 @@ OPTIONS = ("density", "inactive_update_rule", "inactive_lr_scale")
 def _state_free(grad: Tensor, group: dict) -> DenseUpdate:
     """The state-free rule on a whole gradient (FRUGAL's inactive matrices, or density 0)."""
     update = state_free_residual(grad, torch.zeros((), device=grad.device), group["inactive_update_rule"])
-    return DenseUpdate(update, group["lr"] * group["inactive_lr_scale"])
+    return DenseUpdate(update, group_lr(group) * group["inactive_lr_scale"])
+
+
+# ------------------------------------------------------------------------------------------ rounding noise
+# What rounding alone puts into FRUGAL's projection, G' B^T, and residual, G' - (G' B^T) B, for an oriented gradient
+# G' (m' x n') and an r x n' basis B. gamma_k = k u / (1 - k u) is the error factor of a length-k dot product in
+# fp32 (Higham, "Accuracy and Stability of Numerical Algorithms", (3.5); u = 2^-24; with TF32 matmuls the operands
+# are first rounded to 10 bits: (1 + u_tf32)^2 (1 + gamma_k) - 1). B's rows are orthonormal to within
+# delta = |B B^T - I|_2 and, computed from a gradient, span its row space to within delta |G'|_F: delta = gamma_n'
+# for a basis computed in fp32 by a backward-stable factorization or formula (SVD, QR, DCT), plus u_b per row for
+# one stored rounded to unit roundoff u_b (bf16: 2^-9). The bounds are normwise against |G'|_F, as the
+# factorizations' own backward errors are, and worst cases: measured noise stays several times under them
+# (tests/optimizers/test_frugal_residual.py). Second-order terms (products of two of these) are left out.
+
+
+def _gamma(k: int, tf32: bool) -> float:
+    u, u_in = 2.0**-24, (2.0**-11 if tf32 else 0.0)
+    return (1 + u_in) ** 2 * (1 + k * u / (1 - k * u)) - 1
+
+
+def projection_noise_bound(n: int, basis_roundoff: float = 0.0, *, tf32: bool = False) -> float:
+    r"""``beta`` such that the projection :math:`fl(G' B_k^\top)` of a gradient onto a basis row ``B_k`` it has no
+    component along has norm at most :math:`\beta \lVert G'\rVert_F`: the row's span defect,
+    :math:`\gamma_{n'} + u_b`, plus each entry's rounding, :math:`\gamma_{n'} \lVert G'_i\rVert \lVert B_k\rVert`
+    (Cauchy-Schwarz). :math:`2\gamma_{n'}`: 5e-4 at n' = 4096. A row of a new basis along which the refresh's
+    gradient is under it was chosen from rounding noise."""
+    return 2 * _gamma(n, tf32) + basis_roundoff
+
+
+def residual_noise_bound(n: int, r: int, basis_roundoff: float = 0.0, *, tf32: bool = False) -> float:
+    r"""``beta`` such that, for every gradient whose rows lie in the row space of the basis, FRUGAL's computed
+    residual :math:`\hat R = fl(G' - fl(fl(G' B^\top) B))` has
+    :math:`\lVert \hat R\rVert_F \le \beta \lVert G'\rVert_F`. Such a residual (a gradient of rank at most ``r``)
+    cannot be told from one computed under the bound, and signSGD would step every coordinate by the full lr in
+    the direction of its noise. The terms:
+
+    - the exact residual of an imperfect basis, :math:`G'(I - B^\top B) = L (I - B B^\top) B` for
+      :math:`G' = L B`: :math:`\delta = \gamma_{n'} + 2\sqrt{r}\,u_b`;
+    - the projection's rounding carried back through ``B`` and the back-projection's own,
+      :math:`\gamma_{n'} \lVert B\rVert_F` and :math:`\gamma_r \lVert B\rVert_F`, with
+      :math:`\lVert B\rVert_F \le \sqrt{r}`, and, at a refresh, what the gradient holds along the rows dropped
+      as noise, each under :func:`projection_noise_bound`: together
+      :math:`\sqrt{r}\,(\gamma_{n'} + \gamma_r + \beta_{proj})`;
+    - the subtraction: ``u`` of :math:`\lVert G'\rVert_F` and of :math:`\lVert \hat R\rVert_F`.
+
+    It scales as :math:`n' \sqrt{r}\,u`: 23 u at n' = 5, r = 1 (torch's 10 x 5 test problem at FRUGAL's density
+    0.25); 2.6e-2 at n' = 4096, r = 1024, where a residual holding less than 7e-4 of the gradient's energy is
+    dropped. The Gaussian ``"random"`` projector's rows are not orthonormal; its residual is of the order of the
+    gradient itself, far above the bound.
+    """
+    u = 2.0**-24
+    delta = _gamma(n, tf32) + 2 * math.sqrt(r) * basis_roundoff
+    beta_proj = projection_noise_bound(n, basis_roundoff, tf32=tf32)
+    return delta + math.sqrt(r) * (_gamma(n, tf32) + _gamma(r, tf32) + beta_proj) + 2 * u
+
+
+def basis_roundoff(state: dict) -> float:
+    """Unit roundoff of a basis the projector stores below fp32 (``basis_dtype="bf16"``), else 0."""
+    stored = state.get("proj_basis")
+    if stored is None or stored.dtype == torch.float32:
+        return 0.0
+    return torch.finfo(stored.dtype).eps / 2
+
+
+def tf32_matmuls(device: torch.device) -> bool:
+    """Whether fp32 matmuls on ``device`` round their operands to TF32 (torch's flag, which the kernels follow)."""
+    return device.type == "cuda" and matmul_precision() == "tf32"
 
 
 class FrugalSubspaceRule(LowRankRule):
@@ -33,33 +105,71 @@ class FrugalSubspaceRule(LowRankRule):
     name = "frugal"
     options = OPTIONS
 
-    def validate_group(self, opt, group: dict) -> None:
-        if group["density"] is None:
-            super().validate_group(opt, group)
+    def validate_group(self, group: dict) -> None:
+        if group["density"] is None:  # with a density the rank is round(density * n), which always fits
+            super().validate_group(group)
 
     def rank_for(self, group: dict, shape_t: torch.Size) -> int:
         if group["density"] is None:
             return group["rank"]
         return round(group["density"] * shape_t[1])
 
-    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Update:
+    def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
         transposed = projects_left(grad.shape, group["proj_type"])
         if self.rank_for(group, grad.T.shape if transposed else grad.shape) == 0:
             # density 0: nothing is state-full; the whole gradient takes the state-free rule.
-            return _state_free(opt._descent(grad.float(), group), group)
-        return super().update(opt, p, grad, group, state, index)
+            return _state_free(grad.float(), group)
+        return super().update(p, grad, group, state, ctx)
+
+    def refresh(self, projector, group: dict, state: dict, grad_t: Tensor, transposed: bool) -> None:
+        super().refresh(projector, group, state, grad_t, transposed)
+        stored = state.get("proj_basis")
+        if stored is None:
+            return
+        # A factorization of a gradient whose rank is below the subspace's (small batches, small matrices) fills the
+        # rest of the basis with directions of its null space: any orthonormal completion will do, and a last-bit
+        # change in the gradient picks another, which the window's later gradients then follow (and Adam, on the
+        # refresh's own gradient, would scale their noise up to full steps). Those rows, under
+        # projection_noise_bound, are left out (zeroed) until the next refresh: what later gradients hold along
+        # them is residual, for the state-free rule. Projectors that store no basis draw theirs from a seed (random)
+        # or select rows (DCT, columns), continuously in the gradient.
+        n = grad_t.shape[1]
+        bound = projection_noise_bound(n, basis_roundoff(state), tf32=tf32_matmuls(grad_t.device))
+        along = torch.linalg.vector_norm(grad_t @ stored.float().T, dim=0)
+        kept = along > bound * torch.linalg.vector_norm(grad_t)
+        stored.mul_(kept.to(stored.dtype)[:, None])
+        if not bool(kept.any()):
+            # An all-zero gradient (torch.distributed.checkpoint creates a fresh optimizer's state with one) spans
+            # nothing: choose the subspace again at the next step, as if this refresh had not been.
+            state["proj_refreshes"].zero_()
 
     def residual(self, group: dict, state: dict, step: LowRankStep, step_size: float) -> Residual | None:
         rule = group["inactive_update_rule"]
         if rule == "none":
             return None
-        return Residual(step.grad_t, step.low, rule, scale=group["lr"] * group["inactive_lr_scale"])
+        scale = group_lr(group) * group["inactive_lr_scale"]
+        if rule == "sgd" or step.basis is None:
+            # SGD's step on a residual of rounding noise is itself of the size of that noise; and without a dense
+            # basis (column selection) the residual is copied, not computed, so it holds no rounding at all.
+            return Residual(step.grad_t, step.low, rule, scale=scale)
+        # signSGD: a residual indistinguishable from the rounding of an in-subspace gradient is dropped (see
+        # residual_noise_bound). The decision is a 0/1 row scale, so the fused kernel, the torch reference, a ZeRO
+        # owner's materialized update and layer-wise steps all apply it alike, with no host synchronization.
+        materialized, row_sq = residual_with_row_sq_norms(step.grad_t, step.low, step.basis)
+        n, r = step.grad_t.shape[1], step.basis.shape[0]
+        bound = residual_noise_bound(n, r, basis_roundoff(state), tf32=tf32_matmuls(step.grad_t.device))
+        real = (row_sq.sum().sqrt() > bound * torch.linalg.vector_norm(step.grad_t.float())).to(torch.float32)
+        row_scale = real.expand(step.grad_t.shape[0]).contiguous()
+        return Residual(step.grad_t, step.low, rule, scale=scale, row_scale=row_scale, materialized=materialized)
 
-    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         shape = matrix_shape(p)
         if self.rank_for(group, shape[::-1] if projects_left(shape, group["proj_type"]) else shape) == 0:
             return []
-        return super().state_spec(opt, p, group)
+        return super().state_spec(p, group, ctx)
+
+    def describe_rank(self, group: dict) -> str:
+        return "round(density * n)" if group["density"] is not None else super().describe_rank(group)
 
     def identity(self) -> dict:
         return {"mode": "subspace"}
@@ -74,27 +184,28 @@ class FrugalBlockRule(StepRule):
     capabilities = Capabilities(shardable=False, layerwise=False, reason=(
         "FrugalAdamW(mode='block') chooses the active matrices once per step over all of them; use "
         "mode='subspace' (or, layer-wise, a regular optimizer.step())"))
-
-    def validate_group(self, opt, group: dict) -> None:
-        pass  # whole matrices are active or not: no rank to fit
+    uses_projector = False
+    no_projector_reason = "steps whole matrices, each active one with AdamW moments that restart every window"
 
     def __init__(self, block_order: str = "descending"):
         self.block_order = block_order
         self.block_iters = 0
 
     @staticmethod
-    def members(opt) -> list[Tensor]:
-        return [p for g in opt.param_groups if "rank" in g for p in g["params"] if matrix_shape(p) is not None]
+    def members(groups: Sequence[dict]) -> list[tuple[Tensor, dict]]:
+        """The projected matrices, in group order, with their groups."""
+        return [(p, g) for g in groups if "rank" in g for p in g["params"] if matrix_shape(p) is not None]
 
-    def active_blocks(self, opt, refresh_index: int) -> list[int]:
-        members = self.members(opt)
-        count = len(members)
-        density = next(g["density"] for g in opt.param_groups if "rank" in g)
+    def active_blocks(self, groups: Sequence[dict], seed: int, refresh_index: int) -> list[int]:
+        """Indices into :meth:`members` active during refresh window ``refresh_index``; ``seed`` is the
+        optimizer's (``block_order="random"`` draws from it)."""
+        count = len(self.members(groups))
+        density = next(g["density"] for g in groups if "rank" in g)
         k = round(density * count)
         if k == 0 or count == 0:
             return []
         if self.block_order == "random":
-            gen = generator(block_order_seed(opt.seed, refresh_index))
+            gen = generator(block_order_seed(seed, refresh_index))
             return sorted(torch.randperm(count, generator=gen)[:k].tolist())
         start = (refresh_index * k) % count
         window = [(start + i) % count for i in range(k)]
@@ -102,42 +213,47 @@ class FrugalBlockRule(StepRule):
             window = [count - 1 - i for i in window]
         return sorted(window)
 
-    def prepare_step(self, opt) -> None:
-        gap = next((g["update_proj_gap"] for g in opt.param_groups if "rank" in g), None)
+    def prepare_step(self, groups: Sequence[dict], state: MutableMapping[Tensor, dict], seed: int) -> None:
+        gap = next((g["update_proj_gap"] for g in groups if "rank" in g), None)
         if gap is None:
             return
         if self.block_iters % gap == 0:
-            active = set(self.active_blocks(opt, self.block_iters // gap))
-            for i, p in enumerate(self.members(opt)):
-                state = opt.state[p]
+            active = set(self.active_blocks(groups, seed, self.block_iters // gap))
+            for i, (p, group) in enumerate(self.members(groups)):
+                st = state.setdefault(p, {})
                 # Stochastic rounding's stream outlives the window, so it never repeats.
-                rounding = {k: state[k] for k in ("sr_seed", "sr_step") if k in state}
-                state.clear()  # moments reset at every refresh; inactive matrices hold nothing
-                state.update(rounding)
-                state["active"] = torch.tensor(i in active)
+                rounding = {k: st[k] for k in ("sr_seed", "sr_step") if k in st}
+                st.clear()  # moments reset at every refresh; inactive matrices hold nothing
+                st.update(rounding)
+                st["active"] = torch.tensor(i in active)
                 if i in active:
-                    state["step"] = torch.zeros((), dtype=torch.int64)
-                    Q.init_moments(state, opt._group_of(p), MOMENTS, p.shape, p.device)
+                    st["step"] = torch.zeros((), dtype=torch.int64)
+                    init_moments(st, group, ADAM, p.shape, p.device)
         self.block_iters += 1
 
-    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Update:
-        grad = opt._descent(grad.reshape(p.shape).float(), group)
-        if not bool(state["active"]):
+    def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
+        grad = grad.reshape(p.shape).float()
+        # A matrix added (add_param_group) in the middle of a window joins the selection at the next window.
+        if not bool(state.setdefault("active", torch.tensor(False))):
             return _state_free(grad, group)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        direction = Q.adam_direction(state, group, grad)
-        return DenseUpdate(direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"])) * group["scale"])
+        direction = adam_direction(state, group, grad)
+        step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
+        return DenseUpdate(direction, step_size * group["scale"])
 
-    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         """During the first window (``block_order``'s first active set)."""
-        index = next(i for i, q in enumerate(self.members(opt)) if q is p)
-        if index not in self.active_blocks(opt, 0):
+        index = next(i for i, (q, _) in enumerate(self.members(ctx.groups)) if q is p)
+        if index not in self.active_blocks(ctx.groups, ctx.seed, 0):
             return [counter("active", torch.bool)]
-        return [counter("active", torch.bool), *counters("step"), *moment_slots(group, MOMENTS, p.shape)]
+        return [counter("active", torch.bool), *counters("step"), *moment_slots(group, ADAM, p.shape)]
 
-    def host_keys(self, opt, p: Tensor, group: dict) -> set[str]:
+    def host_keys(self, p: Tensor, group: dict, ctx: MatrixContext) -> set[str]:
         return {"active", "step"}
+
+    def describe_state(self, group: dict, projector: Projector | None) -> str:
+        return "FRUGAL block mode: round(density * K) of the K projected matrices hold full AdamW state"
 
     def extra_state(self) -> dict:
         return {"block_iters": self.block_iters}
@@ -147,6 +263,10 @@ class FrugalBlockRule(StepRule):
 
     def identity(self) -> dict:
         return {"mode": "block"}
+
+
+#: The step rule of each of ``FrugalAdamW``'s modes.
+RULES = {"subspace": FrugalSubspaceRule, "block": FrugalBlockRule}
 
 
 class FrugalAdamW(LowRankAdamW):
@@ -168,8 +288,11 @@ class FrugalAdamW(LowRankAdamW):
       get the state-free rule on their whole gradient. Only active matrices hold moments.
 
     Moments are reset at every refresh (``moments="reset"``, the paper's ``reset_statistics``), which
-    also restarts bias correction. Paper defaults: lr 1e-3, density 0.25, gap 200, signSGD with
-    ``inactive_lr_scale`` 1.0 for pre-training (0.1 for fine-tuning).
+    also restarts bias correction. Where a gradient has nothing outside the subspace (its rank is at most the
+    subspace's), its computed residual is rounding noise: it takes no sign step (:func:`residual_noise_bound`),
+    and basis rows a refresh chose from noise are left out until the next (docs/optimizers.md). Paper
+    defaults: lr 1e-3, density 0.25, gap 200, signSGD with ``inactive_lr_scale`` 1.0 for pre-training (0.1 for
+    fine-tuning).
 
     Args:
         density: fraction of each matrix (subspace mode) or of the matrices (block mode) that is
@@ -199,11 +322,11 @@ class FrugalAdamW(LowRankAdamW):
         **kwargs,
     ):
         if density is not None:
-            V.check_unit_interval("density", density)
-        V.check_choice("mode", mode, MODES)
-        V.check_choice("block_order", block_order, BLOCK_ORDERS)
-        V.check_choice("inactive_update_rule", inactive_update_rule, STATE_FREE_RULES)
-        V.check_nonneg("inactive_lr_scale", inactive_lr_scale)
+            check_unit_interval("density", density)
+        check_choice("mode", mode, tuple(RULES))
+        check_choice("block_order", block_order, BLOCK_ORDERS)
+        check_choice("inactive_update_rule", inactive_update_rule, STATE_FREE_RULES)
+        check_nonneg("inactive_lr_scale", inactive_lr_scale)
         if density is None and mode == "block":
             raise ValueError("Invalid density: None (block mode needs a density in [0, 1])")
         rule = FrugalBlockRule(block_order) if mode == "block" else FrugalSubspaceRule()
@@ -219,13 +342,17 @@ class FrugalAdamW(LowRankAdamW):
         ``refresh_index`` in block mode. Deterministic: every data-parallel rank computes the same set."""
         if not isinstance(self.rule, FrugalBlockRule):
             raise RuntimeError("FrugalAdamW(mode='subspace') has no active blocks (mode='block' has)")
-        return self.rule.active_blocks(self, refresh_index)
+        return self.rule.active_blocks(self.param_groups, self.seed, refresh_index)
 
 
-class FrugalAdamW8bit(Q.EightBitStates, FrugalAdamW):
-    """:class:`FrugalAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+class FrugalAdamW8bit(EightBitStates, FrugalAdamW):
+    """:class:`FrugalAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
 
-    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
-    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
-    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
-    """
+
+register_method(
+    "frugal", FrugalAdamW, FrugalAdamW8bit,
+    modes=RULES,
+    # The paper's pre-training setting; block mode as its official pre-training scripts run it.
+    recipe=dict(lr=1e-3, update_proj_gap=200, scale=1.0, density=0.25),
+    variants={"block": dict(mode="block", block_order="descending")},
+)

@@ -28,6 +28,12 @@ from ..kernels.apply import ResidualOperands
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
 
 
+def descent(grad: Tensor, maximize: bool) -> Tensor:
+    """The direction a step descends: ``grad``, or ``-grad`` (a new tensor, so the caller's, often ``p.grad``
+    itself, is never written) when the objective is maximized, as ``torch.optim.AdamW(maximize=True)``."""
+    return -grad if maximize else grad
+
+
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     r"""Bias-corrected step size :math:`\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t)`."""
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)

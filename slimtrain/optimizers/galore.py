@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import LowRankAdamW
-from .quantized import EightBitStates
+from .base import EightBitStates, LowRankAdamW
+from .registry import register_method
 
 
 class GaLoreAdamW(LowRankAdamW):
@@ -36,9 +36,8 @@ class GaLoreAdamW(LowRankAdamW):
 
 
 class GaLoreAdamW8bit(EightBitStates, GaLoreAdamW):
-    """:class:`GaLoreAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+    """:class:`GaLoreAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
 
-    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
-    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
-    of their fp32 bytes. Smaller ones stay fp32. See ``docs/low_bit.md``.
-    """
+
+# The paper's pre-training setting: lr 0.01, scale 0.25, a refresh every 200 steps.
+register_method("galore", GaLoreAdamW, GaLoreAdamW8bit, recipe=dict(lr=1e-2, update_proj_gap=200, scale=0.25))

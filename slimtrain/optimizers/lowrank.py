@@ -13,16 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._seeds import parameter_seed
 from ..kernels.apply import lowrank_apply_, residual_from_back
-from . import quantized as Q
 from .functional import Residual, adam_step_size, rotate_moments_
+from .moments import adam_direction, fp32_moments, init_moments, zero_moments_
 from .projectors import Projector
-from .rule import Capabilities, StepRule, matrix_shape
-from .updates import Update, apply_, decay_factors, rounds_stochastically
-from .state import Slot, counters, moment_slots
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from .rule import Capabilities, MatrixContext, StepRule, check_rank_fits, matrix_shape
+from .state import ADAM, Slot, counters, moment_slots
+from .updates import RoundingStream, Update, apply_, decay_factors, group_lr, rounds_stochastically
 
 
 def projects_left(shape: torch.Size, proj_type: str) -> bool:
@@ -54,11 +51,11 @@ class LowRankStep(Update):
     state: dict
     residual: Residual | None = None
 
-    def apply_(self, opt, p: Tensor, group: dict) -> None:
+    def apply_(self, p: Tensor, group: dict, rounding: RoundingStream | None) -> None:
         """In place through the fused kernel (:func:`slimtrain.kernels.apply.lowrank_apply_`), never building
         the full update, wherever the basis is dense and the weight needs no stochastic rounding."""
         if self.basis is None or not p.is_contiguous() or rounds_stochastically(p, group):
-            apply_(opt, p, group, self.materialize().reshape(p.shape), 1.0)
+            apply_(p, group, self.materialize().reshape(p.shape), 1.0, rounding)
             return
         weight = p.view(matrix_shape(p))
         before, after = decay_factors(group)
@@ -87,6 +84,9 @@ class LowRankRule(StepRule):
     name = "galore"
     capabilities = Capabilities()
 
+    def validate_group(self, group: dict) -> None:
+        check_rank_fits(group)
+
     def rank_for(self, group: dict, shape_t: torch.Size) -> int:
         """The subspace dimension for a matrix whose oriented shape is ``shape_t``."""
         return group["rank"]
@@ -101,16 +101,15 @@ class LowRankRule(StepRule):
         """State :meth:`residual` keeps (Fira: its limiter's norm)."""
         return []
 
-    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> LowRankStep:
+    def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> LowRankStep:
         """Refresh the subspace if due, project, run Adam in the subspace and ask for the residual rule:
         everything but touching the weight."""
-        grad = opt._descent(grad, group)
-        projector = opt.projector(group)
+        projector = ctx.projector
         transposed = projects_left(grad.shape, group["proj_type"])
         grad_t = grad.T if transposed else grad
         grad32 = grad_t.float()  # no copy for fp32; the residual reads grad_t as it is
         if not state:
-            self.init_state(opt, grad, group, state, index, (grad_t.shape[0], self.rank_for(group, grad_t.shape)))
+            self.init_state(grad, group, state, ctx, (grad_t.shape[0], self.rank_for(group, grad_t.shape)))
         if self.refresh_due(group, state):
             self.refresh(projector, group, state, grad32, transposed)
         basis = projector.dense_basis(state, grad_t.shape[1], grad_t.device)
@@ -118,22 +117,22 @@ class LowRankRule(StepRule):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         state["iters"] += 1
-        direction = Q.adam_direction(state, group, low)
-        step_size = adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        direction = adam_direction(state, group, low)
+        step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
         step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed, projector, state)
         step.residual = self.residual(group, state, step, step_size)
         return step
 
-    def init_state(self, opt, grad: Tensor, group: dict, state: dict, index: int, low_shape: tuple[int, int]) -> None:
+    def init_state(self, grad: Tensor, group: dict, state: dict, ctx: MatrixContext, low_shape: tuple[int, int]) -> None:
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["iters"] = torch.zeros((), dtype=torch.int64)
         offset = 0
         if group["stagger"]:
             # Spread the group's matrices over the refresh window by their position in the optimizer.
-            offset = (index * group["update_proj_gap"]) // max(opt._num_params(), 1)
+            offset = (ctx.index * group["update_proj_gap"]) // max(ctx.num_params, 1)
         state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
-        opt.projector(group).init_state(state, seed=parameter_seed(opt.seed, index))
-        Q.init_moments(state, group, MOMENTS, low_shape, grad.device)
+        ctx.projector.init_state(state, seed=ctx.param_seed)
+        init_moments(state, group, ADAM, low_shape, grad.device)
 
     @staticmethod
     def refresh_due(group: dict, state: dict) -> bool:
@@ -154,15 +153,24 @@ class LowRankRule(StepRule):
         if first:
             return
         if policy == "reset":
-            Q.zero_moments_(state, MOMENTS)
+            zero_moments_(state, ADAM)
             state["step"].zero_()
         elif policy == "rotate":
-            with Q.fp32_moments(state, group, *MOMENTS) as (exp_avg, exp_avg_sq):
+            with fp32_moments(state, group, ADAM) as (exp_avg, exp_avg_sq):
                 rotate_moments_(exp_avg, exp_avg_sq, old_basis, projector.basis(state, n, grad_t.device))
 
-    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         shape = matrix_shape(p)
         m, n = (shape[1], shape[0]) if projects_left(shape, group["proj_type"]) else shape
         rank = self.rank_for(group, torch.Size((m, n)))
-        return (counters("step", "iters", "refresh_offset") + opt.projector(group).state_spec(rank, n)
-                + moment_slots(group, MOMENTS, (m, rank)) + self.residual_slots(group))
+        return (counters("step", "iters", "refresh_offset") + ctx.projector.state_spec(rank, n)
+                + moment_slots(group, ADAM, (m, rank)) + self.residual_slots(group))
+
+    def describe_rank(self, group: dict) -> str:
+        """The subspace dimension in words, for :meth:`describe_state`."""
+        return f"rank {group['rank']}"
+
+    def describe_state(self, group: dict, projector: Projector | None) -> str:
+        return (f"projected m x n matrix (oriented so n is the projected side, proj_type={group['proj_type']!r}): "
+                f"moments of m x {self.describe_rank(group)}, projector ({projector.name}) holds "
+                f"{projector.describe_state()}")

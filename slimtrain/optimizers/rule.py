@@ -4,11 +4,13 @@
 plain AdamW for the parameters it does not project, and applying an update to a weight (weight decay,
 stochastic rounding). Everything a method does to a *projected matrix* is its :class:`StepRule`:
 
-- :meth:`StepRule.update` is the one entry point. From a matrix gradient and the matrix's state it returns
-  an :class:`Update`: the step, computed but not yet applied. One process applies it in place
-  (:meth:`Update.apply_`, through the fused kernel where there is one); a ZeRO owner rank turns it into a
-  tensor (:meth:`Update.materialize`) and sends each rank its slice. Layer-wise training calls the same
-  entry from a gradient hook. So the three paths cannot drift apart.
+- :meth:`StepRule.update` is the one entry point. From a matrix's weight, its descent direction (the
+  gradient, negated where the group maximizes), its group, its state and a :class:`MatrixContext` (the
+  optimizer's facts about it: its index and seed, its projector), it returns an :class:`Update`: the step,
+  computed but not yet applied. One process applies it in place (:meth:`Update.apply_`, through the fused
+  kernel where there is one); a ZeRO owner rank turns it into a tensor (:meth:`Update.materialize`) and
+  sends each rank its slice. Layer-wise training calls the same entry from a gradient hook. So the three
+  paths cannot drift apart, and a rule never sees the optimizer: it takes what it uses.
 - :attr:`StepRule.capabilities` says which of those paths the method supports; the sharding wrapper, the
   layer-wise stepper and the recipes read it instead of testing types.
 - :meth:`StepRule.state_spec` declares the state the rule creates (:mod:`slimtrain.optimizers.state`).
@@ -18,18 +20,19 @@ stochastic rounding). Everything a method does to a *projected matrix* is its :c
 
 from __future__ import annotations
 
+import math
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .._seeds import parameter_seed
 from .._validation import check_rank_for_shape
+from .projectors import Projector
 from .state import Slot
 from .updates import Update
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import LowRankAdamW
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Capabilities:
         layerwise: it steps each matrix on its own gradient, with no decision taken over the whole step
             (FRUGAL's block selection is one), so it can run from a gradient hook.
         eight_bit: its moments can be kept in 8 bits (``state_bits=8``): it reads and writes them only through
-            :func:`~slimtrain.optimizers.quantized.adam_direction` and the other helpers of ``quantized.py``.
+            :func:`~slimtrain.optimizers.moments.adam_direction` and the other helpers of ``moments.py``.
         reason: the sentence a refusal quotes when any is False.
     """
 
@@ -50,6 +53,36 @@ class Capabilities:
     layerwise: bool = True
     eight_bit: bool = True
     reason: str = ""
+
+
+class MatrixContext(NamedTuple):
+    """What a step rule may know about the matrix it steps besides its weight, gradient, group and state: the
+    optimizer's facts about it, never the optimizer itself. Immutable, and cheap to build at every step.
+
+    Attributes:
+        index: the parameter's position among all of the optimizer's parameters, in group order (stable, so
+            per-matrix seeds don't depend on which parameters had gradients at their first step); ``None`` for
+            a tensor the optimizer does not hold, which is asked only for its declared state (a stand-in of a
+            parameter's shape).
+        seed: the optimizer's ``seed``; the matrix's own is :attr:`param_seed`.
+        projector: the group's projector (``None`` for a rule that uses none).
+        groups: every param group, for what a rule decides over all matrices (stagger spreads refreshes over
+            the parameters, FRUGAL's block mode chooses among the projected matrices).
+    """
+
+    index: int | None
+    seed: int
+    projector: Projector | None
+    groups: Sequence[dict]
+
+    @property
+    def param_seed(self) -> int:
+        """The matrix's own seed, from which every stream it draws is derived (:mod:`slimtrain._seeds`)."""
+        return parameter_seed(self.seed, self.index)
+
+    @property
+    def num_params(self) -> int:
+        return sum(len(g["params"]) for g in self.groups)
 
 
 class StepRule:
@@ -65,36 +98,40 @@ class StepRule:
     capabilities: Capabilities = Capabilities()
     #: Its own keyword options, stored in every param group (like ``lr``) and read from there.
     options: tuple[str, ...] = ()
+    #: Its updates go through the optimizer's apply, which rounds bf16 weights stochastically when asked (SST
+    #: rewrites the weight from fp32 factors instead).
+    stochastic_rounding: bool = True
+    #: Whether it steps through its group's projector and applies the group's ``moments`` policy at each
+    #: refresh. A rule that does neither says why in :attr:`no_projector_reason`, and the optimizer refuses
+    #: both options instead of ignoring them.
+    uses_projector: bool = True
+    no_projector_reason: str = ""
 
-    def validate_group(self, opt: LowRankAdamW, group: dict) -> None:
-        """Check a projected group's settings for this rule (raise ``ValueError`` naming the option). By default:
-        the group's ``rank`` fits each of its matrices."""
-        for p in group["params"]:
-            shape = matrix_shape(p)
-            if shape is not None:
-                check_rank_for_shape(group["rank"], shape)
+    def validate_group(self, group: dict) -> None:
+        """Check a projected group's settings for this rule (raise ``ValueError`` naming the option)."""
 
-    def prepare_step(self, opt: LowRankAdamW) -> None:
-        """Run once per ``step()``, before any parameter moves (FRUGAL's block selection)."""
+    def prepare_step(self, groups: Sequence[dict], state: MutableMapping[Tensor, dict], seed: int) -> None:
+        """Run once per ``step()``, before any parameter moves, with every param group, the optimizer's state
+        and its seed (FRUGAL's block selection)."""
 
-    def update(self, opt: LowRankAdamW, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Update:
-        """The step of the projected matrix ``p`` from its ``m x n`` gradient ``grad`` (any float dtype; ``p``
-        itself must not be written here). ``state`` is the matrix's state, created on first use; ``index`` is
-        ``p``'s position among the optimizer's parameters, which seeds whatever the rule draws."""
+    def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
+        """The step of the projected matrix ``p`` from its ``m x n`` descent direction ``grad`` (the gradient,
+        negated where the group maximizes; any float dtype). Neither ``p`` nor ``grad`` may be written here.
+        ``state`` is the matrix's state, created on first use."""
         raise NotImplementedError
 
-    def state_spec(self, opt: LowRankAdamW, p: Tensor, group: dict) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         """The state :meth:`update` keeps for ``p`` after its first step (shapes from ``p.shape`` alone, so
         ``p`` may be on the meta device)."""
         raise NotImplementedError
 
-    #: Its updates go through the optimizer's apply, which rounds bf16 weights stochastically when asked (SST
-    #: rewrites the weight from fp32 factors instead).
-    stochastic_rounding: bool = True
-
-    def host_keys(self, opt: LowRankAdamW, p: Tensor, group: dict) -> set[str]:
+    def host_keys(self, p: Tensor, group: dict, ctx: MatrixContext) -> set[str]:
         """Every key ``p``'s state may hold on the host, whatever phase it is in (``load_state_dict`` reads it)."""
-        return {s.key for s in self.state_spec(opt, p, group) if s.host}
+        return {s.key for s in self.state_spec(p, group, ctx) if s.host}
+
+    def describe_state(self, group: dict, projector: Projector | None) -> str:
+        """One sentence on what the rule keeps per matrix, for the memory calculator's assumptions."""
+        return ""
 
     def forget_tensors(self) -> None:
         """The optimizer's state was replaced (``load_state_dict``, a copy): drop whatever the rule recorded about
@@ -121,4 +158,12 @@ def matrix_shape(p: Tensor) -> torch.Size | None:
     (convolutions) as ``(shape[0], prod(rest))``, vectors and scalars not at all."""
     if p.dim() < 2:
         return None
-    return torch.Size((p.shape[0], p[0].numel()))
+    return torch.Size((p.shape[0], math.prod(p.shape[1:])))
+
+
+def check_rank_fits(group: dict) -> None:
+    """The group's ``rank`` fits each of its matrices (``ValueError`` naming the first it does not)."""
+    for p in group["params"]:
+        shape = matrix_shape(p)
+        if shape is not None:
+            check_rank_for_shape(group["rank"], shape)

@@ -28,10 +28,9 @@ Three pieces:
   every ``update_proj_gap`` steps (one *iteration*) a new sample, and every ``iterations_per_round``
   iterations (one *round*, default ``ceil(d / r)``) a re-SVD of ``U diag(Σ) Vᵀ``.
 
-The paper's code was not available to us (``/work/shared/methods/optimizers.md`` §5 rests on the
-paper); two choices it leaves open are ours and documented where they are made: Adam's moments for
-``Σ`` restart at every re-SVD (its coordinates are new), and the ``r`` vectors of a sample are drawn
-without replacement.
+It implements the paper's description. Two choices the paper leaves open are made here and documented where
+they are made: Adam's moments for ``Σ`` restart at every re-SVD (its coordinates are new), and the ``r``
+vectors of a sample are drawn without replacement.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.adam import adam_direction_, adam_direction_reference
-from . import _validation as V
+from ._validation import check_betas, check_int, check_lr, check_nonneg
 from .functional import adam_step_size
 # The layer side, re-exported: this module is where users meet spectral SST.
 from .spectral_layers import (  # noqa: F401
@@ -96,13 +95,13 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
                  iterations_per_round: int | None = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__} (expected an nn.Module converted by to_spectral)")
-        V.check_lr(lr)
-        V.check_betas(betas)
-        V.check_nonneg("eps", eps)
-        V.check_nonneg("weight_decay", weight_decay)
-        V.check_int("update_proj_gap", update_proj_gap, minimum=1)
+        check_lr(lr)
+        check_betas(betas)
+        check_nonneg("eps", eps)
+        check_nonneg("weight_decay", weight_decay)
+        check_int("update_proj_gap", update_proj_gap, minimum=1)
         if iterations_per_round is not None:
-            V.check_int("iterations_per_round", iterations_per_round, minimum=1)
+            check_int("iterations_per_round", iterations_per_round, minimum=1)
         layers = [m for m in model.modules() if isinstance(m, SpectralLinear)]
         if not layers:
             raise ValueError("Invalid model: it has no SpectralLinear layer (convert it with to_spectral first)")
@@ -116,7 +115,7 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # older checkpoints lack newer options
+        for group in self.param_groups:  # a state dict without an option gets its default
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _seeds
-from . import _validation as V
+from ._validation import check_bool, check_int, check_rank_for_shape, check_unit_interval
 from .groups import _LINEAR_TYPES, _matches
 
 
@@ -105,12 +105,12 @@ class SpectralLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  uniform_mix: float = 0.0, enhanced_grad: bool = True, seed: int = 0, device=None, dtype=None):
         super().__init__()
-        V.check_int("in_features", in_features, minimum=1)
-        V.check_int("out_features", out_features, minimum=1)
-        V.check_rank_for_shape(rank, torch.Size((out_features, in_features)))
-        V.check_unit_interval("uniform_mix", uniform_mix)
-        V.check_bool("enhanced_grad", enhanced_grad)
-        V.check_int("seed", seed, minimum=0)
+        check_int("in_features", in_features, minimum=1)
+        check_int("out_features", out_features, minimum=1)
+        check_rank_for_shape(rank, torch.Size((out_features, in_features)))
+        check_unit_interval("uniform_mix", uniform_mix)
+        check_bool("enhanced_grad", enhanced_grad)
+        check_int("seed", seed, minimum=0)
         kw = dict(device=device, dtype=dtype)
         d = min(in_features, out_features)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -231,8 +231,8 @@ def to_spectral(model: nn.Module, target_modules: str | list[str], rank: int, *,
     """
     if isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules):
         raise ValueError(f"Invalid target_modules: {target_modules!r} (expected a list of strings, a regex or 'all-linear')")
-    V.check_int("rank", rank, minimum=1)
-    V.check_int("seed", seed, minimum=0)
+    check_int("rank", rank, minimum=1)
+    check_int("seed", seed, minimum=0)
     exclude = ("lm_head", "classifier", "score") if target_modules == "all-linear" else ()
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not isinstance(m, SpectralLinear) and _matches(name, target_modules)

@@ -8,27 +8,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._seeds import generator, parameter_seed, sst_draw_seed
-from . import _validation as V
-from . import quantized as Q
-from .base import LowRankAdamW
+from .._seeds import generator, sst_draw_seed
+from ._validation import check_int, check_unit_interval
+from .base import EightBitStates, LowRankAdamW
 from .functional import adam_step_size, sst_factor_grads
-from .rule import Capabilities, StepRule, matrix_shape
+from .moments import adam_direction, init_moments
+from .projectors import Projector
+from .registry import register_method
+from .rule import Capabilities, MatrixContext, StepRule, check_rank_fits, matrix_shape
 # The paper's form (the weight replaced by its factors, state for the sampled vectors only), exported here too.
 from .spectral import SpectralLinear, SpectralSSTAdamW, merge_spectral, sample_spectrum, to_spectral  # noqa: F401
-from .state import Slot, counters, moment_slots
-from .updates import Update
+from .state import Slot, adam_moments, counters, moment_slots, projector_slot
+from .updates import RoundingStream, Update, group_lr
+
+# Adam's moments for the singular values and for the sampled columns of U and V.
+MOMENTS = {"s": adam_moments("_s"), "u": adam_moments("_u"), "v": adam_moments("_v")}
 
 
 @dataclass
 class Rewrite(Update):
-    """SST's step: the weight rebuilt from its updated factors, written over the parameter."""
+    """SST's step: the weight rebuilt from its updated factors, written over the parameter; or, with ``weight``
+    None (a step at lr 0), the parameter left as it is."""
 
     rule: SSTRule
-    weight: Tensor
+    weight: Tensor | None
 
-    def apply_(self, opt, p: Tensor, group: dict) -> None:
-        p.copy_(self.weight.reshape(p.shape))
+    def apply_(self, p: Tensor, group: dict, rounding: RoundingStream | None) -> None:
+        if self.weight is not None:
+            p.copy_(self.weight.reshape(p.shape))
         self.rule.written[id(p)] = (p.data_ptr(), p._version)
 
     def materialize(self) -> Tensor:
@@ -46,6 +53,8 @@ class SSTRule(StepRule):
         "SSTAdamW rewrites whole weights from their singular factors, which ZeRO (stage >= 1) shards; use stage "
         "0, or GaLoreAdamW, FiraAdamW, FrugalAdamW or DCTAdamW"))
     stochastic_rounding = False
+    uses_projector = False
+    no_projector_reason = "samples the weight's own singular vectors"
 
     def __init__(self):
         self.written: dict[int, tuple[int, int]] = {}
@@ -59,6 +68,9 @@ class SSTRule(StepRule):
     # as it escapes autograd.) Counters are per process: without a record (after load_state_dict or a
     # copy) W is compared once with the factors, bit for bit: a resume on the same device matches; one
     # on another device that differs by rounding starts a new round, which is safe.
+    def validate_group(self, group: dict) -> None:
+        check_rank_fits(group)  # the sampled vector pairs
+
     def forget_tensors(self) -> None:
         self.written.clear()
 
@@ -82,7 +94,7 @@ class SSTRule(StepRule):
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         state["sst_u"], state["sst_s"], state["sst_v"] = u.contiguous(), s, vh.T.contiguous()
         d = s.numel()
-        Q.init_moments(state, group, ("exp_avg_s", "exp_avg_sq_s"), (d,), p.device)
+        init_moments(state, group, MOMENTS["s"], (d,), p.device)
         state["step"] = torch.zeros((), dtype=torch.int64)
 
     @staticmethod
@@ -95,15 +107,15 @@ class SSTRule(StepRule):
         state["sst_draws"].fill_(k + 1)
         m, n = state["sst_u"].shape[0], state["sst_v"].shape[0]
         for key, rows in (("u", m), ("v", n)):
-            Q.init_moments(state, group, (f"exp_avg_{key}", f"exp_avg_sq_{key}"), (rows, rank), s.device)
+            init_moments(state, group, MOMENTS[key], (rows, rank), s.device)
         state["vec_step"] = torch.zeros((), dtype=torch.int64)
 
-    def update(self, opt, p: Tensor, grad: Tensor, group: dict, state: dict, index: int) -> Rewrite:
+    def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Rewrite:
         gap = group["update_proj_gap"]
         if not state:
             state["iters"] = torch.zeros((), dtype=torch.int64)
             state["sst_draws"] = torch.zeros((), dtype=torch.int64)
-            state["sst_seed"] = torch.tensor(parameter_seed(opt.seed, index), dtype=torch.int64)
+            state["sst_seed"] = torch.tensor(ctx.param_seed, dtype=torch.int64)
             self._decompose(p, group, state)
         elif self._written_elsewhere(p, state):
             # The factors describe a weight that is gone: restart the round from the one written.
@@ -117,38 +129,44 @@ class SSTRule(StepRule):
                 self._decompose(p, group, state)  # end of round: re-SVD restores orthogonal factors
             self._resample(group, state)
         u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
-        grad = opt._descent(grad.float(), group)
-        grad_s, grad_u, grad_v = sst_factor_grads(grad, u, v, idx)
+        grad_s, grad_u, grad_v = sst_factor_grads(grad.float(), u, v, idx)
 
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
+        lr = group_lr(group)
         state["step"] += 1
         state["vec_step"] += 1
         state["iters"] += 1
-        dir_s = Q.adam_direction(state, group, grad_s, "exp_avg_s", "exp_avg_sq_s")
+        dir_s = adam_direction(state, group, grad_s, MOMENTS["s"])
         if group["weight_decay"]:
             s.mul_(1.0 - lr * group["weight_decay"])
         s.add_(dir_s, alpha=-adam_step_size(lr, beta1, beta2, int(state["step"]))).clamp_(min=0)
 
         vec_size = adam_step_size(lr, beta1, beta2, int(state["vec_step"]))
         for key, factor, g in (("u", u, grad_u), ("v", v, grad_v)):
-            direction = Q.adam_direction(state, group, g, f"exp_avg_{key}", f"exp_avg_sq_{key}")
+            direction = adam_direction(state, group, g, MOMENTS[key])
             cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
             cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
             factor.index_copy_(1, idx, cols)
-        return Rewrite(self, (u * s) @ v.T)
+        # At lr 0 the factors moved only by the renormalization's rounding: rebuilding W from them would move it by
+        # that rounding (about 1e-7 of |W|), and a step at lr 0 moves nothing (warm-ups that start at 0, and the
+        # zero-lr step torch.distributed.checkpoint takes to create the state of a fresh optimizer).
+        return Rewrite(self, (u * s) @ v.T if lr else None)
 
-    def state_spec(self, opt, p: Tensor, group: dict) -> list[Slot]:
+    def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         m, n = matrix_shape(p)
         d, r = min(m, n), group["rank"]
         return [
             *counters("iters", "sst_draws", "sst_seed", "step", "vec_step"),
-            Slot("sst_u", (m, d), torch.float32), Slot("sst_s", (d,), torch.float32),
-            Slot("sst_v", (n, d), torch.float32), Slot("sst_idx", (r,), torch.int64),
-            *moment_slots(group, ("exp_avg_s", "exp_avg_sq_s"), (d,)),
-            *moment_slots(group, ("exp_avg_u", "exp_avg_sq_u"), (m, r)),
-            *moment_slots(group, ("exp_avg_v", "exp_avg_sq_v"), (n, r)),
+            projector_slot("sst_u", (m, d), torch.float32), projector_slot("sst_s", (d,), torch.float32),
+            projector_slot("sst_v", (n, d), torch.float32), projector_slot("sst_idx", (r,), torch.int64),
+            *moment_slots(group, MOMENTS["s"], (d,)),
+            *moment_slots(group, MOMENTS["u"], (m, r)),
+            *moment_slots(group, MOMENTS["v"], (n, r)),
         ]
+
+    def describe_state(self, group: dict, projector: Projector | None) -> str:
+        return ("SST keeps U (m x d), sigma (d) and V (n x d) in fp32 as state, d = min(m, n), plus moments "
+                "for sigma and for the r sampled columns of U and V")
 
 
 class SSTAdamW(LowRankAdamW):
@@ -183,31 +201,23 @@ class SSTAdamW(LowRankAdamW):
         uniform_mix: fraction of uniform probability mixed into the sampling distribution
             (default 0, the paper's :math:`p \propto \Sigma`); > 0 guarantees every vector can be drawn.
         Other arguments: see :class:`~slimtrain.optimizers.base.LowRankAdamW`. The group's ``rank`` is
-        the number of sampled vector pairs; ``projector``, ``moments``, ``scale`` and ``proj_type``
-        do not apply (SST's subspace is the weight's own singular basis).
+        the number of sampled vector pairs. SST's subspace is the weight's own singular basis, and a
+        resample restarts the sampled vectors' moments: ``projector`` and ``moments`` are refused;
+        ``scale`` and ``proj_type`` do not apply.
     """
 
-    default_projector = "svd"
-    default_moments = "reset"
     rule_type = SSTRule
 
     def __init__(self, params, lr: float = 1e-3, *args, iterations_per_round: int | None = None, uniform_mix: float = 0.0, **kwargs):
-        if kwargs.get("projector") not in (None, "svd"):
-            raise ValueError(
-                f"Invalid projector: {kwargs['projector']!r} (SSTAdamW samples the weight's own singular "
-                "vectors; it takes no projector)"
-            )
         if iterations_per_round is not None:
-            V.check_int("iterations_per_round", iterations_per_round, minimum=1)
-        V.check_unit_interval("uniform_mix", uniform_mix)
+            check_int("iterations_per_round", iterations_per_round, minimum=1)
+        check_unit_interval("uniform_mix", uniform_mix)
         super().__init__(params, lr, *args, iterations_per_round=iterations_per_round, uniform_mix=uniform_mix, **kwargs)
 
 
-class SSTAdamW8bit(Q.EightBitStates, SSTAdamW):
-    """:class:`SSTAdamW` with 8-bit Adam moments (``state_bits=8``), torchao's naming.
+class SSTAdamW8bit(EightBitStates, SSTAdamW):
+    """:class:`SSTAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
 
-    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32
-    absmax per ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4
-    of their fp32 bytes. Smaller ones stay fp32. The factors ``U``, ``Σ``, ``V`` stay fp32:
-    they are the weight itself, not a running statistic. See ``docs/low_bit.md``.
-    """
+
+# SSTAdamW's own lr and the paper's T3 = 200 steps between resamples (scale does not apply).
+register_method("sst", SSTAdamW, SSTAdamW8bit, recipe=dict(lr=1e-3, update_proj_gap=200, scale=1.0))

@@ -1,19 +1,25 @@
 """The one place the recipes and benchmarks build an optimizer, and measure what its state holds.
 
-``OPTIMIZER_NAMES`` are torch's AdamW and slimtrain's low-rank family, one name per optimizer class.
-``VARIANT_NAMES`` run one of those methods another way: ``frugal-block`` is ``FrugalAdamW(mode="block")``
-(the FRUGAL paper's pre-training split), ``spectral-sst`` is SST as the paper runs it, the model's
-attention and MLP layers replaced by their factors (:func:`prepare_model`) and trained by
-``SpectralSSTAdamW``. ``RECIPE_NAMES``, the two together, are what the command line offers.
-``REFERENCE_NAMES`` are the published implementations the benchmarks compare against
-(``galore-torch``, ``apollo-torch``); their state holds Python objects, so they cannot be resumed
-from a ``weights_only`` checkpoint and the command line does not offer them.
+The names come from the method registry (:mod:`slimtrain.optimizers.registry`), so a registered method is a
+recipe name with no edit here:
 
-Default hyperparameters are the papers' pre-training ones (methods/optimizers.md): GaLore and Fira
-lr 0.01, scale 0.25, T 200; FRUGAL lr 1e-3, density 0.25; APOLLO lr 0.01, scale 1, channel-wise,
-random projection. DCT uses GaLore's (its code has no defaults for lr and scale). FRUGAL's block mode
-takes FRUGAL's (density 0.25 of the matrices, ``block_order="descending"``, the official pre-training
-scripts' order); spectral SST takes SST's lr 1e-3 and T 200. Rank defaults to a quarter of the smallest
+- ``OPTIMIZER_NAMES``: torch's AdamW (``adamw``) and each slimtrain method with its 8-bit twin (``galore``,
+  ``galore8bit``, ...).
+- ``VARIANT_NAMES``: a method run another way, as its registry entry says (``frugal-block`` is
+  ``FrugalAdamW(mode="block")``, the FRUGAL paper's pre-training split), and ``spectral-sst``, SST as the
+  paper runs it: the model's attention and MLP layers replaced by their factors (:func:`prepare_model`) and
+  trained by ``SpectralSSTAdamW``.
+- ``RECIPE_NAMES``: the two together, what the command line offers.
+- ``REFERENCE_NAMES``: the published implementations the benchmarks compare against (``galore-torch``,
+  ``apollo-torch``); their state holds Python objects, so they cannot be resumed from a ``weights_only``
+  checkpoint and the command line does not offer them.
+
+These and ``DEFAULTS`` are read from the registry whenever they are read from this module (``optim.DEFAULTS``),
+so they include a method registered after the import.
+
+Default hyperparameters are the papers' pre-training ones, in each method's registry entry: GaLore and Fira lr 0.01, scale 0.25, T 200; FRUGAL lr 1e-3, density 0.25; DCT GaLore's
+(its code has no defaults for lr and scale); SST lr 1e-3, T 200. Here: AdamW lr 1e-3; spectral SST SST's lr
+and T; APOLLO lr 0.01, scale 1, channel-wise, random projection. Rank defaults to a quarter of the smallest
 projected dimension, the paper's 60M ratio (128 of 512).
 """
 
@@ -24,34 +30,66 @@ import importlib
 import torch
 from torch import nn
 
+from ..optimizers import SpectralSSTAdamW, low_rank_param_groups, to_spectral
+from ..optimizers.registry import Method, methods
+from ..optimizers.rule import Capabilities
 from .models import smallest_matrix_dim
 
-# Each low-rank method next to its 8-bit-state twin (GaLoreAdamW8bit, ...), which takes the same defaults.
-OPTIMIZER_NAMES = ("adamw",) + tuple(n for m in ("galore", "fira", "frugal", "dct", "sst") for n in (m, f"{m}8bit"))
-VARIANT_NAMES = ("frugal-block", "frugal-block8bit", "spectral-sst")
-RECIPE_NAMES = OPTIMIZER_NAMES + VARIANT_NAMES
+ADAMW = "adamw"
+SPECTRAL_SST = "spectral-sst"
 REFERENCE_NAMES = ("galore-torch", "apollo-torch")
 TARGET_MODULES = ["attn", "mlp"]
-
-_LOW_RANK = dict(lr=1e-2, update_proj_gap=200, scale=0.25)
-DEFAULTS: dict[str, dict] = {
-    "adamw": dict(lr=1e-3),
-    "galore": _LOW_RANK,
-    "fira": _LOW_RANK,
-    "frugal": dict(lr=1e-3, update_proj_gap=200, scale=1.0, density=0.25),
-    "dct": _LOW_RANK,
-    "sst": dict(lr=1e-3, update_proj_gap=200, scale=1.0),  # SSTAdamW's own default lr; scale does not apply
-    "galore-torch": dict(_LOW_RANK, no_deprecation_warning=True),
+# The recipes' defaults for what is not a registered method.
+_OWN_DEFAULTS: dict[str, dict] = {
+    ADAMW: dict(lr=1e-3),
+    SPECTRAL_SST: dict(lr=1e-3, update_proj_gap=200),  # SpectralSSTAdamW's own; it has no update scale
+    "galore-torch": dict(lr=1e-2, update_proj_gap=200, scale=0.25, no_deprecation_warning=True),
     "apollo-torch": dict(lr=1e-2, update_proj_gap=200, scale=1.0, proj="random", scale_type="channel"),
 }
-DEFAULTS.update({f"{m}8bit": DEFAULTS[m] for m in ("galore", "fira", "frugal", "dct", "sst")})
-DEFAULTS["frugal-block"] = DEFAULTS["frugal-block8bit"] = dict(DEFAULTS["frugal"], mode="block", block_order="descending")
-DEFAULTS["spectral-sst"] = dict(lr=1e-3, update_proj_gap=200)  # SpectralSSTAdamW's own; it has no update scale
-# The slimtrain.optimizers.OPTIMIZERS class behind a variant (its mode comes from DEFAULTS).
-_CLASS_OF = {"frugal-block": "frugal", "frugal-block8bit": "frugal8bit"}
 
 
-def check_optimizer_name(name: str, allowed: tuple[str, ...] = RECIPE_NAMES) -> None:
+def _entries() -> dict[str, tuple[Method, str | None, bool]]:
+    """Every registered method's recipe names -> (method, variant or None, 8-bit)."""
+    entries = {name: (m, *how) for m in methods() for name, how in m.recipe_names.items()}
+    clash = sorted(set(entries) & set(_OWN_DEFAULTS))
+    if clash:
+        raise RuntimeError(f"Registered methods take the recipe names {', '.join(clash)}, which name the recipes' "
+                           f"own optimizers ({', '.join(_OWN_DEFAULTS)}): register them under other names")
+    return entries
+
+
+def optimizer_names() -> tuple[str, ...]:
+    return (ADAMW, *(name for name, (_, variant, _) in _entries().items() if variant is None))
+
+
+def variant_names() -> tuple[str, ...]:
+    return (*(name for name, (_, variant, _) in _entries().items() if variant is not None), SPECTRAL_SST)
+
+
+def recipe_names() -> tuple[str, ...]:
+    return optimizer_names() + variant_names()
+
+
+def defaults() -> dict[str, dict]:
+    """Each name's default hyperparameters (lr, update_proj_gap, scale and constructor options)."""
+    out = dict(_OWN_DEFAULTS)
+    for name, (method, variant, _) in _entries().items():
+        out[name] = dict(method.recipe, **(method.variants[variant] if variant is not None else {}))
+    return out
+
+
+def __getattr__(name: str):
+    # The name tables, computed from the registry when read (module attributes of PEP 562).
+    tables = {"OPTIMIZER_NAMES": optimizer_names, "VARIANT_NAMES": variant_names, "RECIPE_NAMES": recipe_names,
+              "DEFAULTS": defaults}
+    if name in tables:
+        return tables[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_optimizer_name(name: str, allowed: tuple[str, ...] | None = None) -> None:
+    """``ValueError`` unless ``name`` is in ``allowed`` (default: :func:`recipe_names`)."""
+    allowed = recipe_names() if allowed is None else allowed
     if name not in allowed:
         raise ValueError(f"Invalid --optimizer: {name!r} (expected one of {', '.join(allowed)})")
 
@@ -61,32 +99,28 @@ def default_rank(smallest_dim: int) -> int:
 
 
 def slimtrain_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """``slimtrain.optimizers.OPTIMIZERS[name]`` (for a variant, its method's class), or a ``RuntimeError``
-    saying it is not there yet."""
-    from slimtrain.optimizers import OPTIMIZERS, SpectralSSTAdamW
-
-    if name == "spectral-sst":
+    """The class behind the recipe name ``name`` (a variant's is its method's), or a ``RuntimeError`` saying it
+    is not in this slimtrain build."""
+    if name == SPECTRAL_SST:
         return SpectralSSTAdamW
-    name = _CLASS_OF.get(name, name)
-    if name not in OPTIMIZERS:
-        raise RuntimeError(
-            f"Optimizer {name!r} is not available in this slimtrain build "
-            f"(slimtrain.optimizers.OPTIMIZERS has: {', '.join(OPTIMIZERS)})"
-        )
-    return OPTIMIZERS[name]
+    entries = _entries()
+    if name not in entries:
+        raise RuntimeError(f"Optimizer {name!r} is not available in this slimtrain build "
+                           f"(its methods have the recipe names {', '.join(entries)})")
+    method, _, eight_bit = entries[name]
+    return method.optimizer_8bit if eight_bit else method.optimizer
 
 
-def capabilities(name: str):
+def capabilities(name: str) -> Capabilities | None:
     """The :class:`~slimtrain.optimizers.rule.Capabilities` that the step rule of the recipe's optimizer
     ``name`` declares (shardable, layer-wise), or None for ``adamw``, ``spectral-sst`` and the references,
     which have no step rule."""
-    if name in ("adamw", "spectral-sst") + REFERENCE_NAMES:
+    entry = _entries().get(name)
+    if entry is None:
         return None
-    if DEFAULTS[name].get("mode") == "block":
-        from slimtrain.optimizers.frugal import FrugalBlockRule  # FrugalAdamW picks its rule by mode
-
-        return FrugalBlockRule.capabilities
-    return slimtrain_optimizer_class(name).rule_type.capabilities
+    method, variant, _ = entry
+    mode = method.variants[variant].get("mode") if variant is not None else None
+    return method.rule_type(mode).capabilities
 
 
 def prepare_model(name: str, model: nn.Module, *, rank: int | None = None,
@@ -98,10 +132,8 @@ def prepare_model(name: str, model: nn.Module, *, rank: int | None = None,
     Call it before :func:`build_optimizer` and before loading a checkpoint into ``model``: the
     checkpoint holds the factors, not the weights.
     """
-    if name != "spectral-sst":
+    if name != SPECTRAL_SST:
         return model
-    from slimtrain.optimizers import to_spectral
-
     if rank is None:
         rank = default_rank(smallest_matrix_dim(model.config))
     return to_spectral(model, target_modules, rank)
@@ -129,21 +161,19 @@ def build_optimizer(
     ``spectral-sst`` needs ``model`` converted by :func:`prepare_model` first; ``rank`` and
     ``target_modules`` were given there.
     """
-    check_optimizer_name(name, RECIPE_NAMES + REFERENCE_NAMES)
-    hp = {**DEFAULTS[name], **{k: v for k, v in extra.items() if v is not None}}
+    check_optimizer_name(name, recipe_names() + REFERENCE_NAMES)
+    hp = {**defaults()[name], **{k: v for k, v in extra.items() if v is not None}}
     default_lr = hp.pop("lr")
     base = dict(lr=default_lr if lr is None else lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name == "adamw":
+    if name == ADAMW:
         return torch.optim.AdamW(model.parameters(), **base)
-    if name == "spectral-sst":
+    if name == SPECTRAL_SST:
         gap = hp.pop("update_proj_gap")
         unused = {**hp, **({} if scale is None else dict(scale=scale))}
         if unused:
             raise ValueError(f"Invalid options for spectral-sst: {', '.join(unused)} (SpectralSSTAdamW takes lr, "
                              "betas, eps, weight_decay and update_proj_gap)")
-        return slimtrain_optimizer_class(name)(model, **base, update_proj_gap=gap if update_proj_gap is None else update_proj_gap)
-
-    from slimtrain.optimizers import low_rank_param_groups
+        return SpectralSSTAdamW(model, **base, update_proj_gap=gap if update_proj_gap is None else update_proj_gap)
 
     if rank is None:
         rank = default_rank(smallest_matrix_dim(model.config))

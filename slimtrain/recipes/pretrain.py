@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from . import outputs, runtime
 from .data import VOCAB_SIZE, BlockBatches, Splits, check_files, eval_batches, load_splits, shakespeare_files
 from .models import MODEL_SHAPES, build_model, model_config, smallest_matrix_dim
-from .optim import RECIPE_NAMES, build_optimizer, check_optimizer_name, default_rank, optimizer_state_bytes, prepare_model
+from .optim import build_optimizer, check_optimizer_name, default_rank, optimizer_state_bytes, prepare_model, recipe_names
 
 CONFIG, METRICS, PLOT, CHECKPOINT, SUMMARY = "config.json", "metrics.csv", "loss.png", "checkpoint.pt", "summary.json"
 CSV_FIELDS = ("step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "tokens_per_s")
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The recipe's options, on ``parser`` (shared by ``python -m`` and ``slimtrain pretrain``)."""
     a = parser.add_argument
     a("--model", default="tiny", help=f"model shape: {', '.join(MODEL_SHAPES)} (default: tiny, 1.9M parameters)")
-    a("--optimizer", default="galore", help=f"{', '.join(RECIPE_NAMES)} (default: galore)")
+    a("--optimizer", default="galore", help=f"{', '.join(recipe_names())} (default: galore)")
     a("--lr", type=float, default=None, help="peak learning rate (default: the method's, e.g. 0.01 GaLore, 1e-3 AdamW)")
     a("--rank", type=int, default=None, help="projection rank (default: a quarter of the smallest matrix dimension)")
     a("--update-proj-gap", type=int, default=None, help="steps between subspace refreshes (default: 200)")
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate(
     cfg: argparse.Namespace,
-    allowed_optimizers: tuple[str, ...] = RECIPE_NAMES,
+    allowed_optimizers: tuple[str, ...] | None = None,
     checkpoint: str = CHECKPOINT,
     resolve_device: bool = True,
 ) -> argparse.Namespace:

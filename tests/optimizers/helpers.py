@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -37,6 +39,35 @@ def batches(steps: int, seed: int = 1, dtype=torch.float32):
     for _ in range(steps):
         x = torch.randn(32, 24, generator=g)
         yield x.to(dtype), torch.sin(3 * x[:, :8]).to(dtype)
+
+
+def write_checkpoint(path, factory, dtype=torch.float32) -> None:
+    """The checkpoints of ``tests/optimizers/data``: the model and optimizer after 7 steps of :func:`train` and
+    the parameters 11 steps later."""
+    model = mlp(dtype=dtype)
+    opt = factory(groups(model))
+    train(model, opt, steps=7)
+    saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+    train(model, opt, steps=11, start=7)
+    saved["after"] = [p.detach().clone() for p in model.parameters()]
+    torch.save(saved, path)
+
+
+def resume_checkpoint(ckpt: dict, factory) -> nn.Module:
+    """Load a :func:`write_checkpoint` file into a fresh model and ``factory``'s optimizer, check that every state
+    tensor came back with its dtype and value, and take the 11 steps its writer took: the model."""
+    model = mlp(seed=123)
+    model.load_state_dict(ckpt["model"])
+    opt = factory(groups(model))
+    opt.load_state_dict(ckpt["opt"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, saved in ckpt["opt"]["state"].items():
+        loaded = opt.state[params[i]]
+        assert loaded.keys() == saved.keys()
+        for k, v in saved.items():
+            assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    train(model, opt, steps=11, start=7)
+    return model
 
 
 def train(model: nn.Module, opt, steps: int, seed: int = 1, start: int = 0) -> float:

@@ -20,7 +20,9 @@ from slimtrain.optimizers import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
 )
-from slimtrain.optimizers import quantized as Q
+from slimtrain.optimizers.moments import dequantize_blockwise, dynamic_map, num_blocks, quantize_blockwise
+from slimtrain.optimizers.state import ABSMAX_SUFFIX
+from slimtrain.optimizers.updates import bf16_stochastic_round
 
 from .helpers import CONFIGS, groups, mlp, train
 
@@ -39,7 +41,7 @@ CPU_SLACK = 4e-5
 
 
 def _moment_keys(state):
-    return [k for k in state if k.startswith("exp_avg") and not k.endswith(Q.ABSMAX_SUFFIX)]
+    return [k for k in state if k.startswith("exp_avg") and not k.endswith(ABSMAX_SUFFIX)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,14 +51,14 @@ def _moment_keys(state):
 def test_dynamic_maps_are_pinned():
     # Checkpoints store codes, not the map: a different map upstream would reinterpret them.
     digests = {
-        signed: hashlib.sha256(Q.dynamic_map(signed).numpy().tobytes()).hexdigest()[:16] for signed in (True, False)
+        signed: hashlib.sha256(dynamic_map(signed).numpy().tobytes()).hexdigest()[:16] for signed in (True, False)
     }
     assert digests[True] == "e732639a65f497b4"
     assert digests[False] == hashlib.sha256(
         bnb.functional.create_dynamic_map(signed=False).numpy().tobytes()
     ).hexdigest()[:16]
     for signed in (True, False):
-        code = Q.dynamic_map(signed)
+        code = dynamic_map(signed)
         assert torch.equal(code, code.sort().values) and code.max() == 1.0
         assert code.diff().max() <= MAX_GAP[signed] + 1e-7
 
@@ -85,12 +87,12 @@ def test_quantization_error_is_bounded(shape, exponent, signed, block_size, zero
     if poison is not None:
         flat[seed % flat.numel()] = poison
         with pytest.raises(ValueError, match="NaN or inf"):
-            Q.quantize_blockwise(x, signed=signed, block_size=block_size)
+            quantize_blockwise(x, signed=signed, block_size=block_size)
         return
-    codes, absmax = Q.quantize_blockwise(x, signed=signed, block_size=block_size)
+    codes, absmax = quantize_blockwise(x, signed=signed, block_size=block_size)
     assert codes.dtype == torch.uint8 and codes.shape == x.shape
-    assert absmax.dtype == torch.float32 and absmax.numel() == Q.num_blocks(x.numel(), block_size)
-    y = Q.dequantize_blockwise(codes, absmax, signed=signed, block_size=block_size)
+    assert absmax.dtype == torch.float32 and absmax.numel() == num_blocks(x.numel(), block_size)
+    y = dequantize_blockwise(codes, absmax, signed=signed, block_size=block_size)
     assert y.shape == x.shape and torch.isfinite(y).all()
 
     blocks = torch.arange(flat.numel()) // block_size
@@ -108,11 +110,11 @@ def test_quantization_error_is_bounded(shape, exponent, signed, block_size, zero
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_quantize_refuses_nonfinite_and_writes_nothing(bad):
     x = torch.randn(1000)
-    codes, absmax = Q.quantize_blockwise(x, signed=True)
+    codes, absmax = quantize_blockwise(x, signed=True)
     codes0, absmax0 = codes.clone(), absmax.clone()
     x[17] = bad
     with pytest.raises(ValueError, match=r"1 of 1000 values are NaN or inf; 8-bit optimizer state never stores"):
-        Q.quantize_blockwise(x, signed=True, out=codes, absmax=absmax)
+        quantize_blockwise(x, signed=True, out=codes, absmax=absmax)
     assert torch.equal(codes, codes0) and torch.equal(absmax, absmax0)
 
 
@@ -120,7 +122,7 @@ def test_round_trip_matches_bitsandbytes():
     x = torch.randn(3, 1000) * torch.logspace(-6, 2, 1000)
     for signed in (True, False):
         v = x if signed else x.abs()
-        codes, absmax = Q.quantize_blockwise(v, signed=signed)
+        codes, absmax = quantize_blockwise(v, signed=signed)
         ref_codes, ref_state = bnb.functional.quantize_blockwise(
             v, code=bnb.functional.create_dynamic_map(signed=signed), blocksize=256
         )
@@ -140,8 +142,8 @@ def test_8bit_rows_really_store_codes(factory):
     assert moments
     for st, k in moments:
         assert st[k].dtype == torch.uint8, k
-        absmax = st[k + Q.ABSMAX_SUFFIX]
-        assert absmax.dtype == torch.float32 and absmax.numel() == Q.num_blocks(st[k].numel(), opt.defaults["block_size"])
+        absmax = st[k + ABSMAX_SUFFIX]
+        assert absmax.dtype == torch.float32 and absmax.numel() == num_blocks(st[k].numel(), opt.defaults["block_size"])
 
 
 def test_small_moments_stay_fp32_below_threshold():
@@ -232,7 +234,7 @@ def test_refresh_policy_on_quantized_moments(policy, factory):
     p = model[0].weight
     state = opt.state[p]
     bs = group["block_size"]
-    old = {k: Q.dequantize_blockwise(state[k], state[k + "_absmax"], signed=k == "exp_avg", block_size=bs) for k in ("exp_avg", "exp_avg_sq")}
+    old = {k: dequantize_blockwise(state[k], state[k + "_absmax"], signed=k == "exp_avg", block_size=bs) for k in ("exp_avg", "exp_avg_sq")}
     projector = opt.projector(group)
     grad_t, transposed = (p.grad.T, True) if p.shape[0] < p.shape[1] else (p.grad, False)
     n = grad_t.shape[1]
@@ -242,12 +244,12 @@ def test_refresh_policy_on_quantized_moments(policy, factory):
         assert int(state["step"]) == 0
         for k in ("exp_avg", "exp_avg_sq"):
             assert state[k].dtype == torch.uint8
-            assert (Q.dequantize_blockwise(state[k], state[k + "_absmax"], signed=k == "exp_avg", block_size=bs) == 0).all()
+            assert (dequantize_blockwise(state[k], state[k + "_absmax"], signed=k == "exp_avg", block_size=bs) == 0).all()
         return
     overlap = old_basis @ projector.basis(state, n, p.device).T
     expected = {"exp_avg": old["exp_avg"] @ overlap, "exp_avg_sq": old["exp_avg_sq"] @ overlap.square()}
     for k, v in expected.items():
-        codes, absmax = Q.quantize_blockwise(v, signed=k == "exp_avg", block_size=bs)
+        codes, absmax = quantize_blockwise(v, signed=k == "exp_avg", block_size=bs)
         assert torch.equal(state[k], codes) and torch.equal(state[k + "_absmax"], absmax), k
 
 
@@ -285,14 +287,14 @@ def test_changed_block_size_is_refused():
 def test_stochastic_rounding_is_unbiased():
     x = torch.tensor([1.0 + 2**-10, -3.14159, 1e-3 + 1e-7, 123.456], dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([Q.bf16_stochastic_round(x, g).float() for _ in range(4000)])
+    draws = torch.stack([bf16_stochastic_round(x, g).float() for _ in range(4000)])
     spacing = (x.abs() * 2**-7)  # bf16 keeps 8 significant bits: spacing <= |x| 2^-7
     # Each draw is one of two neighbours `spacing` apart: the mean's std is <= spacing / (2 sqrt(4000));
     # 5 sigma is spacing / 25.
     assert ((draws.mean(0) - x).abs() <= spacing / 25).all()
     lower, upper = draws.min(0).values, draws.max(0).values
     assert ((upper - lower) <= spacing).all()  # only the two bf16 neighbours ever come out
-    assert torch.equal(Q.bf16_stochastic_round(torch.tensor([0.5, -2.0])), torch.tensor([0.5, -2.0], dtype=torch.bfloat16))
+    assert torch.equal(bf16_stochastic_round(torch.tensor([0.5, -2.0])), torch.tensor([0.5, -2.0], dtype=torch.bfloat16))
 
 
 def test_tiny_update_moves_bf16_weights_only_with_stochastic_rounding():

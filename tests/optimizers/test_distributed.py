@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from . import _distributed_worker as W
+from . import _distributed_worker
 
 WORLD = 2
 
@@ -27,9 +27,9 @@ def _free_port() -> int:
 def ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    names = list(W.SCENARIOS)
+    names = list(_distributed_worker.SCENARIOS)
     port = _free_port()
-    procs = [ctx.Process(target=W.worker, args=(r, WORLD, port, names, queue))
+    procs = [ctx.Process(target=_distributed_worker.worker, args=(r, WORLD, port, names, queue))
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -61,12 +61,12 @@ def test_fsdp2_parameters_refused_when_built(ranks):
 
 def single_process(accum: int = 1) -> list[torch.Tensor]:
     """The same optimizer stepped normally in one process on both ranks' micro-batches (one mean)."""
-    model = W.mlp()
-    opt = W.optimizer(model)
-    for step in range(W.STEPS):
+    model = _distributed_worker.mlp()
+    opt = _distributed_worker.optimizer(model)
+    for step in range(_distributed_worker.STEPS):
         opt.zero_grad()
         for micro in range(accum):
-            xs, ys = zip(*(W.batch(step, r, micro) for r in range(WORLD)))
+            xs, ys = zip(*(_distributed_worker.batch(step, r, micro) for r in range(WORLD)))
             (((model(torch.cat(xs)) - torch.cat(ys)) ** 2).mean() / accum).backward()
         opt.step()
     return [p.detach() for p in model.parameters()]
@@ -75,7 +75,7 @@ def single_process(accum: int = 1) -> list[torch.Tensor]:
 @pytest.mark.parametrize("scenario,accum", [("ddp_layerwise", 1), ("ddp_layerwise_accum", 2)])
 def test_layerwise_under_ddp_matches_single_process(ranks, scenario, accum):
     ref = single_process(accum)
-    start = [p.detach() for p in W.mlp().parameters()]
+    start = [p.detach() for p in _distributed_worker.mlp().parameters()]
     for rank in range(WORLD):
         for p, q, p0 in zip(ref, map(torch.from_numpy, ranks[(rank, scenario)]), start):
             # DDP averages per-rank means, one process takes one mean: fp32 rounding carried through 8

@@ -93,3 +93,39 @@ def test_residual_speaks_the_state_free_rules_and_hands_the_kernel_one_bit():
     assert Residual(g, low, "sgd", coef=0.5, scale=0.1).operands() == ResidualOperands(g, low, False, 0.5, 0.1)
     with pytest.raises(ValueError, match=r"Invalid residual rule: 'sign' \(expected one of \('sign_sgd', 'sgd'\)\)"):
         Residual(g, low, "sign")
+
+
+def _group(**over) -> dict:
+    """A projected param group as the optimizer fills it, written out by hand: a rule reads nothing else."""
+    group = dict(params=[], rank=3, lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, update_proj_gap=5,
+                 scale=0.5, proj_type="std", projector="svd", moments="keep", stagger=False, decay_after_update=False,
+                 state_bits=32, min_8bit_size=4096, block_size=256, bf16_stochastic_round=False, maximize=False)
+    return {**group, **over}
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (5, 9)], ids=["tall", "wide"])
+def test_a_rule_is_a_function_of_tensors(shape):
+    """GaLore's rule called without an optimizer (a group dict, a state dict, a MatrixContext): its first
+    step is ``scale * lr_t * Adam(G B^T) B`` with ``B`` the top-3 singular vectors of the projected side,
+    against float64 (fp32 SVD and matmuls of these sizes agree to ~1e-6 relative); weight and gradient
+    untouched. Its seed and index come from the context."""
+    from slimtrain.optimizers.lowrank import LowRankRule
+    from slimtrain.optimizers.projectors import SVDProjector
+    from slimtrain.optimizers.rule import MatrixContext
+
+    torch.manual_seed(0)
+    weight, grad = torch.randn(shape), torch.randn(shape)
+    kept = weight.clone(), grad.clone()
+    group, state = _group(), {}
+    step = LowRankRule().update(weight, grad, group, state, MatrixContext(4, 7, SVDProjector(), [group]))
+    update = step.materialize()
+    assert torch.equal(weight, kept[0]) and torch.equal(grad, kept[1])
+    assert int(state["proj_seed"]) == 7 * 1_000_003 + 4 and int(state["step"]) == 1
+    g = grad.double() if shape[0] >= shape[1] else grad.double().T  # the projected side last
+    basis = torch.linalg.svd(g, full_matrices=False)[2][:3]
+    low = g @ basis.T
+    direction = (0.1 * low) / ((0.01 * low.square()).sqrt() + 1e-8)
+    expected = 0.5 * adam_step_size(0.1, 0.9, 0.99, 1) * direction @ basis
+    expected = expected if shape[0] >= shape[1] else expected.T
+    # Singular vectors are defined up to sign; the update (a product of two of them) is not.
+    torch.testing.assert_close(update.double(), expected, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import torch
 
 from slimtrain.optimizers import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdamW, GaLoreAdamW8bit, SSTAdamW
 
-from .helpers import groups, mlp, train
+from .helpers import groups, mlp, resume_checkpoint, train
 
 WRITERS = {
     "GaLoreAdamW": lambda g: GaLoreAdamW(g, lr=1e-2),
@@ -124,3 +124,26 @@ def test_a_users_subclass_is_its_method():
     legacy = torch.load(DATA / "fira-svd.pt", weights_only=True)["opt"]  # no recorded method: told by its keys
     with pytest.raises(RuntimeError, match=r"written by FiraAdamW into GaLoreAdamW"):
         GaLoreAdamW(groups(mlp()), lr=1e-2).load_state_dict(legacy)
+
+
+IDENTITY = DATA / "identity"
+
+
+@pytest.mark.parametrize("name,other,match", [
+    ("frugal-block", lambda g: FrugalAdamW(g), r"written by FrugalAdamW\(mode='block'\) into FrugalAdamW\(mode='subspace'\)"),
+    ("sst", lambda g: GaLoreAdamW(g), r"written by SSTAdamW into GaLoreAdamW"),
+    ("galore8bit-svd-sr", lambda g: FiraAdamW(g), r"written by GaLoreAdamW into FiraAdamW"),
+    ("fira8bit", lambda g: DCTAdamW(g), r"written by FiraAdamW into DCTAdamW"),
+])
+def test_checkpoint_recording_its_method_resumes(name, other, match):
+    """A state dict that records its writer (``data/identity``: method, FRUGAL's mode, a projector in every
+    group) loads into its method exactly, resumes to the parameters its writer reached, and is refused by
+    another method."""
+    from .data.identity.make_identity_checkpoints import CASES
+
+    ckpt = torch.load(IDENTITY / f"{name}.pt", weights_only=True)
+    model = resume_checkpoint(ckpt, CASES[name])
+    # Exact on the CPU that wrote them; the tolerance is test_state_dict.py's for another CPU's rounding.
+    for p, expected in zip(model.parameters(), ckpt["after"]):
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-3)
+    _assert_refused_unchanged(other(groups(mlp())), ckpt["opt"], match)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimtrain.optimizers import FrugalAdamW, GaLoreAdamW, LayerwiseStepper, LowRankAdamW, SSTAdamW
+from slimtrain.optimizers import OPTIMIZERS, FrugalAdamW, GaLoreAdamW, LayerwiseStepper, LowRankAdamW, SSTAdamW
 from slimtrain.optimizers.lowrank import LowRankRule
+from slimtrain.optimizers.registry import unregister_method
 from slimtrain.optimizers.state import describe
 
 from .helpers import CONFIGS, batches, groups, mlp, train
@@ -73,17 +74,6 @@ def test_capabilities_decide_the_paths():
         sst.matrix_update(model[0].weight, torch.zeros(40, 24), sst.param_groups[-1], {})
 
 
-class _SignGaLore(LowRankRule):
-    """The example of docs/optimizers.md "Adding a method": GaLore whose subspace step is the sign of Adam's."""
-
-    name = "sign-galore"
-
-    def update(self, opt, p, grad, group, state, index):
-        step = super().update(opt, p, grad, group, state, index)
-        step.direction = step.direction.sign()
-        return step
-
-
 def _zero_entry_points(model, opt, steps):
     """What slimtrain.sharding.zero does, on whole tensors: the owner's matrix_update, then apply_update_."""
     states = {}
@@ -108,14 +98,14 @@ def _layerwise(model, opt, steps):
     stepper.remove()
 
 
-def test_a_rule_of_ones_own_runs_on_every_path():
-    """A new rule plugs into LowRankAdamW(rule=...) and steps in one process, layer-wise and through the ZeRO
-    entry points with the same result: bit for bit on CPU, where the fused apply runs its torch reference,
-    whose arithmetic the materialized update repeats."""
+def test_a_rule_of_ones_own_runs_on_every_path(docs_example):
+    """A new rule (docs/optimizers.md's SignGaLoreRule) plugs into LowRankAdamW(rule=...) and steps in one
+    process, layer-wise and through the ZeRO entry points with the same result: bit for bit on CPU, where the
+    fused apply runs its torch reference, whose arithmetic the materialized update repeats."""
     results = []
     for run in (lambda m, o: train(m, o, 4), lambda m, o: _layerwise(m, o, 4), lambda m, o: _zero_entry_points(m, o, 4)):
         model = mlp()
-        run(model, LowRankAdamW(groups(model), lr=1e-2, rule=_SignGaLore()))
+        run(model, LowRankAdamW(groups(model), lr=1e-2, rule=docs_example["SignGaLoreRule"]()))
         results.append([p.detach().clone() for p in model.parameters()])
     for other in results[1:]:
         for p, q in zip(results[0], other):
@@ -125,19 +115,28 @@ def test_a_rule_of_ones_own_runs_on_every_path():
     assert not torch.equal(plain[0].weight, results[0][0])
 
 
-def _docs_example() -> dict:
-    """The code block of docs/optimizers.md "Adding a method", executed as written."""
+@pytest.fixture
+def docs_example():
+    """The code blocks of docs/optimizers.md "Adding a method", executed as written, in one namespace; the
+    method they register is forgotten afterwards."""
     text = (Path(__file__).parents[2] / "docs" / "optimizers.md").read_text()
-    section = text[text.index("## Adding a method"):]
-    code = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    section = text[text.index("## Adding a method"):text.index("\n## ", text.index("## Adding a method") + 1)]
+    blocks = [block.split("\n```\n")[0] for block in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
     namespace: dict = {"__name__": "docs_example"}
-    exec(compile(code, "docs/optimizers.md", "exec"), namespace)
-    return namespace
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/optimizers.md", "exec"), namespace)
+        yield namespace
+    finally:
+        if "residual_sgd" in OPTIMIZERS:
+            unregister_method("residual_sgd")
 
 
-def test_the_documented_new_method_works_as_the_docs_say():
-    ns = _docs_example()
+def test_the_documented_new_method_works_as_the_docs_say(docs_example):
+    ns = docs_example
     Method, Rule = ns["ResidualSGDAdamW"], ns["ResidualSGDRule"]
+    assert OPTIMIZERS["residual_sgd"] is Method and OPTIMIZERS["residual_sgd8bit"] is ns["ResidualSGDAdamW8bit"]
     model = mlp()
     opt = Method(groups(model), lr=1e-2, residual_lr=0.05)
     train(model, opt, 3)
@@ -164,6 +163,15 @@ def test_the_documented_new_method_works_as_the_docs_say():
     train(model, opt, 4, start=3)
     train(twin, resumed, 4, start=3)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert opt.state_dict()["slimtrain"]["method"] == "ResidualSGDAdamW"
+    from slimtrain.memory import estimate_memory
+
+    counted = mlp()
+    opt = ns["ResidualSGDAdamW8bit"](groups(counted), lr=1e-2, min_8bit_size=0, block_size=64)
+    train(counted, opt, 1)
+    est = estimate_memory("mlp", "residual_sgd8bit", rank=4, model=counted, min_8bit_size=0, block_size=64,
+                          weight_dtype="fp32", target_modules=["0", "2", "4"])
+    assert est.total.state == opt.state_bytes()
 
 
 def test_a_rule_must_be_a_step_rule():

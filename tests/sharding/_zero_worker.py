@@ -20,8 +20,9 @@ def model() -> nn.Sequential:
                          nn.Linear(12, 4))
 
 
-def batch(step: int, rank: int, micro: int = 0):
-    g = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+def batch(step: int, rank: int, micro: int = 0, same: bool = False):
+    """Rank ``rank``'s micro-batch; with ``same``, every rank's is rank 0's."""
+    g = torch.Generator().manual_seed(1000 * step + 10 * (0 if same else rank) + micro)
     x = torch.randn(MICRO, 16, generator=g)
     return x, torch.sin(2 * x[:, :4])
 
@@ -34,6 +35,9 @@ def optimizer(name: str, params_model: nn.Module):
         "galore": lambda: GaLoreAdamW(groups, lr=1e-2, weight_decay=0.01),
         "fira": lambda: FiraAdamW(groups, lr=1e-2),
         "frugal": lambda: FrugalAdamW(groups, lr=1e-2, density=0.25, projector="random"),
+        # The default SVD projector; with the same batch on every rank, matrices whose gradient has rank <= the
+        # subspace's (24 x 16 at rank 4, from 4 samples) have a residual of rounding noise at each refresh.
+        "frugal-svd": lambda: FrugalAdamW(groups, lr=1e-2, density=0.25),
         "dct": lambda: DCTAdamW(groups, lr=1e-2),
         # 8-bit moments for the low-rank state of matrices whose moments reach 128 elements (40x4, 12x40
         # projected to 40x4); the small element-wise slices stay fp32, so both runs quantize the same tensors.
@@ -53,10 +57,10 @@ def ds_config(stage: int, accum: int = 1, clip: float = 0.0, bf16: bool = False)
     }
 
 
-def train_distributed(engine, rank: int, steps: int, accum: int, start: int = 0) -> None:
+def train_distributed(engine, rank: int, steps: int, accum: int, start: int = 0, same: bool = False) -> None:
     for step in range(start, start + steps):
         for micro in range(accum):
-            x, y = batch(step, rank, micro)
+            x, y = batch(step, rank, micro, same)
             loss = ((engine(x.to(next(engine.module.parameters()).dtype)).float() - y) ** 2).mean()
             engine.backward(loss)
             engine.step()
@@ -86,7 +90,7 @@ def worker(rank: int, world: int, port: int, cases: list[dict], queue) -> None:
             opt = optimizer(case["optimizer"], net)
             config = ds_config(case["stage"], case.get("accum", 1), case.get("clip", 0.0), case.get("bf16", False))
             engine, zopt, _, _ = sharding.initialize(model=net, optimizer=opt, config=config)
-            train_distributed(engine, rank, STEPS, case.get("accum", 1))
+            train_distributed(engine, rank, STEPS, case.get("accum", 1), same=case.get("same_batch", False))
             inner = engine.optimizer.optimizer if case["stage"] else None
             queue.put((rank, case["id"], full_params(engine), inner.state_bytes() if inner is not None else 0,
                        inner.comm.bytes_sent if inner is not None else 0))

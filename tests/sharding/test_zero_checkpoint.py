@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from . import _zero_worker as W
+from . import _zero_worker
 from .test_zero import _free_port, single_process
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -42,7 +42,7 @@ def ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(ckpt_dir):
-    out, codes = _spawn(W.worker_resume, 2, str(ckpt_dir), RESUME_RUNS, expect=2 * len(RESUME_RUNS))
+    out, codes = _spawn(_zero_worker.worker_resume, 2, str(ckpt_dir), RESUME_RUNS, expect=2 * len(RESUME_RUNS))
     errors = [o for o in out if o[1] == "error"]
     assert not errors, errors[0][2]
     assert codes == [0, 0]
@@ -58,7 +58,7 @@ def test_resume_from_deepspeed_checkpoint_is_exact(name, stage, resumed):
 
 
 def test_checkpoint_on_other_world_size_is_refused(resumed, ckpt_dir):
-    out, _ = _spawn(W.worker_reshard, 1, str(ckpt_dir), expect=1)
+    out, _ = _spawn(_zero_worker.worker_reshard, 1, str(ckpt_dir), expect=1)
     message = out[0][1]
     # DeepSpeed refuses first (it cannot re-partition ZeRO state); our load_state_dict refuses with its
     # own message where DeepSpeed lets a mismatch through. Either way: an error naming both sizes.
@@ -69,12 +69,12 @@ def test_checkpoint_on_other_world_size_is_refused(resumed, ckpt_dir):
 
 def test_killed_rank_fails_cleanly_and_restart_loses_nothing(tmp_path):
     ckpt = str(tmp_path / "killed")
-    out, codes = _spawn(W.worker_killed, 2, ckpt, expect=0)
+    out, codes = _spawn(_zero_worker.worker_killed, 2, ckpt, expect=0)
     # Rank 1 died by SIGKILL; rank 0 must not hang: gloo reports the lost peer within its timeout and
     # the process exits with an error instead of finishing.
     assert codes[1] == -9, codes
     assert codes[0] not in (None, 0), codes
-    out, codes = _spawn(W.worker_restart, 2, ckpt, expect=2)
+    out, codes = _spawn(_zero_worker.worker_restart, 2, ckpt, expect=2)
     assert codes == [0, 0], out
     ref, _ = single_process({"optimizer": "galore"})
     for rank, start, params in out:

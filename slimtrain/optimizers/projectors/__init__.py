@@ -3,7 +3,7 @@ strategies, looked up by name so optimizer state and param groups hold strings, 
 
 from __future__ import annotations
 
-from .base import Projector
+from .base import Projector, StoredBasisProjector
 from .columns import ColumnsProjector
 from .dct import DCTProjector
 from .random import RandomProjector
@@ -33,5 +33,6 @@ __all__ = [
     "RandomProjector",
     "RandomizedProjector",
     "SVDProjector",
+    "StoredBasisProjector",
     "make_projector",
 ]

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from ..._seeds import generator, projector_stream_seed
-from ..state import Slot, counters
+from .._validation import check_choice
+from ..state import Slot, counters, projector_slot
 
 
 #: How a projector that stores its basis (``svd``, ``randomized``) keeps it: ``"fp32"`` (default) or ``"bf16"``,
@@ -46,6 +47,11 @@ class Projector:
         """The entries :meth:`init_state` and :meth:`refresh` keep for a rank-``rank`` subspace of ``n``-wide
         oriented gradients (see :mod:`slimtrain.optimizers.state`). Subclasses add theirs."""
         return counters("proj_refreshes", "proj_seed")
+
+    def describe_state(self) -> str:
+        """What :meth:`state_spec` keeps per matrix besides its counters, in words (the memory calculator prints
+        it)."""
+        return "the tensors its state_spec declares"
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         """Choose a new rank-``rank`` subspace from the oriented fp32 gradient ``grad_t`` (m' x n').
@@ -71,16 +77,6 @@ class Projector:
         return low @ self.basis(state, n, low.device)
 
     # Helpers for subclasses -------------------------------------------------------------------
-    def _store_basis(self, state: dict, basis: Tensor) -> None:
-        """Keep an fp32 basis as ``proj_basis`` in the projector's ``basis_dtype``."""
-        state["proj_basis"] = basis.to(BASIS_DTYPES[self.basis_dtype]).contiguous()
-
-    @staticmethod
-    def _stored_basis(state: dict) -> Tensor:
-        """``proj_basis`` as fp32 (a cast, r x n, where it is stored in bf16)."""
-        basis = state["proj_basis"]
-        return basis if basis.dtype == torch.float32 else basis.float()
-
     @staticmethod
     def _bump(state: dict) -> int:
         """Count a refresh; return the refresh index (0 for the first) used to derive seeds."""
@@ -97,3 +93,28 @@ class Projector:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+class StoredBasisProjector(Projector):
+    """A projector that keeps its ``r x n`` basis in state (``proj_basis``), as fp32 or, with
+    ``basis_dtype="bf16"``, half the bytes (see :data:`BASIS_DTYPES`). Subclasses compute it in :meth:`refresh`
+    and keep it with :meth:`_store_basis`."""
+
+    def __init__(self, basis_dtype: str = "fp32"):
+        check_choice("basis_dtype", basis_dtype, tuple(BASIS_DTYPES))
+        self.basis_dtype = basis_dtype
+
+    def state_spec(self, rank: int, n: int) -> list[Slot]:
+        return [*super().state_spec(rank, n), projector_slot("proj_basis", (rank, n), BASIS_DTYPES[self.basis_dtype])]
+
+    def describe_state(self) -> str:
+        return f"{'an' if self.basis_dtype == 'fp32' else 'a'} {self.basis_dtype} r x n basis"
+
+    def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
+        """``proj_basis`` as fp32 (a cast, r x n, where it is stored in bf16)."""
+        basis = state["proj_basis"]
+        return basis if basis.dtype == torch.float32 else basis.float()
+
+    def _store_basis(self, state: dict, basis: Tensor) -> None:
+        """Keep an fp32 basis as ``proj_basis`` in the projector's ``basis_dtype``."""
+        state["proj_basis"] = basis.to(BASIS_DTYPES[self.basis_dtype]).contiguous()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..state import Slot
+from ..state import Slot, projector_slot
 from .base import Projector
 
 
@@ -19,7 +19,10 @@ class ColumnsProjector(Projector):
     name = "columns"
 
     def state_spec(self, rank: int, n: int) -> list[Slot]:
-        return [*super().state_spec(rank, n), Slot("proj_idx", (rank,), torch.int64)]
+        return [*super().state_spec(rank, n), projector_slot("proj_idx", (rank,), torch.int64)]
+
+    def describe_state(self) -> str:
+        return "r int64 indices"
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         k = self._bump(state)

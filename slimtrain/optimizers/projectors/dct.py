@@ -25,7 +25,7 @@ from torch import Tensor
 from ...kernels._device import canonical
 from ...kernels.dct_scores import dct_scores
 from .._validation import check_choice
-from ..state import Slot
+from ..state import Slot, projector_slot
 from .base import Projector
 
 _DENSE_CACHE: dict[tuple[int, str], Tensor] = {}
@@ -88,7 +88,10 @@ class DCTProjector(Projector):
         self.backend = backend
 
     def state_spec(self, rank: int, n: int) -> list[Slot]:
-        return [*super().state_spec(rank, n), Slot("proj_idx", (rank,), torch.int64)]
+        return [*super().state_spec(rank, n), projector_slot("proj_idx", (rank,), torch.int64)]
+
+    def describe_state(self) -> str:
+        return "r int64 indices"
 
     def scores(self, grad_t: Tensor) -> Tensor:
         if self.backend == "matmul":

@@ -26,6 +26,9 @@ class RandomProjector(Projector):
     def state_spec(self, rank: int, n: int) -> list[Slot]:
         return [*super().state_spec(rank, n), counter("proj_rank")]
 
+    def describe_state(self) -> str:
+        return "a seed (basis regenerated)"
+
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         self._bump(state)
         state["proj_rank"] = torch.tensor(rank, dtype=torch.int64)

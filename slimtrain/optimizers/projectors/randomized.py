@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import check_bool, check_choice, check_int
-from ..state import Slot
-from .base import BASIS_DTYPES, Projector
+from .._validation import check_bool, check_int
+from .base import StoredBasisProjector
 
 
-class RandomizedProjector(Projector):
+class RandomizedProjector(StoredBasisProjector):
     """Approximate top-``r`` right singular subspace in O(m n (r + oversample)) per refresh.
 
     Args:
@@ -30,14 +29,10 @@ class RandomizedProjector(Projector):
         check_int("oversample", oversample, minimum=0)
         check_int("niter", niter, minimum=0)
         check_bool("warm_start", warm_start)
-        check_choice("basis_dtype", basis_dtype, tuple(BASIS_DTYPES))
-        self.basis_dtype = basis_dtype
+        super().__init__(basis_dtype)
         self.oversample = oversample
         self.niter = niter
         self.warm_start = warm_start
-
-    def state_spec(self, rank: int, n: int) -> list[Slot]:
-        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), BASIS_DTYPES[self.basis_dtype])]
 
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         k_refresh = self._bump(state)
@@ -54,6 +49,3 @@ class RandomizedProjector(Projector):
         q, _ = torch.linalg.qr(y)
         _, _, vh = torch.linalg.svd(q.T @ grad_t, full_matrices=False)
         self._store_basis(state, vh[:rank])
-
-    def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
-        return self._stored_basis(state)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..state import Slot
-from .._validation import check_choice
-from .base import BASIS_DTYPES, Projector
+from .base import StoredBasisProjector
 
 
-class SVDProjector(Projector):
+class SVDProjector(StoredBasisProjector):
     """Top-``r`` singular vectors of the gradient, recomputed at each refresh.
 
     Cost per refresh is a full SVD, O(m n min(m, n)): 34 s for an 11008 x 4096 fp32 matrix on 2 CPU
@@ -24,13 +22,6 @@ class SVDProjector(Projector):
 
     name = "svd"
 
-    def __init__(self, basis_dtype: str = "fp32"):
-        check_choice("basis_dtype", basis_dtype, tuple(BASIS_DTYPES))
-        self.basis_dtype = basis_dtype
-
-    def state_spec(self, rank: int, n: int) -> list[Slot]:
-        return [*super().state_spec(rank, n), Slot("proj_basis", (rank, n), BASIS_DTYPES[self.basis_dtype])]
-
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
         self._bump(state)
         # SVD in the user's orientation so the singular vectors (signs included) are the ones
@@ -39,6 +30,3 @@ class SVDProjector(Projector):
         U, _, Vh = torch.linalg.svd(g, full_matrices=False)
         basis = U[:, :rank].T if transposed else Vh[:rank]
         self._store_basis(state, basis)
-
-    def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
-        return self._stored_basis(state)

@@ -8,13 +8,11 @@ state dicts recorded their method): each holds the model and optimizer after 7 s
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
-import torch
-
-from ..helpers import CONFIGS, groups, mlp, train
 from slimtrain.optimizers import FiraAdamW8bit
+
+from ..helpers import CONFIGS, write_checkpoint
 
 HERE = Path(__file__).parent
 # One row per class (and the random projector's seed state); FiraAdamW8bit has no CONFIGS row.
@@ -25,15 +23,13 @@ CASES = {name: factory for name, factory in CONFIGS if name in {
 CASES["fira8bit"] = lambda g: FiraAdamW8bit(g, lr=1e-2, min_8bit_size=0)
 
 
+def write_all(cases: dict, folder: Path) -> None:
+    for name, factory in cases.items():
+        write_checkpoint(folder / f"{name}.pt", factory)
+
+
 def main() -> None:
-    for name, factory in CASES.items():
-        model = mlp()
-        opt = factory(groups(model))
-        train(model, opt, steps=7)
-        saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
-        train(model, opt, steps=11, start=7)
-        saved["after"] = [p.detach().clone() for p in model.parameters()]
-        torch.save(saved, HERE / f"{name}.pt")
+    write_all(CASES, HERE)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ and the parameters 11 steps later, computed by that code on CPU.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
-from ...helpers import groups, mlp, train
 from slimtrain.optimizers import FrugalAdamW, GaLoreAdamW, SSTAdamW
+
+from ...helpers import write_checkpoint
 
 HERE = Path(__file__).parent
 SEED = 12345
@@ -37,13 +37,7 @@ CASES = {
 
 def main() -> None:
     for name, (dtype, factory) in CASES.items():
-        model = mlp(dtype=dtype)
-        opt = factory(groups(model))
-        train(model, opt, steps=7)
-        saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
-        train(model, opt, steps=11, start=7)
-        saved["after"] = [p.detach().clone() for p in model.parameters()]
-        torch.save(saved, HERE / f"{name}.pt")
+        write_checkpoint(HERE / f"{name}.pt", factory, dtype)
 
 
 if __name__ == "__main__":
