@@ -12,6 +12,7 @@ the step size (as in torch's and galore-torch's AdamW).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ def fira_row_scale(
     residual_row_sq: Tensor,
     prev_norm: Tensor | None,
     gamma: float,
+    sum_rows: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Fira's per-channel scale of the out-of-subspace gradient, norm-growth limiter included
     (arXiv:2410.01623).
@@ -71,10 +73,14 @@ def fira_row_scale(
     norms ``residual_row_sq`` (which :func:`slimtrain.kernels.apply.residual_row_sq_norms` computes
     without storing it), since :math:`\lVert S\rVert^2 = \sum_i \phi_i^2 \lVert (G' - RB)_i\rVert^2`.
 
+    ``sum_rows`` completes a sum over rows where the rows are split across ranks (FSDP2: an all-reduce of the
+    partial sum, :mod:`slimtrain.optimizers.layout`); by default the rows given are all of them.
+
     Returns ``(row_scale, norm_to_remember)``: ``S = row_scale[:, None] * (G' - R B)``.
     """
     phi = direction.norm(dim=1) / (low.norm(dim=1) + 1e-8)
-    norm = (phi.square() * residual_row_sq).sum().sqrt()
+    norm_sq = (phi.square() * residual_row_sq).sum()
+    norm = (norm_sq if sum_rows is None else sum_rows(norm_sq)).sqrt()
     if prev_norm is None:
         return phi, norm
     limiter = torch.clamp(norm / (prev_norm + 1e-8), min=gamma) / gamma
