@@ -18,7 +18,7 @@ optimizer on it, as with ``torch.optim.AdamW``; see ``docs/fsdp.md``::
     engine, opt, _, _ = sharding.initialize(model=model, optimizer=opt, config="ds_config.json")
 
 See :mod:`slimtrain.sharding.zero` for how the low-rank step is split across ranks under ZeRO, and
-:mod:`slimtrain.sharding.matrix_shards` for the maths both share.
+:mod:`slimtrain.optimizers.shards` for the sharded-matrix maths.
 """
 
 from .api import initialize

@@ -1,7 +1,7 @@
-"""The sharded-matrix maths (slimtrain/sharding/matrix_shards.py) against whole-matrix computations, and the
+"""The sharded-matrix maths (slimtrain/optimizers/shards.py) against whole-matrix computations, and the
 collective counter (slimtrain/sharding/traffic.py) against FSDP2's traffic computed from the parameter shapes.
 
-The distributed cases run in one torchrun launch per world size (2 and 3 gloo ranks).
+The distributed cases run in the launches of ``test_fsdp.py`` (one per world size, 2 and 3 gloo ranks).
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import functools
 import pytest
 import torch
 
-from slimtrain.optimizers import quantized as Q
-from slimtrain.sharding.matrix_shards import BlockPiece, balanced_owners, chunk_bounds
+from slimtrain.optimizers import moments as Q
+from slimtrain.optimizers.shards import BlockPiece, balanced_owners, chunk_bounds
 
 from . import _fsdp_worker as W
-from ._fsdp_harness import run_cases
 
 pytest.importorskip("torch.distributed.fsdp")
 
@@ -76,14 +75,9 @@ def test_partial_absmax_turns_nan_into_inf():
     assert torch.isinf(piece.partial_absmax(part)).all()
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
-def ranks(request):
-    world = request.param
-    return world, run_cases(world, ["matrix_ops", "traffic_adamw"])
-
-
-def test_matrix_ops_match_the_whole_matrix(ranks):
-    world, results = ranks
+@pytest.mark.parametrize("world", [2, 3])
+def test_matrix_ops_match_the_whole_matrix(ranks, world):
+    results = ranks[world]
     for shape in W.MATRIX_SHAPES:
         for dim in (0, 1):
             for transposed in (False, True):
@@ -108,11 +102,12 @@ def test_matrix_ops_match_the_whole_matrix(ranks):
                 assert torch.equal(covered, torch.ones_like(covered)), f"{key}: rows not split exactly once"
 
 
-def test_counter_sees_fsdp2_traffic(ranks):
+@pytest.mark.parametrize("world", [2, 3])
+def test_counter_sees_fsdp2_traffic(ranks, world):
     """One AdamW step on the sharded MLP: FSDP2 all-gathers each layer's padded shards in the forward and
     again in the backward, and reduce-scatters its gradients; AdamW sends nothing. The counter must see exactly
     those bytes (fp32, padded shards of ceil(rows / W) rows), attributed to FSDP2."""
-    world, results = ranks
+    results = ranks[world]
     model = W.tiny_mlp()
     padded = 0
     for layer in (model[0], model[2], model[4]):
