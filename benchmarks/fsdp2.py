@@ -1,19 +1,21 @@
-"""Communication, per-rank optimizer state and time under FSDP2, slimtrain's optimizers vs FSDP2 + torch AdamW.
+"""Communication, per-rank optimizer state, gradient memory and time under FSDP2, slimtrain's optimizers vs FSDP2 +
+torch AdamW.
 
-Question: how many bytes does a step of each slimtrain optimizer move on ``fully_shard`` models, against
-FSDP2's own traffic with torch's AdamW (ordinary steps, and with refreshes amortized at ``update_proj_gap =
-200``), how much optimizer state does each rank hold against one process, and how long is a step?
+Question: how many bytes does a step of each slimtrain optimizer move on ``fully_shard`` models, against FSDP2's
+own traffic with torch's AdamW (ordinary steps, and with refreshes amortized at ``update_proj_gap = 200``), how
+much optimizer state does each rank hold against one process, how much sharded gradient memory does layer-wise
+stepping hold against ``optimizer.step()``, and how long is a step?
 
 Every collective issued during a step is counted by :class:`slimtrain.sharding.CollectiveCounter` (FSDP2's
-all-gathers and reduce-scatters and slimtrain's own collectives alike, as bytes each rank receives under ring
+all-gathers and reduce-scatters and slimtrain's own collectives alike, as the bytes each rank receives under ring
 algorithms; see ``slimtrain/sharding/traffic.py``), averaged over ranks. The model is a small LLaMA (4 layers,
-hidden 128, intermediate 344, vocabulary 256) on random tokens, rank 32, with a refresh at steps 0 and
-``--gap``; the amortized bytes put one refresh step among 200. Each configuration runs under both placements:
-``low-rank`` (:func:`slimtrain.sharding.low_rank_placement`: the wide matrices by columns) and ``rows``
-(FSDP2's default), each compared with AdamW under the same placement.
+hidden 128, intermediate 344, vocabulary 256) on random tokens, rank 32, with refreshes at steps 0 and ``--gap``;
+'vs AdamW, T = 200' puts one refresh step among 200 ordinary ones. Each configuration runs under both
+placements: ``low-rank`` (:func:`slimtrain.sharding.low_rank_placement`: the wide matrices by columns) and
+``rows`` (FSDP2's default), each compared with AdamW under the same placement.
 
-    python -m benchmarks.fsdp2                   # writes benchmarks/results/fsdp2.md (about 10 minutes on 2 CPU cores)
-    python -m benchmarks.fsdp2 --worlds 2 --optimizers adamw galore --out /tmp/fsdp2.md
+    python -m benchmarks.fsdp2                   # writes benchmarks/results/fsdp2.md (about 15 minutes on 2 CPU cores)
+    python -m benchmarks.fsdp2 --worlds 2 --optimizers galore --steps 3 --gap 2 --out /tmp/fsdp2.md
 """
 
 from __future__ import annotations
@@ -28,7 +30,21 @@ import time
 
 import torch
 
-OPTIMIZERS = ["adamw", "galore", "galore8bit", "fira", "frugal", "frugal-block", "dct", "dct8bit", "sst"]
+from benchmarks._cli import command_line, invocation
+
+#: label -> (recipe optimizer name, extra constructor options)
+CONFIGS = {
+    "adamw": ("adamw", {}),
+    "galore": ("galore", {}),
+    "galore-bf16-basis": ("galore", {"projector": "svd-bf16"}),
+    "galore8bit": ("galore8bit", {}),
+    "fira": ("fira", {}),
+    "frugal": ("frugal", {}),
+    "frugal-block": ("frugal-block", {}),
+    "dct": ("dct", {}),
+    "dct8bit": ("dct8bit", {}),
+    "sst": ("sst", {}),
+}
 PLACEMENTS = ["low-rank", "rows"]
 RANK = 32
 AMORTIZE = 200  # the papers' update_proj_gap
@@ -44,11 +60,12 @@ def model():
     return LlamaForCausalLM(cfg)
 
 
-def build(name: str, placement: str, gap: int):
+def build(label: str, placement: str, gap: int):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from slimtrain.optimizers.projectors import SVDProjector
     from slimtrain.recipes.optim import build_optimizer
     from slimtrain.sharding import low_rank_placement
 
@@ -59,24 +76,41 @@ def build(name: str, placement: str, gap: int):
         for layer in net.model.layers:
             fully_shard(layer, mesh=mesh, shard_placement_fn=place)
         fully_shard(net, mesh=mesh, shard_placement_fn=place)
-    extra = {} if name == "adamw" else dict(rank=RANK, update_proj_gap=gap)
+    name, extra = CONFIGS[label]
+    extra = dict(extra)
+    if extra.get("projector") == "svd-bf16":
+        extra["projector"] = SVDProjector(basis_dtype="bf16")
+    if name != "adamw":
+        extra.update(rank=RANK, update_proj_gap=gap)
     return net, build_optimizer(name, net, **extra)
 
 
+def grad_bytes(net) -> int:
+    """Bytes of the storage behind every gradient the parameters hold (this rank's pieces)."""
+    storages = {}
+    for p in net.parameters():
+        if p.grad is not None:
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            storages[grad.untyped_storage().data_ptr()] = grad.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def worker(args) -> None:
-    """One rank: every configuration, its bytes per step by origin, its state on this rank, its time per step."""
+    """One rank: every configuration, its bytes per step by origin, its state on this rank, its time per step; then
+    the peak gradient bytes of GaLore stepped with ``optimizer.step()`` and layer-wise."""
     import torch.distributed as dist
 
+    from slimtrain.optimizers import LayerwiseStepper
     from slimtrain.recipes.optim import optimizer_state_bytes
     from slimtrain.sharding import CollectiveCounter
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = []
-    for name in args.optimizers:
+    results, memory = [], {}
+    for label in args.optimizers:
         for placement in PLACEMENTS if world > 1 else PLACEMENTS[:1]:
-            net, opt = build(name, placement, args.gap)
+            net, opt = build(label, placement, args.gap)
             g = torch.Generator().manual_seed(rank)
             steps, seconds = [], 0.0
             for step in range(args.steps):
@@ -87,19 +121,34 @@ def worker(args) -> None:
                     net(input_ids=ids, labels=ids).loss.backward()
                     opt.step()
                     opt.zero_grad()
-                seconds += time.perf_counter() - t0 if step else 0.0  # step 0 builds state
+                seconds += time.perf_counter() - t0 if step else 0.0  # step 0 builds the state
                 steps.append(counter.bytes_by_origin())
-            results.append(dict(optimizer=name, placement=placement, steps=steps, state=optimizer_state_bytes(opt),
+            results.append(dict(label=label, placement=placement, steps=steps, state=optimizer_state_bytes(opt),
                                 seconds=seconds / (args.steps - 1)))
+    if world > 1:
+        for mode in ("step", "layer-wise"):
+            net, opt = build("galore", "low-rank", args.gap)
+            peak = [0]
+            for p in net.parameters():  # before the stepper's hooks, which free each gradient
+                p.register_post_accumulate_grad_hook(lambda p: peak.__setitem__(0, max(peak[0], grad_bytes(net))))
+            stepper = LayerwiseStepper(opt, model=net) if mode == "layer-wise" else None
+            ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(rank))
+            for _ in range(2):
+                net(input_ids=ids, labels=ids).loss.backward()
+                peak[0] = max(peak[0], grad_bytes(net))
+                if stepper is None:
+                    opt.step()
+                    opt.zero_grad()
+            memory[mode] = peak[0]
     everyone = [None] * world
-    dist.all_gather_object(everyone, results)
+    dist.all_gather_object(everyone, (results, memory))
     if rank == 0:
         with open(args.json, "w") as f:
             json.dump(everyone, f)
     dist.destroy_process_group()
 
 
-def launch(world: int, args) -> list[list[dict]]:
+def launch(world: int, args) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
@@ -112,38 +161,38 @@ def launch(world: int, args) -> list[list[dict]]:
             return json.load(f)
 
 
-def summarize(per_rank: list[list[dict]], gap: int) -> dict:
-    """``{(optimizer, placement): row}`` averaged over ranks: ordinary and refresh bytes (total and slimtrain's),
-    state per rank, seconds per step."""
+def summarize(per_rank: list, gap: int) -> tuple[dict, dict]:
+    """``({(label, placement): row}, {mode: peak gradient bytes, max over ranks})``, rows averaged over ranks:
+    ordinary and refresh bytes (total and slimtrain's), state per rank, seconds per step."""
     rows = {}
-    for i, first in enumerate(per_rank[0]):
-        ranks = [results[i] for results in per_rank]
+    for i, first in enumerate(per_rank[0][0]):
+        ranks = [results[i] for results, _ in per_rank]
         ordinary = [s for s in range(len(first["steps"])) if s % gap]
 
         def mean_bytes(steps, origin=None):
             return sum(sum(v for o, v in r["steps"][s].items() if origin in (None, o)) for r in ranks
                        for s in steps) / (len(ranks) * len(steps))
 
-        rows[(first["optimizer"], first["placement"])] = dict(
-            ordinary=mean_bytes(ordinary), ordinary_ours=mean_bytes(ordinary, "slimtrain"),
-            refresh=mean_bytes([gap]), refresh_ours=mean_bytes([gap], "slimtrain"),
+        rows[(first["label"], first["placement"])] = dict(
+            ordinary=mean_bytes(ordinary), ordinary_ours=mean_bytes(ordinary, "slimtrain"), refresh=mean_bytes([gap]),
             state=[r["state"] for r in ranks], seconds=sum(r["seconds"] for r in ranks) / len(ranks))
-    return rows
+    memory = {mode: max(m[mode] for _, m in per_rank) for mode in per_rank[0][1]}
+    return rows, memory
 
 
-def table(worlds: dict[int, dict], one: dict, gap: int) -> list[str]:
+def table(worlds: dict, one: dict) -> list[str]:
     lines = ["| ranks | placement | optimizer | bytes/step (ordinary) | slimtrain's | vs AdamW | refresh step | "
              f"vs AdamW, T = {AMORTIZE} | state, 1 process | state per rank | max rank / 1 process | s/step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for world, rows in worlds.items():
-        for (name, placement), row in rows.items():
+    for world, (rows, _) in worlds.items():
+        for (label, placement), row in rows.items():
             base = rows[("adamw", placement)]
             amortized = row["ordinary"] + (row["refresh"] - row["ordinary"]) / AMORTIZE
             base_amortized = base["ordinary"] + (base["refresh"] - base["ordinary"]) / AMORTIZE
-            single = one[(name, "low-rank")]["state"][0]
+            single = one[(label, "low-rank")]["state"][0]
             per_rank = " / ".join(f"{s / 1e6:.3f}" for s in row["state"])
             lines.append(
-                f"| {world} | {placement} | {name} | {row['ordinary'] / 1e6:.3f} MB | {row['ordinary_ours'] / 1e3:.1f} kB | "
+                f"| {world} | {placement} | {label} | {row['ordinary'] / 1e6:.3f} MB | {row['ordinary_ours'] / 1e3:.1f} kB | "
                 f"{row['ordinary'] / base['ordinary']:.4f}x | {row['refresh'] / 1e6:.3f} MB | "
                 f"{amortized / base_amortized:.4f}x | {single / 1e6:.3f} MB | {per_rank} MB | "
                 f"{max(row['state']) / single:.3f} | {row['seconds']:.2f} |")
@@ -151,37 +200,48 @@ def table(worlds: dict[int, dict], one: dict, gap: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=invocation(__file__), description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3], help="numbers of ranks (default: 2 3)")
-    parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, help=f"(default: {' '.join(OPTIMIZERS)})")
+    parser.add_argument("--optimizers", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
+                        help=f"configurations (default: all: {', '.join(CONFIGS)}; AdamW is always run)")
     parser.add_argument("--steps", type=int, default=7, help="steps per configuration (default: 7)")
     parser.add_argument("--gap", type=int, default=5, help="update_proj_gap: refreshes at 0 and GAP (default: 5)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "fsdp2.md"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if "adamw" not in args.optimizers:
-        args.optimizers = ["adamw", *args.optimizers]
-    if args.steps <= args.gap:
-        parser.error(f"--steps {args.steps} must exceed --gap {args.gap} (a refresh step to measure)")
     if args.worker:
         worker(args)
         return
-    one = summarize(launch(1, args), args.gap)
+    if "adamw" not in args.optimizers:
+        args.optimizers = ["adamw", *args.optimizers]
+    if not 1 <= args.gap < args.steps:
+        parser.error(f"--gap {args.gap} must be at least 1 and below --steps {args.steps} (a refresh step to measure)")
+    if any(w < 2 for w in args.worlds):
+        parser.error(f"--worlds {args.worlds}: each at least 2 (one process is always run, as the reference)")
+    one, _ = summarize(launch(1, args), args.gap)
     worlds = {w: summarize(launch(w, args), args.gap) for w in args.worlds}
     lines = [
-        "# FSDP2: communication, per-rank optimizer state and time",
+        "# FSDP2: communication, per-rank optimizer state, gradient memory and time",
         "",
-        "Produced by `python -m benchmarks.fsdp2` (2 CPU cores, gloo; LLaMA 4 layers x hidden 128 x intermediate 344,",
-        f"rank {RANK}, `update_proj_gap={args.gap}`, micro-batch 4 x 32 tokens per rank). Bytes: what each rank receives",
-        "in every collective of a step (FSDP2's and slimtrain's), under ring algorithms, averaged over ranks",
-        "(`slimtrain/sharding/traffic.py`); 'ordinary' excludes the refresh steps 0 and GAP; 'vs AdamW, T = 200' puts",
-        "one refresh step among 200. State: bytes of optimizer state each rank holds (its pieces of DTensors, and",
-        "whatever it keeps whole), against the same optimizer in one process.",
+        f"Produced by `{command_line(__file__, argv)}` (2 CPU cores, gloo; LLaMA 4 layers x hidden 128 x",
+        f"intermediate 344, rank {RANK}, `update_proj_gap={args.gap}`, micro-batch 4 x 32 tokens per rank). Bytes: what",
+        "each rank receives in every collective of a step (FSDP2's and slimtrain's), under ring algorithms, averaged",
+        "over ranks (`slimtrain/sharding/traffic.py`); 'ordinary' leaves out the refresh steps; 'slimtrain's' is the part",
+        f"slimtrain issued; 'vs AdamW, T = {AMORTIZE}' puts one refresh step among {AMORTIZE}. State: the bytes of optimizer",
+        "state each rank holds (its pieces of split tensors, and what it keeps whole), against the same optimizer in",
+        "one process. Seconds per step on a 2-core machine shared with other jobs: read them as rough.",
         "",
-        *table(worlds, one, args.gap),
+        *table(worlds, one),
+        "",
+        "Peak bytes of sharded gradients a rank holds (GaLore, `low-rank` placement; the storage behind the gradients,",
+        "measured at every gradient hook and after each backward pass):",
+        "",
+        "| ranks | optimizer.step() | layer-wise (LayerwiseStepper) |",
+        "|---|---|---|",
+        *(f"| {w} | {m['step'] / 1e6:.3f} MB | {m['layer-wise'] / 1e6:.3f} MB |" for w, (_, m) in worlds.items()),
     ]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
