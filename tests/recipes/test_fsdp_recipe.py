@@ -88,13 +88,17 @@ def _rows(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw"])
+@pytest.mark.parametrize("optimizer", ["galore"])
 def test_two_ranks_match_one_process_across_a_resume(tmp_path, corpus, optimizer):
     """2 CPU ranks, stopped after 2 of 4 steps and resumed from the DCP checkpoint, against the pretrain recipe in
     one process with the same arguments: each rank takes its half of the batch and FSDP2 averages the gradients,
     so the losses match to fp32 rounding (the CSV keeps 6 decimals); a wrongly restored weight or optimizer state
-    would move steps 3 and 4 far more."""
-    args = [*TINY, "--data", *corpus, "--optimizer", optimizer, "--steps", "4", "--eval-every", "2"]
+    would move steps 3 and 4 far more. Rank 8, as tests/recipes/test_deepspeed_recipe.py: the SVD at the first
+    step turns its basis with the last bits of a 4-sequence gradient when singular values lie close, which at the
+    tiny model's default rank 48 moves the second step's loss by 2e-5 (the SVD's sensitivity, not the sharding's:
+    tests/sharding/test_fsdp.py holds every method to 1e-5 in weights). The exactness of ``--resume`` itself is
+    checked bit for bit there too (a sharded DCP checkpoint resumed on the same ranks)."""
+    args = [*TINY, "--data", *corpus, "--optimizer", optimizer, "--rank", "8", "--steps", "4", "--eval-every", "2"]
     pretrain.main([*args, "--out", str(tmp_path / "single")])
     out = tmp_path / "fsdp"
     first = _slimtrain_fsdp(*args, "--out", str(out), "--stop-at", "2")
