@@ -240,6 +240,16 @@ def main(argv: list[str] | None = None) -> None:
         "| ranks | optimizer.step() | layer-wise (LayerwiseStepper) |",
         "|---|---|---|",
         *(f"| {w} | {m['step'] / 1e6:.3f} MB | {m['layer-wise'] / 1e6:.3f} MB |" for w, (_, m) in worlds.items()),
+        "",
+        "Reading it (`docs/fsdp.md` explains the design): a matrix whose sharded dimension its projection does not",
+        "contract (row-local) costs no message of slimtrain's in an ordinary step; `low-rank` makes every wide matrix",
+        "row-local where the number of ranks divides its width, and `rows` leaves the wide ones (LLaMA's `down_proj`)",
+        "contracted, paying a reduce-scatter and an all-gather of their `max(m, n) x r` products every step. The 8-bit",
+        "twins add one `MAX` all-reduce of each 8-bit moment's block scales; Fira a scalar; SST the all-reduce of",
+        "`G^T U_S` (`n x r`) and of the singular values' gradient. A refresh gathers each matrix's gradient to its owner",
+        "(SVD) or all-reduces column scores (DCT). State per rank is each rank's rows of the moments plus what every",
+        "rank keeps whole: an SVD basis (`r x n`, fp32 unless `basis_dtype=\"bf16\"`), DCT's indices, the 8-bit block",
+        "scales, SST's other factor; FRUGAL's block mode keeps nothing whole.",
     ]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

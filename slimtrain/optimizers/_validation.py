@@ -84,7 +84,8 @@ def refuse_swapped_param(p: torch.Tensor, why: str = "") -> None:
     if is_dtensor(p):
         raise RuntimeError(
             f"This optimizer is stepping {_dtensor(p)} that was swapped in after it was built (FSDP2's fully_shard "
-            f"applied to the model after the optimizer was constructed, as Accelerate does), and cannot take it: {why}. "
+            "applied to the model after the optimizer was constructed, as Accelerate does), and cannot take it: "
+            f"{why}. "
             "Build the optimizer after fully_shard(...) (the Hugging Face Trainer does), or swap the parameters before "
             "its first step"
         )

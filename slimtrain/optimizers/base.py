@@ -218,7 +218,8 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
             if not is_dtensor(q):
                 refuse_swapped_param(q)
             if any(self.state.values()):
-                refuse_swapped_param(q, "it has stepped already, and its state belongs to the parameters it was built with")
+                refuse_swapped_param(q, "it has stepped already, and its state belongs to the parameters it was built "
+                                        "with")
             if i >= len(self._param_shapes) or self._param_shapes[i] != tuple(q.shape):
                 was = f"of shape {self._param_shapes[i]}" if i < len(self._param_shapes) else "none"
                 refuse_swapped_param(q, f"it is parameter {i}, which was {was} when the optimizer was built")
@@ -358,7 +359,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
             # reads as non-finite too; a gradient that large is broken anyway, and skipping is safe.
             sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
             finite = bool(torch.isfinite(sums).all())
-        return self._fsdp().all_ranks(finite) if sharded else finite
+        return self._fsdp().all_ranks(finite, grads[0].device) if sharded else finite
 
     def _fsdp(self):
         """The FSDP2 side of this optimizer (:class:`~slimtrain.optimizers.dtensor.ShardedSteps`), made on first use."""
@@ -369,8 +370,9 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
     @staticmethod
     def _dense_update(grad: Tensor, group: dict, state: dict, moments=None) -> tuple[Tensor, float]:
         """Plain AdamW on any fp32 descent direction (of a whole parameter or a shard of one): returns the
-        direction and its step size. Creates the state on first use, in ``moments``' storage (default: whole,
-        of ``grad``'s shape; an FSDP2 rank's piece: :meth:`~slimtrain.optimizers.shards.ShardedMatrix.dense_moments`)."""
+        direction and its step size. Creates the state on first use, in ``moments``' storage (default: whole, of
+        ``grad``'s shape; an FSDP2 rank's piece:
+        :meth:`~slimtrain.optimizers.shards.ShardedMatrix.dense_moments`)."""
         moments = WholeMoments(grad.shape) if moments is None else moments
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)

@@ -12,7 +12,6 @@ saves and reshards. See ``docs/fsdp.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -80,11 +79,6 @@ def as_sharded(local: Tensor, like: Tensor, shape, dim: int) -> Tensor:
                               stride=contiguous_stride(shape))
 
 
-def local(t: Tensor) -> Tensor:
-    """A ``DTensor``'s piece on this rank (the same storage); any other tensor as it is."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 def check_group(group: dict, optimizer: str) -> None:
     """Refuse, when the optimizer is built, a param group whose ``DTensor`` parameters or options the sharded step
     cannot take (``RuntimeError`` naming the parameter or option and what to do instead)."""
@@ -96,8 +90,8 @@ def check_group(group: dict, optimizer: str) -> None:
             raise RuntimeError(
                 f"Unsupported bf16_stochastic_round=True for a bf16 DTensor parameter of shape {tuple(p.shape)} in "
                 f"{optimizer}: each rank would draw the rounding noise of its own piece, not one process's. Keep fp32 "
-                "sharded weights (fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)) computes "
-                "in bf16) and set bf16_stochastic_round=False"
+                "sharded weights (fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)) "
+                "computes in bf16) and set bf16_stochastic_round=False"
             )
 
 
@@ -152,8 +146,7 @@ class ShardedSteps:
             direction, size = opt._dense_update(grad.float(), group, view, layout.dense_moments())
             apply_(weight, group, direction, size, None)
         else:
-            rows = grad.shape[0] if isinstance(layout, WholeMatrix) or layout.shard.dim == 0 else p.shape[0]
-            matrix = grad.reshape(rows, grad.numel() // rows if rows else math.prod(p.shape[1:]))
+            matrix = grad.reshape(grad.shape[0], math.prod(grad.shape[1:]))  # the piece's rows, or its columns
             update = opt.rule.update(p, matrix, group, view, opt._context(p, group, layout))
             update.apply_(weight, group, None)
         self._keep(p, state, view, before, getattr(layout, "created", {}))
@@ -179,9 +172,10 @@ class ShardedSteps:
             else:
                 state[key] = value
 
-    def all_ranks(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on every rank (one all-reduce)."""
-        t = torch.tensor([1.0 if flag else 0.0])
+    @staticmethod
+    def all_ranks(flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank (one all-reduce, of a tensor on ``device``: NCCL's are on the GPU)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
         if dist.get_world_size() > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() == 1.0)

@@ -103,8 +103,9 @@ class WholeFrame:
     def broadcast(self, tensors: list[Tensor]) -> None:
         """Give every process the decomposing process's ``tensors`` (here: nothing to do)."""
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any process holding a piece (here: this one)."""
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on any process holding a piece (here: this one); ``device``: where a message
+        about it would go."""
         return flag
 
     def keep_rows(self, key: str, shape: tuple[int, ...]) -> None:

@@ -2,9 +2,11 @@
 rank along one dimension, and the collectives a low-rank step needs on it.
 
 Nothing here knows which engine made the pieces: :mod:`slimtrain.optimizers.dtensor` describes an FSDP2
-``DTensor`` parameter as a :class:`MatrixShard`; another engine whose pieces are whole rows or columns (the
-DeepSpeed ZeRO wrapper of :mod:`slimtrain.sharding.zero`, where its pieces are) can do the same. ``docs/fsdp.md`` explains the design; in short, in the oriented frame of
-``optimizers/projectors/base.py`` (``G'`` is ``m' x n'``, the projection contracts ``n'``):
+``DTensor`` parameter as a :class:`MatrixShard`, and another engine whose pieces are whole rows or columns can do
+the same. :class:`ShardedMatrix` (with :class:`ShardedFrame` and :class:`PieceMoments`) is a step rule's layout on
+such a piece, the counterpart of :class:`~slimtrain.optimizers.layout.WholeMatrix`. ``docs/fsdp.md`` explains the
+design; in short, in the oriented frame of ``optimizers/projectors/base.py`` (``G'`` is ``m' x n'``, the
+projection contracts ``n'``):
 
 - a **row-local** shard holds whole rows of ``G'``: projecting, Adam, per-row rules and the back projection
   run on its rows with the replicated basis, with no communication;
@@ -221,7 +223,8 @@ class OrientedShard:
         return self.orient(torch.cat(parts, dim=shard.dim))
 
 
-def broadcast_tensors(tensors: Sequence[Tensor], owner: int, group: Any = None, device: torch.device | None = None) -> None:
+def broadcast_tensors(tensors: Sequence[Tensor], owner: int, group: Any = None,
+                      device: torch.device | None = None) -> None:
     """Overwrite ``tensors`` on every rank with rank ``owner``'s, in place: one broadcast per dtype, of the
     tensors packed flat on ``device`` (default: the first tensor's; NCCL needs the accelerator's, where the
     host counters are copied to and back)."""
@@ -496,8 +499,8 @@ class ShardedFrame:
     def broadcast(self, tensors: list[Tensor]) -> None:
         broadcast_tensors(tensors, self.owner, self.o.shard.group)
 
-    def any(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0])
+    def any(self, flag: bool, device: torch.device) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
         return bool(all_reduce_max_(t, self.o.shard.group).item() > 0)
 
     def keep_rows(self, key: str, shape: tuple[int, ...]) -> None:

@@ -102,7 +102,7 @@ class SSTRule(StepRule):
             changed = not self._matches_factors(piece, state)
         else:
             changed = record != (piece.data_ptr(), piece._version)
-        return frame.any(changed)  # every process restarts the round, or none
+        return frame.any(changed, piece.device)  # every process restarts the round, or none
 
     @staticmethod
     def _decompose(piece: Tensor, group: dict, state: dict, frame, transposed: bool) -> None:
