@@ -44,7 +44,7 @@ import time
 import torch
 
 from benchmarks._cli import command_line, invocation, results_dir
-from slimtrain.recipes import pretrain
+from slimtrain.recipes import metrics, pretrain
 from slimtrain.recipes.models import build_model, model_config, smallest_matrix_dim
 from slimtrain.recipes.optim import DEFAULTS, RECIPE_NAMES, REFERENCE_NAMES, check_optimizer_name, default_rank
 
@@ -262,7 +262,7 @@ def write_report(args, command: str, rows: list[dict], total_s: float, partial: 
         if r["available"] and (r["name"] != "adamw" or r is best):
             steps, losses = zip(*r["val_history"]) if r["val_history"] else ((), ())
             curves[f"{r['name']} (lr {r['lr']:g})"] = (list(steps), list(losses))
-    pretrain.plot_curves(curves, os.path.join(args.out_dir, png),
+    metrics.plot_curves(curves, os.path.join(args.out_dir, png),
                          f"validation loss, {args.model} LLaMA on Shakespeare, {args.steps} steps")
     if not partial:
         print("\n".join(lines))

@@ -3,7 +3,7 @@
 The task of ``slimtrain.recipes.finetune``: MiniLM-L6 classifies a Shakespeare passage as comedy,
 history or tragedy (First Folio), tested on whole plays held out from training. Every method gets the
 same plays, passages, steps, batch order and seed; only the adapter and its learning rate
-(``finetune.DEFAULT_LR``) differ. PEFT's LoRA, LoRA+DoRA and RandLora run next to slimtrain's NOLA,
+(``slimtrain.adapters.presets``) differ. PEFT's LoRA, LoRA+DoRA and RandLora run next to slimtrain's NOLA,
 RandLoRA, DoRA, LoLDU and S2FT, all rank 8 on query/value (RandLoRA r 32; S2FT on value and
 attention output).
 
@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from benchmarks._cli import command_line, invocation, results_dir  # noqa: E402
+from slimtrain.adapters.presets import PRESETS  # noqa: E402
 from slimtrain.recipes import finetune as F  # noqa: E402
 
 METHODS = ("lora", "lora-dora", "peft-randlora", "nola", "randlora", "dora", "loldu", "s2ft")
@@ -57,7 +58,7 @@ def _cfg(args, method: str, out: str):
     argv = ["--adapter", method, "--out", out, "--seed", str(args.seed), "--no-progress"]
     for k, v in setting.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    return F.validate(F.parse_args(argv), allowed_adapters=F.BENCHMARK_ADAPTERS), setting
+    return F.validate(F.parse_args(argv), allowed_adapters=tuple(PRESETS)), setting
 
 
 def main(argv=None) -> list[dict]:
@@ -111,7 +112,7 @@ def write_report(path, command, cfg, setting, data, rows) -> None:
         "plays: held-out plays whose majority vote over their passages is right. Trainable: adapter + the new "
         f"3-way head ({rows[0]['head_params'] if rows else 0:,} of them). File: the `save_pretrained` directory on "
         "disk (weights + config). Learning "
-        "rate: the recipe's per-method default (`finetune.DEFAULT_LR`); no tuning per method, so a low row may "
+        "rate: the recipe's per-method default (`slimtrain.adapters.presets`); no tuning per method, so a low row may "
         "mean a poor learning rate rather than a poor method.",
         "",
         "| method | lr | test acc | balanced | plays right | trainable | file | wall time |",
@@ -120,7 +121,7 @@ def write_report(path, command, cfg, setting, data, rows) -> None:
     for r in rows:
         right = round(r["play_accuracy"] * len(r["per_play_prediction"]))
         lines.append(
-            f"| {r['name']} | {F.DEFAULT_LR[r['adapter']]:g} | {r['test_accuracy']:.3f} | {r['balanced_accuracy']:.3f} | "
+            f"| {r['name']} | {PRESETS[r['adapter']].lr:g} | {r['test_accuracy']:.3f} | {r['balanced_accuracy']:.3f} | "
             f"{right}/{len(r['per_play_prediction'])} | {r['trainable_params']:,} | {r['adapter_bytes'] / 1024:,.1f} KiB | "
             f"{r['wall_s']:.0f} s |"
         )

@@ -28,8 +28,8 @@ import tempfile
 import torch
 
 from benchmarks._cli import command_line, invocation
-from slimtrain.recipes import pretrain
-from slimtrain.recipes.data import shakespeare_files
+from slimtrain.recipes import metrics, pretrain
+from slimtrain.recipes.shakespeare import shakespeare_files
 
 RANKS = (8, 48)
 STEPS = 4
@@ -52,7 +52,7 @@ def _args(corpus: list[str], rank: int, out: str) -> list[str]:
 
 
 def _losses(out: str) -> list[tuple[float, float | None]]:
-    rows = pretrain.read_metrics(os.path.join(out, pretrain.METRICS))
+    rows = metrics.read_metrics(os.path.join(out, metrics.METRICS))
     return [(float(r["train_loss"]), float(r["val_loss"]) if r["val_loss"] not in ("", None) else None) for r in rows]
 
 

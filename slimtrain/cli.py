@@ -3,13 +3,16 @@
     slimtrain pretrain --out runs/galore [--optimizer galore --rank 48 ...]
 
 A new subcommand (``memory``, ``finetune``) is a module with ``add_arguments(parser)`` and
-``run_cli(args)``, and one line in :data:`SUBCOMMANDS`.
+``run_cli(args)``, and one line in :data:`SUBCOMMANDS`. Only the subcommand given is imported: ``slimtrain
+pretrain`` does not load PEFT for ``finetune``, and a subcommand whose optional dependency is missing
+fails alone, with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 # name -> (module with add_arguments/run_cli, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -21,20 +24,30 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``slimtrain`` parser, with the options of subcommand ``command`` (the others: name and help only)."""
     from slimtrain import __version__
 
     parser = argparse.ArgumentParser(prog="slimtrain", description="Memory-efficient training of transformers.")
     parser.add_argument("--version", action="version", version=f"slimtrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        recipe = importlib.import_module(module)
-        recipe.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level has no valued options
+    if command in SUBCOMMANDS:
+        try:
+            importlib.import_module(SUBCOMMANDS[command][0])
+        except ImportError as e:
+            print(f"error: slimtrain {command} cannot start: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    args = build_parser(command).parse_args(argv)
     recipe = importlib.import_module(SUBCOMMANDS[args.command][0])
     del args.command  # the recipe validates exactly its own arguments (e.g. against a resumed run's)
     recipe.run_cli(args)

@@ -12,7 +12,7 @@ first step, byte for byte (``tests/test_memory.py``). This module is the command
 is counted, and how, is :mod:`slimtrain.memory_estimate`.
 
 Built-in shapes are the LLaMA configs of the GaLore paper (vocabulary 32000, untied head):
-60M, 130M, 350M, 1B and 7B.
+60M, 130M, 350M, 1B and 7B, read from :mod:`slimtrain.models` (whose names this module re-exports).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
 
@@ -36,89 +35,15 @@ from .memory_estimate import (  # noqa: F401
     optimizer_names,
     resolve_method,
 )
+from .models import LLAMA_SHAPES, LLAMA_VOCAB, llama_config, llama_from_shape, load_config, meta_model  # noqa: F401
 from .optimizers._validation import STATE_BITS
 from .optimizers.projectors import PROJECTORS
 from .optimizers.projectors.base import BASIS_DTYPES
 
-# name -> (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers); GaLore's configs/llama_*.json
-LLAMA_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "60M": (512, 1376, 8, 8),
-    "130M": (768, 2048, 12, 12),
-    "350M": (1024, 2736, 16, 24),
-    "1B": (2048, 5461, 32, 24),
-    "7B": (4096, 11008, 32, 32),
-}
-LLAMA_VOCAB = 32000
 # The ranks of the GaLore paper's runs for each size (Table 2; 7B: Table 3).
 PAPER_RANKS = {"60M": 128, "130M": 256, "350M": 256, "1B": 512, "7B": 1024}
 
 
-# ----------------------------------------------------------------------------------------------
-# Models
-
-
-def llama_from_shape(shape: tuple[int, int, int, int], vocab_size: int = LLAMA_VOCAB, **overrides):
-    """A ``LlamaConfig`` from ``(hidden, intermediate, heads, layers)``, untied ``lm_head`` as in GaLore's
-    configs; ``overrides`` go to ``LlamaConfig`` (e.g. ``max_position_embeddings``)."""
-    from transformers import LlamaConfig
-
-    hidden, intermediate, heads, layers = shape
-    return LlamaConfig(
-        **{
-            "vocab_size": vocab_size,
-            "hidden_size": hidden,
-            "intermediate_size": intermediate,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            "num_hidden_layers": layers,
-            "tie_word_embeddings": False,
-            **overrides,
-        }
-    )
-
-
-def llama_config(name: str):
-    """The ``LlamaConfig`` of a built-in size (case-insensitive: ``"7b"`` works)."""
-    key = name.upper()
-    if key not in LLAMA_SHAPES:
-        raise ValueError(f"Invalid model: {name!r} (expected one of {', '.join(LLAMA_SHAPES)} or a config.json path)")
-    return llama_from_shape(LLAMA_SHAPES[key])
-
-
-def load_config(config_or_name):
-    """A transformers config from a built-in name, a ``config.json`` path (or its folder), or a config."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(config_or_name, PretrainedConfig):
-        return config_or_name
-    if not isinstance(config_or_name, str):
-        raise ValueError(f"Invalid model: {config_or_name!r} (expected a size name, a config.json path or a config)")
-    if config_or_name.upper() in LLAMA_SHAPES:
-        return llama_config(config_or_name)
-    path = config_or_name
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"Invalid model: {config_or_name!r} (expected one of {', '.join(LLAMA_SHAPES)} or an existing config.json path)"
-        )
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Invalid model: {path} is not JSON ({e})") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise ValueError(f"Invalid model: {path} has no 'model_type' (expected a transformers config.json)")
-    raw = dict(raw)
-    return AutoConfig.for_model(raw.pop("model_type"), **raw)
-
-
-def meta_model(config) -> torch.nn.Module:
-    """The causal LM for ``config`` on the meta device: shapes only, no memory, any size."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 # ----------------------------------------------------------------------------------------------

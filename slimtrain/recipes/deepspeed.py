@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 --module slimtrain.recipes.deepspeed --zero 2 --out runs/zero2
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module slimtrain.recipes.deepspeed --zero 3 --out runs/cpu
-    slimtrain deepspeed --ranks 2 --zero 2 --out runs/zero2        # prints that command, then runs it
+    slimtrain deepspeed --ranks 2 --zero 2 --out runs/zero2        # checks, prints the launch command, runs it
 
 DeepSpeed's launcher spells ``python -m`` as ``--module``; the script-path form
 (``deepspeed path/to/deepspeed.py``) cannot work, because the file would shadow the ``deepspeed``
@@ -31,15 +31,23 @@ collectively, so all ranks must run it.
 config's ``bf16`` section: bf16 weights and gradients with fp32 master weights in ZeRO's partitions, so
 unlike the one-process ``--dtype bf16`` no update is lost to rounding; it needs ZeRO stage 1-3 with
 slimtrain's optimizers (at stage 0 DeepSpeed hands them flat fp32 copies). ``bf16-autocast`` is refused
-(use ``bf16``), and so is a ``--ds-config`` enabling bf16 without ``--dtype bf16``.
-``--activation-checkpointing`` works as in the pretrain recipe.
+(use ``bf16``), and so is a ``--ds-config`` enabling bf16 without ``--dtype bf16``, or enabling fp16 (the
+recipe has no fp16 mode). The config also passes :func:`slimtrain.sharding.api.check_config` (no
+offload, no elastic checkpoints) in every process that checks the arguments, the ``slimtrain deepspeed``
+launcher included, on the optimizer built on the meta device. ``--activation-checkpointing`` works as in
+the pretrain recipe.
 
 Only rank 0 shows progress and writes ``config.json``, ``metrics.csv``, ``loss.png`` and
 ``summary.json`` (optimizer state summed over ranks, and per rank; tokens/s of the whole run; peak
-memory of rank 0). Checkpoints are DeepSpeed's
-(``engine.save_checkpoint``: every rank saves its own partition and low-rank state) in
-``OUT/checkpoint/``, the latest one kept; ``--resume`` loads it on the same number of ranks and
-continues exactly.
+memory of rank 0); it holds the lock on ``--out`` (:func:`slimtrain.recipes.outputs.own`) from before
+the process group starts, and a rank 0 that cannot take it exits, which makes DeepSpeed's launcher stop
+the other ranks. Checkpoints are DeepSpeed's (``engine.save_checkpoint``: every rank saves its own
+partition and low-rank state) in ``OUT/checkpoint/``, the latest one kept; ``--resume`` loads it on the
+same number of ranks and continues exactly.
+
+``slimtrain deepspeed`` runs the launcher as ``python -m deepspeed.launcher.runner`` (the module behind
+the ``deepspeed`` command) with the interpreter it runs in, so the ranks use the same Python, slimtrain
+and DeepSpeed, whether or not that environment's ``bin/`` is on ``PATH``.
 """
 
 from __future__ import annotations
@@ -49,180 +57,25 @@ if not __package__:  # run as a file: `import deepspeed` below would import this
                      "deepspeed --num_gpus N --module slimtrain.recipes.deepspeed ...")
 
 import argparse
-import json
+import contextlib
+import importlib.util
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import warnings
-from importlib import resources
 
 import torch
 
-from . import outputs, pretrain, runtime
-from .optim import capabilities, optimizer_state_bytes
+from . import metrics, outputs, pretrain
+# The recipe's options and checks; `slimtrain deepspeed` finds add_arguments and run_cli here.
+from .deepspeed_options import (  # noqa: F401
+    CHECKPOINT_DIR, LATEST, MODULE, add_arguments, add_recipe_arguments, parse_args, validate,
+)
+from .optim import optimizer_state_bytes
 
-MODULE = "slimtrain.recipes.deepspeed"
-STAGES = (1, 2, 3)
-CHECKPOINT_DIR = "checkpoint"
-
-def stage0_only(name: str) -> str | None:
-    """Why the recipe's optimizer ``name`` cannot run under ZeRO stages >= 1 (its rule is not shardable), or None."""
-    rule = capabilities(name)
-    return None if rule is None or rule.shardable else rule.reason
-
-
-def not_under_deepspeed(name: str) -> str | None:
-    """Why the recipe's optimizer ``name`` cannot run under this recipe at any ZeRO stage, or None."""
-    if name == "spectral-sst":
-        return ("SpectralSSTAdamW steps the factors of to_spectral's layers, not a LowRankAdamW rule that "
-                "slimtrain.sharding can shard; run it with slimtrain pretrain")
-    return None
-
-
-# Config keys the recipe derives from --batch-size and the number of ranks.
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """What each rank parses: the pretrain recipe's options and the DeepSpeed config."""
-    pretrain.add_arguments(parser)
-    parser.add_argument("--zero", type=int, default=None, metavar="STAGE",
-                        help="ZeRO stage 1, 2 or 3, with the config shipped in slimtrain/recipes/ds_configs "
-                             "(default: 2)")
-    parser.add_argument("--ds-config", default=None, metavar="JSON",
-                        help="your DeepSpeed config instead of --zero (no optimizer or scheduler section)")
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``slimtrain deepspeed``: the recipe's options, and how many ranks to launch."""
-    add_recipe_arguments(parser)
-    parser.add_argument("--ranks", type=int, default=2, help="processes to launch: GPUs, or CPU ranks (default: 2)")
-    parser.add_argument("--master-port", type=int, default=29500, help="rendezvous port (default: 29500)")
-    parser.add_argument("--dry-run", action="store_true", help="print the deepspeed command without running it")
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"deepspeed --num_gpus N --module {MODULE}",
-                                     description=__doc__.split("\n")[0])
-    add_recipe_arguments(parser)
-    # The launcher appends --local_rank=I unless given --no_local_rank; LOCAL_RANK in the environment says the same.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    cfg = parser.parse_args(argv)
-    del cfg.local_rank  # not a run argument: a resumed run may get other local ranks
-    return cfg
-
-
-def validate(cfg: argparse.Namespace, world_size: int) -> dict:
-    """Check every argument, as the pretrain recipe does, and return the DeepSpeed config to use.
-
-    Raises ``ValueError``/``FileNotFoundError`` naming the argument, before anything heavy. The config's
-    batch sizes are filled in from ``--batch-size`` and ``world_size``.
-    """
-    if cfg.zero is not None and cfg.ds_config is not None:
-        raise ValueError(f"Invalid --zero {cfg.zero} with --ds-config: pick one (--zero N uses the shipped zeroN.json)")
-    if cfg.ds_config is None:
-        cfg.zero = 2 if cfg.zero is None else cfg.zero
-        if cfg.zero not in STAGES:
-            raise ValueError(f"Invalid --zero: {cfg.zero} (expected 1, 2 or 3)")
-    if cfg.device != "auto":
-        raise ValueError(f"Invalid --device: {cfg.device!r} with the deepspeed recipe (each rank runs on the "
-                         "accelerator DeepSpeed gives it: its GPU, or the CPU with DS_ACCELERATOR=cpu); leave it out")
-    runtime.check_dtype(cfg.dtype, "cpu")  # the name only: DeepSpeed checks its accelerator
-    if cfg.dtype == "bf16-autocast":
-        raise ValueError("Invalid --dtype: 'bf16-autocast' with the deepspeed recipe (DeepSpeed's bf16 already keeps "
-                         "fp32 master weights of bf16 ones); use --dtype bf16")
-    pretrain.validate(cfg, checkpoint=os.path.join(CHECKPOINT_DIR, "latest"), resolve_device=False)
-    if cfg.resume:
-        check_checkpoint(os.path.join(cfg.out, CHECKPOINT_DIR))
-    config = load_config(cfg.ds_config) if cfg.ds_config is not None else shipped_config(cfg.zero)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if not_under_deepspeed(cfg.optimizer):
-        raise ValueError(f"Invalid --optimizer {cfg.optimizer} with the deepspeed recipe: {not_under_deepspeed(cfg.optimizer)}")
-    if stage0_only(cfg.optimizer) and stage >= 1:
-        raise ValueError(f"Invalid --optimizer {cfg.optimizer} at ZeRO stage {stage}: {stage0_only(cfg.optimizer)} "
-                         "(stage 0: --ds-config)")
-    if (config.get("bf16") or {}).get("enabled") and cfg.dtype != "bf16":
-        raise ValueError(f"Invalid --dtype: {cfg.dtype!r} with --ds-config {cfg.ds_config} enabling bf16: pass "
-                         "--dtype bf16 (the recipe sets the config's bf16 section from --dtype)")
-    if cfg.dtype == "bf16":
-        if stage == 0 and cfg.optimizer != "adamw":
-            # slimtrain.sharding.check_config refuses it too, but only after the ranks have started.
-            raise ValueError(f"Invalid --dtype bf16 at ZeRO stage 0 with --optimizer {cfg.optimizer}: DeepSpeed's "
-                             "bf16 optimizer hands it flat fp32 copies of the weights, which cannot be projected; "
-                             "use --zero 1, 2 or 3, or --dtype fp32")
-        config = {**config, "bf16": {**(config.get("bf16") or {}), "enabled": True}}
-    return with_batch_sizes(config, cfg.batch_size, world_size)
-
-
-def shipped_config(stage: int) -> dict:
-    """The config ``slimtrain/recipes/ds_configs/zero{stage}.json`` shipped with the package."""
-    return json.loads((resources.files(__package__) / "ds_configs" / f"zero{stage}.json").read_text())
-
-
-def load_config(path: str) -> dict:
-    """A user's DeepSpeed JSON config, refused if it would override what the recipe sets."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Invalid --ds-config: file not found: {path}")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"Invalid --ds-config: {path} is not JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"Invalid --ds-config: {path} holds a {type(config).__name__} (expected a JSON object)")
-    for section, owner in (("optimizer", "--optimizer, --lr"), ("scheduler", "--warmup, --steps")):
-        if section in config:
-            raise ValueError(f"Invalid --ds-config: {path} sets '{section}', which the recipe builds from {owner}: "
-                             "remove the section")
-    zero = config.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ValueError(f"Invalid --ds-config: zero_optimization is {zero!r} in {path} "
-                         "(expected an object such as {\"stage\": 2}, or no key for stage 0)")
-    stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ValueError(f"Invalid --ds-config: zero_optimization.stage is {stage!r} in {path} (expected 0, 1, 2 or 3)")
-    return config
-
-
-def check_checkpoint(where: str) -> None:
-    """Refuse a DeepSpeed checkpoint directory ``--resume`` cannot load: no tag in ``latest``, no such
-    tag, or an empty or truncated file in it (``ValueError`` naming the path)."""
-    with open(os.path.join(where, "latest")) as f:
-        tag = f.read().strip()
-    tag_dir = os.path.join(where, tag)
-    if not tag or not os.path.isdir(tag_dir) or os.path.dirname(os.path.normpath(tag_dir)) != os.path.normpath(where):
-        raise ValueError(f"Invalid --resume: {os.path.join(where, 'latest')} names {tag!r}, which is not a "
-                         f"checkpoint directory in {where}")
-    files = sorted(n for n in os.listdir(tag_dir) if n.endswith(".pt"))
-    if not files:
-        raise ValueError(f"Invalid --resume: {tag_dir} holds no checkpoint files")
-    for name in files:
-        outputs.check_checkpoint_file(os.path.join(tag_dir, name))
-
-
-def with_batch_sizes(config: dict, batch_size: int, world_size: int) -> dict:
-    """``config`` with its batch keys set from the global ``--batch-size``; ``ValueError`` where they disagree.
-
-    ``"auto"`` (or an absent key) is filled in; gradient accumulation defaults to 1.
-    """
-    accum = config.get("gradient_accumulation_steps", "auto")
-    accum = 1 if accum == "auto" else accum
-    if not (isinstance(accum, int) and accum >= 1):
-        raise ValueError(f"Invalid --ds-config: gradient_accumulation_steps is {accum!r} "
-                         "(expected an integer >= 1 or \"auto\")")
-    if batch_size % (world_size * accum):
-        raise ValueError(f"Invalid --batch-size: {batch_size} (expected a multiple of {world_size} ranks x "
-                         f"{accum} accumulation steps = {world_size * accum})")
-    wanted = dict(zip(BATCH_KEYS, (batch_size, batch_size // (world_size * accum), accum)))
-    for key, value in wanted.items():
-        if config.get(key, "auto") not in ("auto", value):
-            raise ValueError(f"Invalid --ds-config: {key} is {config[key]!r}, but --batch-size {batch_size} on "
-                             f"{world_size} ranks needs {value} (or \"auto\")")
-    return {**config, **wanted}
+LAUNCHER = "deepspeed.launcher.runner"  # what the `deepspeed` command runs
 
 
 def init_distributed() -> None:
@@ -318,27 +171,36 @@ class DeepSpeedSteps:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """One rank's run: validate (one-line error from rank 0, exit status 2), join the group, train."""
+    """One rank's run: validate (one-line error from rank 0, exit status 2), own ``--out`` (rank 0), join
+    the group, train. A full disk is a one-line error, exit status 1, from each rank it stops."""
     cfg = parse_args(argv)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    try:
-        config = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        splits, batches = pretrain.load_data(cfg)
-        init_distributed()
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if is_main:
+    with contextlib.ExitStack() as held:
+        try:
+            config = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            splits, batches = pretrain.load_data(cfg)
+            if is_main:
+                held.enter_context(pretrain.own_out(cfg, LATEST, splits.sha256))
+            init_distributed()
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            if is_main:
+                print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        torch.set_num_threads(cfg.threads)
+        try:
+            summary = pretrain.train(cfg, splits, batches, DeepSpeedSteps(cfg, config))
+        except outputs.WriteError as e:
             print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    torch.set_num_threads(cfg.threads)
-    summary = pretrain.train(cfg, splits, batches, DeepSpeedSteps(cfg, config))
+            raise SystemExit(1) from None
     if is_main:
-        pretrain.print_summary(cfg, summary)
+        metrics.print_summary(cfg, summary)
     return summary
 
 
 def launch_command(recipe_argv: list[str], ranks: int, master_port: int) -> list[str]:
-    """The ``deepspeed`` launcher command that runs this recipe on ``ranks`` processes of this machine."""
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(master_port), "--module", MODULE, *recipe_argv]
+    """The DeepSpeed launcher command that runs this recipe on ``ranks`` processes of this machine."""
+    return [sys.executable, "-m", LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(master_port),
+            "--module", MODULE, *recipe_argv]
 
 
 def recipe_argv(args: argparse.Namespace) -> list[str]:
@@ -347,13 +209,20 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    """``slimtrain deepspeed``: check the arguments here, print the launcher command, run it."""
+    """``slimtrain deepspeed``: check the arguments here (``--out`` not in use included), print the
+    launcher command, run it."""
     argv = recipe_argv(args)
     ranks, port, dry_run = args.ranks, args.master_port, args.dry_run
     try:
         if ranks < 1:
             raise ValueError(f"Invalid --ranks: {ranks} (expected an integer >= 1)")
         validate(args, ranks)
+        if not dry_run:
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ImportError(f"the deepspeed recipe needs DeepSpeed in this Python ({sys.executable}): "
+                                  "pip install 'slimtrain[deepspeed]'")
+            with outputs.own(args.out):  # refused now if another run holds it; rank 0 takes it for the run
+                pass
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -361,9 +230,6 @@ def run_cli(args: argparse.Namespace) -> None:
     print(shlex.join(command), flush=True)
     if dry_run:
         return
-    if shutil.which("deepspeed") is None:
-        print("error: the deepspeed launcher is not on PATH: pip install 'slimtrain[deepspeed]'", file=sys.stderr)
-        raise SystemExit(2)
     raise SystemExit(subprocess.call(command))
 
 

@@ -1,8 +1,8 @@
-"""LLaMA-shaped models for the pretrain recipe and the benchmarks.
+"""LLaMA-shaped models for the pretrain recipe and the benchmarks, by the names ``--model`` takes.
 
-``60m`` ... ``1b`` are the shapes of the GaLore paper's C4 runs (its ``configs/llama_*.json``);
-``tiny`` trains on two CPU cores in minutes, ``small`` is the next step up. The vocabulary is the
-tokenizer's (256 for bytes), so parameter counts are below the paper's 32k-vocabulary ones.
+The shapes are :mod:`slimtrain.models`'s: ``tiny`` and ``small`` for the CPU, ``60m`` ... ``1b`` from the
+GaLore paper's C4 runs. The vocabulary is the tokenizer's (256 for bytes), so parameter counts are below
+the paper's 32k-vocabulary ones.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..memory import LLAMA_SHAPES, llama_from_shape
+from ..models import CPU_SHAPES, LLAMA_SHAPES, Shape, llama_from_shape
 
-# name -> (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers); the paper's sizes come
-# from the one table the memory calculator uses.
-MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (192, 512, 6, 4),
-    "small": (256, 688, 4, 6),
+# --model name -> shape: the CPU shapes, and the paper's sizes of its Table 2 (60M to 1B); 7B is the memory
+# calculator's only.
+MODEL_SHAPES: dict[str, Shape] = {
+    **CPU_SHAPES,
     **{name.lower(): shape for name, shape in LLAMA_SHAPES.items() if name != "7B"},
 }
 

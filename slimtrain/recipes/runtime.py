@@ -32,7 +32,7 @@ import torch
 
 DEVICES_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
 DTYPES = ("fp32", "bf16", "bf16-autocast")
-# The defaults a run recorded before these options existed was made with: it resumes with them.
+# What a run whose config.json lacks these options was made with: it resumes with them.
 LEGACY_DEFAULTS = {"device": "cpu", "dtype": "fp32", "activation_checkpointing": False}
 
 

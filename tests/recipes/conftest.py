@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from slimtrain.recipes.data import shakespeare_files
+from slimtrain.recipes.shakespeare import shakespeare_files
 
 
 @pytest.fixture(scope="module")

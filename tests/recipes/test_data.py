@@ -12,9 +12,9 @@ from slimtrain.recipes.data import (
     encode,
     eval_batches,
     load_splits,
-    shakespeare_files,
     split_by_document,
 )
+from slimtrain.recipes.shakespeare import shakespeare_files
 
 
 def _long_lines(paths, min_len=50):

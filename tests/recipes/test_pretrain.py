@@ -113,7 +113,7 @@ def test_variants_train_and_count_their_state(tmp_path, corpus, optimizer):
         (["--steps", "5", "--stop-at", "6"], r"Invalid --stop-at: 6"),
         (["--lr", "-1"], r"Invalid --lr: -1.0"),
         (["--resume"], r"Invalid --resume: no checkpoint"),
-        (["--optimizer", "galore", "--density", "0.5"], r"Invalid --density: 0.5 \(.*with --optimizer frugal only\)"),
+        (["--optimizer", "galore", "--density", "0.5"], r"Invalid --density: 0.5 \(.*with --optimizer frugal or frugal8bit or frugal-block or frugal-block8bit only\)"),
         (["--optimizer", "adamw", "--rank", "8"], r"Invalid --rank/--update-proj-gap/--scale with --optimizer adamw"),
         (["--resume", "--overwrite"], r"Invalid --resume with --overwrite"),
         (["--device", "tpu"], r"Invalid --device: 'tpu' \(expected auto .*cpu, cuda or cuda:N\)"),
@@ -259,7 +259,7 @@ def test_resume_with_another_dtype_or_device_is_refused(tmp_path, corpus, capsys
     assert "--device 'cpu' (was 'cuda')" in capsys.readouterr().err
 
 
-def test_a_run_recorded_before_the_device_options_resumes_as_cpu_fp32(tmp_path, corpus):
+def test_a_run_recorded_without_the_device_options_resumes_as_cpu_fp32(tmp_path, corpus):
     out = tmp_path / "run"
     args = ["--optimizer", "adamw", "--steps", "4", "--eval-every", "2"]
     _run(out, corpus, *args, "--stop-at", "2")
@@ -283,3 +283,17 @@ def test_device_kinds_a_resume_may_change_between():
     same = pretrain.runtime.same_device_kind
     assert same("cuda:0", "cuda:1") and same("cuda", "cuda:0") and same("cpu", "cpu")
     assert not same("cpu", "cuda") and not same("auto", "cpu") and same("auto", "auto")
+
+
+def test_the_command_imports_only_the_subcommand_given(monkeypatch, capsys):
+    """`slimtrain pretrain` does not import the finetune recipe (and with it PEFT), nor any other."""
+    import importlib
+
+    from slimtrain import cli
+
+    imported, import_module = [], importlib.import_module
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: imported.append(name) or import_module(name))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pretrain", "--help"])
+    assert e.value.code == 0 and "--allow-data-change" in capsys.readouterr().out
+    assert set(imported) == {"slimtrain.recipes.pretrain"}

@@ -40,7 +40,7 @@ class RandomizedProjector(StoredBasisProjector):
         k = min(rank + self.oversample, n)
         gen = self._generator(state, k_refresh, grad_t.device)
         omega = torch.randn(n, k, generator=gen, device=grad_t.device, dtype=grad_t.dtype)
-        if self.warm_start and "proj_basis" in state:
+        if self.warm_start and k_refresh > 0:  # the first refresh (again, after a gradient of zeros) starts cold
             omega[:, :rank] = state["proj_basis"].T
         y = grad_t @ omega
         for _ in range(self.niter):
