@@ -68,7 +68,7 @@ import warnings
 
 import torch
 
-from . import metrics, outputs, pretrain
+from . import metrics, outputs, pretrain, runtime
 # The recipe's options and checks; `slimtrain deepspeed` finds add_arguments and run_cli here.
 from .deepspeed_options import (  # noqa: F401
     CHECKPOINT_DIR, LATEST, MODULE, add_arguments, add_recipe_arguments, parse_args, validate,

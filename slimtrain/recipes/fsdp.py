@@ -2,16 +2,16 @@
 outputs, on N ranks.
 
     torchrun --standalone --nproc_per_node 2 -m slimtrain.recipes.fsdp --optimizer galore --out runs/fsdp
-    slimtrain fsdp --ranks 2 --optimizer galore --out runs/fsdp        # prints that command, then runs it
+    slimtrain fsdp --ranks 2 --optimizer galore --out runs/fsdp        # checks, prints the torchrun command, runs it
 
-Every argument of ``slimtrain pretrain`` works here. Each decoder layer and then the whole model is
-sharded with ``fully_shard`` on a 1-D mesh of all ranks, and the optimizer is built on the sharded model;
-``--placement low-rank`` (default) shards the matrices a projection compresses by rows along their columns
-(:func:`slimtrain.sharding.low_rank_placement`), so that every projection stays on its rank's rows;
-``--placement rows`` keeps FSDP2's default, every parameter by rows. ``--device`` is ``auto`` (each rank's
-GPU under NCCL when torch sees GPUs, else the CPU under gloo), ``cpu`` or ``cuda``; ``--dtype bf16`` is
-FSDP2's mixed precision: fp32 sharded weights and optimizer, bf16 forward and backward, fp32 gradient
-reduction. ``bf16-autocast`` is refused (use ``bf16``).
+Every argument of ``slimtrain pretrain`` works here (:mod:`.fsdp_options`). Each decoder layer and then the
+whole model is sharded with ``fully_shard`` on a 1-D mesh of all ranks, and the optimizer is built on the
+sharded model, as torch's AdamW would be; ``--placement low-rank`` (default) shards the matrices a projection
+compresses by rows along their columns (:func:`slimtrain.sharding.low_rank_placement`), so that every
+projection stays on its rank's rows; ``--placement rows`` keeps FSDP2's default, every parameter by rows.
+``--device`` is ``auto`` (each rank's GPU under NCCL when torch sees GPUs, else the CPU under gloo), ``cpu`` or
+``cuda``; ``--dtype bf16`` is FSDP2's mixed precision: fp32 sharded weights and optimizer, bf16 forward and
+backward, fp32 gradient reduction. ``bf16-autocast`` is refused (use ``bf16``).
 
 ``--batch-size`` is the global batch: each step, rank ``r`` takes the ``r``-th of ``N`` equal slices of the
 batch the single-process recipe would use, and FSDP2 averages the gradients, so the updates are the
@@ -20,16 +20,21 @@ is the whole batch's. Validation runs the same batches on every rank (each forwa
 weights collectively).
 
 Only rank 0 shows progress and writes ``config.json``, ``metrics.csv``, ``loss.png`` and ``summary.json``
-(optimizer state per rank and in total, tokens/s, rank 0's peak memory). Checkpoints are
-``torch.distributed.checkpoint`` directories, ``OUT/checkpoint/step<N>/`` (model and optimizer, sharded:
-each rank writes its pieces), with the scheduler and counters in its ``recipe.pt``; ``OUT/checkpoint/latest``
-names the newest, and older ones are removed. ``--resume`` continues from it exactly, on any number of
-ranks (the checkpoint reshards).
+(optimizer state per rank and in total, tokens/s, rank 0's peak memory); it holds the lock on ``--out``
+(:func:`slimtrain.recipes.outputs.own`) from before the process group starts. Checkpoints are
+``torch.distributed.checkpoint`` directories, ``OUT/checkpoint/step<N>/`` (model and optimizer, sharded: each
+rank writes its pieces), with the schedule, the RNG and the step in its ``recipe.pt``; ``OUT/checkpoint/latest``
+names the newest, and older ones are removed. ``--resume`` continues from it exactly; on another number of
+ranks the checkpoint reshards.
+
+``slimtrain fsdp`` runs ``torchrun`` (``python -m torch.distributed.run`` with the interpreter it runs in, so
+the ranks use the same Python, torch and slimtrain) with ``--standalone``: one machine, a free port.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shlex
@@ -39,76 +44,15 @@ import sys
 
 import torch
 
-from . import outputs, pretrain, runtime
+from . import metrics, outputs, pretrain, runtime
 from .data import VOCAB_SIZE
+# The recipe's options and checks; `slimtrain fsdp` finds add_arguments and run_cli here.
+from .fsdp_options import (  # noqa: F401
+    CHECKPOINT_DIR, LATEST, MODULE, RECIPE_STATE, add_arguments, add_recipe_arguments, checkpoint_path, parse_args,
+    validate,
+)
 from .models import build_model, model_config
 from .optim import build_optimizer, optimizer_state_bytes
-
-MODULE = "slimtrain.recipes.fsdp"
-CHECKPOINT_DIR = "checkpoint"
-LATEST = "latest"
-PLACEMENTS = ("low-rank", "rows")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """What each rank parses: the pretrain recipe's options and how parameters are sharded."""
-    pretrain.add_arguments(parser)
-    parser.add_argument("--placement", default="low-rank", choices=PLACEMENTS,
-                        help="low-rank: matrices projected by rows are sharded by columns, so every projection is "
-                             "local (slimtrain.sharding.low_rank_placement); rows: FSDP2's default (default: low-rank)")
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``slimtrain fsdp``: the recipe's options, and how many ranks to launch."""
-    add_recipe_arguments(parser)
-    parser.add_argument("--ranks", type=int, default=2, help="processes to launch: GPUs, or CPU ranks (default: 2)")
-    parser.add_argument("--dry-run", action="store_true", help="print the torchrun command without running it")
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"torchrun --nproc_per_node N -m {MODULE}", description=__doc__.split("\n")[0])
-    return add_recipe_arguments(parser).parse_args(argv)
-
-
-def validate(cfg: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Check every argument, as the pretrain recipe does (``ValueError``/``FileNotFoundError`` naming it, before
-    anything heavy). ``--device auto`` becomes the kind the ranks run on (``cuda`` or ``cpu``)."""
-    if cfg.device not in DEVICES:
-        raise ValueError(f"Invalid --device: {cfg.device!r} with the fsdp recipe (expected one of "
-                         f"{', '.join(DEVICES)}: each rank takes the GPU of its local rank, or the CPU)")
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and torch.cuda.device_count() < 1:
-        raise ValueError("Invalid --device: 'cuda' (torch sees no GPU on this machine)")
-    runtime.check_dtype(cfg.dtype, cfg.device)
-    if cfg.dtype == "bf16-autocast":
-        raise ValueError("Invalid --dtype: 'bf16-autocast' with the fsdp recipe (FSDP2's mixed precision already keeps "
-                         "fp32 sharded weights of a bf16 forward); use --dtype bf16")
-    if cfg.batch_size % world_size:
-        raise ValueError(f"Invalid --batch-size: {cfg.batch_size} (expected a multiple of the {world_size} ranks)")
-    pretrain.validate(cfg, checkpoint=os.path.join(CHECKPOINT_DIR, LATEST), resolve_device=False)
-    if cfg.optimizer == "spectral-sst":
-        raise ValueError("Invalid --optimizer spectral-sst with the fsdp recipe: SpectralSSTAdamW steps the factors of "
-                         "to_spectral's layers, which are not FSDP2 matrices; run it with slimtrain pretrain")
-    if cfg.resume:
-        checkpoint_path(cfg.out)
-    return cfg
-
-
-def checkpoint_path(out: str) -> str:
-    """The checkpoint directory ``OUT/checkpoint/latest`` names (``ValueError`` if it names none)."""
-    where = os.path.join(out, CHECKPOINT_DIR)
-    with open(os.path.join(where, LATEST)) as f:
-        tag = f.read().strip()
-    path = os.path.join(where, tag)
-    if not tag or os.sep in tag or not os.path.isfile(os.path.join(path, ".metadata")):
-        raise ValueError(f"Invalid --resume: {os.path.join(where, LATEST)} names {tag!r}, which is not a checkpoint "
-                         f"directory in {where}")
-    outputs.check_checkpoint_file(os.path.join(path, "recipe.pt"))
-    return path
 
 
 def init_distributed(device: str) -> None:
@@ -152,17 +96,13 @@ class FSDPSteps:
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        if cfg.device == "cuda":
-            self.device = f"cuda:{torch.cuda.current_device()}"
-        else:
-            self.device = "cpu"
+        self.device = f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" else "cpu"
         self.dtype = "fp32"  # FSDP2 casts for the forward itself: no autocast around it
-        self.cfg = cfg
+        self.placement = cfg.placement
         model = build_model(model_config(cfg.model, VOCAB_SIZE, cfg.seq_len), cfg.seed)
         if cfg.activation_checkpointing:
             runtime.enable_activation_checkpointing(model)
-        model.to(self.device)
-        self.model = shard(model, cfg, torch.device(self.device))
+        self.model = shard(model.to(self.device), cfg, torch.device(self.device))
         # Built on the sharded model, as torch's AdamW is: every parameter is a DTensor here.
         self.optimizer = build_optimizer(
             cfg.optimizer, self.model, lr=cfg.lr, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
@@ -197,14 +137,11 @@ class FSDPSteps:
         path = os.path.join(where, tag)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
-        if self.is_main:
+        if self.is_main:  # dcp.save ends with a barrier: every rank has written its pieces of `tag`
             recipe = dict(step=step, elapsed_s=elapsed, train_s=train_time, scheduler=self.scheduler.state_dict(),
                           rng=torch.get_rng_state(), world_size=self.world)
-            torch.save(recipe, os.path.join(path, "recipe.pt.tmp"))
-            os.replace(os.path.join(path, "recipe.pt.tmp"), os.path.join(path, "recipe.pt"))
-            with open(os.path.join(where, LATEST + ".tmp"), "w") as f:
-                f.write(tag)
-            os.replace(os.path.join(where, LATEST + ".tmp"), os.path.join(where, LATEST))
+            outputs.write_atomic(os.path.join(path, RECIPE_STATE), lambda f: torch.save(recipe, f), sync=True)
+            outputs.write_atomic(os.path.join(out, LATEST), lambda f: f.write(tag.encode()), sync=True)
             for name in os.listdir(where):
                 if name != tag and name.startswith("step") and os.path.isdir(os.path.join(where, name)):
                     shutil.rmtree(os.path.join(where, name))
@@ -220,7 +157,7 @@ class FSDPSteps:
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        recipe = torch.load(os.path.join(path, "recipe.pt"), weights_only=True)
+        recipe = torch.load(os.path.join(path, RECIPE_STATE), weights_only=True)
         self.scheduler.load_state_dict(recipe["scheduler"])
         torch.set_rng_state(recipe["rng"])
         return recipe["step"], recipe["elapsed_s"], recipe["train_s"]
@@ -232,37 +169,44 @@ class FSDPSteps:
         per_rank = [None] * self.world
         dist.all_gather_object(per_rank, optimizer_state_bytes(self.optimizer))
         return dict(optimizer_state_bytes=sum(per_rank), optimizer_state_bytes_per_rank=per_rank,
-                    world_size=self.world, placement=self.cfg.placement)
+                    world_size=self.world, placement=self.placement)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """One rank's run: validate (one-line error from rank 0, exit status 2), join the group, train."""
+    """One rank's run: validate (one-line error from rank 0, exit status 2), own ``--out`` (rank 0), join the
+    group, train. A full disk is a one-line error, exit status 1, from each rank it stops."""
     cfg = parse_args(argv)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    try:
-        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        splits, batches = pretrain.load_data(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if is_main:
-            print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    torch.set_num_threads(cfg.threads)
-    init_distributed(cfg.device)
-    import torch.distributed as dist
+    with contextlib.ExitStack() as held:
+        try:
+            validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            splits, batches = pretrain.load_data(cfg)
+            if is_main:
+                held.enter_context(pretrain.own_out(cfg, LATEST, splits.sha256))
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            if is_main:
+                print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        torch.set_num_threads(cfg.threads)
+        init_distributed(cfg.device)
+        import torch.distributed as dist
 
-    try:
-        summary = pretrain.train(cfg, splits, batches, FSDPSteps(cfg))
-    finally:
-        dist.destroy_process_group()
+        try:
+            summary = pretrain.train(cfg, splits, batches, FSDPSteps(cfg))
+        except outputs.WriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            dist.destroy_process_group()
     if is_main:
-        pretrain.print_summary(cfg, summary)
+        metrics.print_summary(cfg, summary)
     return summary
 
 
 def launch_command(recipe_argv: list[str], ranks: int) -> list[str]:
     """The ``torchrun`` command that runs this recipe on ``ranks`` processes of this machine."""
-    launcher = ["torchrun"] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--standalone", "--nproc_per_node", str(ranks), "-m", MODULE, *recipe_argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+            "-m", MODULE, *recipe_argv]
 
 
 def recipe_argv(args: argparse.Namespace) -> list[str]:
@@ -271,7 +215,8 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    """``slimtrain fsdp``: check the arguments here, print the torchrun command, run it."""
+    """``slimtrain fsdp``: check the arguments here (``--out`` not in use included), print the torchrun command,
+    run it."""
     argv = recipe_argv(args)
     ranks, dry_run = args.ranks, args.dry_run
     # What each rank will parse: the launcher's own options are not the run's (a --resume compares the rest).
@@ -280,6 +225,9 @@ def run_cli(args: argparse.Namespace) -> None:
         if ranks < 1:
             raise ValueError(f"Invalid --ranks: {ranks} (expected an integer >= 1)")
         validate(cfg, ranks)
+        if not dry_run:
+            with outputs.own(cfg.out):  # refused now if another run holds it; rank 0 takes it for the run
+                pass
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
