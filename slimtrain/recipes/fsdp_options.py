@@ -3,7 +3,7 @@
 :func:`validate` checks a run's arguments in one pass, as the pretrain recipe does (its checks, with the
 checkpoint a resumed run needs being ``OUT/checkpoint/latest``), and the recipe's own: a device kind each rank
 can take (``auto``, ``cpu`` or ``cuda``), ``bf16`` as FSDP2's mixed precision, a global ``--batch-size`` the
-ranks divide, and an optimizer that steps FSDP2's parameters. It runs in ``slimtrain fsdp`` before the launch and
+ranks divide, and an optimizer whose run the recipe can checkpoint and resume. It runs in ``slimtrain fsdp`` before the launch and
 again in every rank; each refusal is a ``ValueError`` or ``FileNotFoundError`` naming the option.
 """
 
@@ -66,6 +66,11 @@ def validate(cfg: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if cfg.optimizer == "spectral-sst":
         raise ValueError("Invalid --optimizer spectral-sst with the fsdp recipe: SpectralSSTAdamW steps the factors of "
                          "to_spectral's layers, which are not FSDP2 matrices; run it with slimtrain pretrain")
+    if cfg.optimizer.startswith("frugal-block"):
+        raise ValueError(f"Invalid --optimizer {cfg.optimizer} with the fsdp recipe: FRUGAL's block mode keeps moments "
+                         "only for the current window's matrices, and torch.distributed.checkpoint loads into a fresh "
+                         "optimizer laid out as the first window, so the recipe's checkpoints could not be resumed; "
+                         "use --optimizer frugal (FrugalAdamW(mode='block') itself runs under FSDP2)")
     pretrain_options.validate(cfg, checkpoint=LATEST, resolve_device=False)
     if cfg.resume:
         checkpoint_path(cfg.out)

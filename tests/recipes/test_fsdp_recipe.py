@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(slimtrain.__file__)))
     [
         (["--optimizer", "adam"], 1, r"Invalid --optimizer: 'adam' \(expected one of adamw, galore"),
         (["--optimizer", "spectral-sst"], 1, r"Invalid --optimizer spectral-sst with the fsdp recipe: .*slimtrain pretrain"),
+        (["--optimizer", "frugal-block8bit"], 1, r"Invalid --optimizer frugal-block8bit with the fsdp recipe: .*could not "
+                                                 r"be resumed; use --optimizer frugal"),
         (["--device", "cuda:1"], 1, r"Invalid --device: 'cuda:1' with the fsdp recipe \(expected one of auto, cpu, cuda"),
         (["--dtype", "bf16-autocast"], 1, r"Invalid --dtype: 'bf16-autocast' with the fsdp recipe .*use --dtype bf16"),
         (["--batch-size", "3"], 2, r"Invalid --batch-size: 3 \(expected a multiple of the 2 ranks\)"),
