@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.adam import adam_direction_, adam_direction_reference
-from ._validation import check_betas, check_int, check_lr, check_nonneg
+from ._validation import DROP_IN_OPTIONS, check_betas, check_int, check_lr, check_nonneg
 from .functional import adam_step_size
 # The layer side, re-exported: this module is where users meet spectral SST.
 from .spectral_layers import (  # noqa: F401
@@ -54,6 +54,7 @@ from .spectral_layers import (  # noqa: F401
     to_spectral,
 )
 from .state import counters, host_keys
+from .updates import group_lr
 
 # Integer bookkeeping scalars stay on the CPU so reading them never synchronizes a GPU.
 _HOST_KEYS = host_keys(counters("step", "iters"))
@@ -115,6 +116,10 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # torch's __setstate__ adds its 'differentiable' flag to the defaults: copied into the groups below, a load
+        # would change the state dict it loaded.
+        for k in set(self.defaults) & set(DROP_IN_OPTIONS):
+            del self.defaults[k]
         for group in self.param_groups:  # a state dict without an option gets its default
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
@@ -160,7 +165,7 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
         adam = adam_direction_ if state["exp_avg"].dtype == torch.float32 else adam_direction_reference
         direction = adam(p.grad.to(state["exp_avg"].dtype), state["exp_avg"], state["exp_avg_sq"],
                          beta1, beta2, group["eps"])
-        return direction, adam_step_size(group["lr"], beta1, beta2, int(state["step"]))
+        return direction, adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -180,7 +185,7 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
                 direction, size = self._adam(p, group)
                 target = p.to(direction.dtype)
                 if group["weight_decay"]:
-                    target.mul_(1.0 - group["lr"] * group["weight_decay"])
+                    target.mul_(1.0 - group_lr(group) * group["weight_decay"])
                 p.copy_(target.add_(direction, alpha=-size))
         return loss
 
@@ -191,7 +196,7 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
         s_state["iters"] += 1
         s = layer.s.to(direction.dtype)
         if group["weight_decay"]:
-            s.mul_(1.0 - group["lr"] * group["weight_decay"])
+            s.mul_(1.0 - group_lr(group) * group["weight_decay"])
         layer.s.copy_(s.add_(direction, alpha=-size).clamp_(min=0))
         for p in (layer.u_active, layer.v_active):
             if p.grad is None:

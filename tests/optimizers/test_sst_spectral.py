@@ -5,6 +5,7 @@ length-d dot product in a dtype with unit roundoff u errs by at most d * u * sum
 Accuracy and Stability, 3.1). The tests use those, with the constants written out.
 """
 
+import copy
 import io
 
 import pytest
@@ -245,6 +246,29 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     for p, q in zip(model.parameters(), resumed.parameters()):
         for key, value in opt.state[p].items():
             assert torch.equal(value, resumed_opt.state[q][key]), key
+
+
+def test_loading_a_state_dict_leaves_it_as_saved():
+    """torch.optim's contract: save, load, save again gives the same state dict (no key added to the groups)."""
+    model = spectral_mlp(rank=4)
+    opt = SpectralSSTAdamW(model, lr=1e-2)
+    train(model, opt, steps=2)
+    saved = opt.state_dict()
+    opt.load_state_dict(copy.deepcopy(saved))
+    again = opt.state_dict()
+    assert again["param_groups"] == saved["param_groups"]
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_a_tensor_lr_steps_as_its_float(shape):
+    """torch accepts a one-element tensor of any of these shapes as lr; the steps equal the float's bit for bit."""
+    runs = []
+    for lr in (1e-2, torch.full(shape, 1e-2)):
+        model = spectral_mlp(rank=4)
+        train(model, SpectralSSTAdamW(model, lr=lr, weight_decay=0.01, update_proj_gap=2), steps=4)
+        runs.append(model)
+    for p, q in zip(*(m.parameters() for m in runs)):
+        assert torch.equal(p, q)
 
 
 def test_float64_factors_step_in_float64_like_float32():
