@@ -336,7 +336,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         return True
 
     def _step_one(self, p: Tensor, group: dict) -> None:
-        if is_dtensor(p):  # FSDP2: this rank's piece, through slimtrain.sharding
+        if is_dtensor(p):  # FSDP2: this rank's piece of it (dtensor.py)
             self._fsdp().step(p, group)
             return
         state = self.state[p]

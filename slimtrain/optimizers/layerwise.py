@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .._validation import check_int
+from ._validation import is_dtensor
 from .base import LowRankAdamW
 
 
@@ -251,11 +252,13 @@ class LayerwiseStepper:
     def _count_norm(self, p: Tensor, grad: Tensor) -> None:
         """Add ``grad``'s squared norm to the window's: a sharded parameter's piece on every rank, a parameter that
         every rank holds whole (replicated) on the first rank only."""
-        piece = grad.to_local() if hasattr(grad, "to_local") else grad
-        whole = not hasattr(p, "placements") or not any(hasattr(pl, "dim") for pl in p.placements)
-        if self._fsdp is not None and whole and dist.get_rank() != 0:
-            return
-        self._norm_sq = self._norm_sq + piece.float().square().sum()
+        if is_dtensor(grad):
+            from torch.distributed.tensor import Shard
+
+            if not any(isinstance(pl, Shard) for pl in p.placements) and dist.get_rank() != 0:
+                return
+            grad = grad.to_local()
+        self._norm_sq = self._norm_sq + grad.float().square().sum()
 
     def _stepped(self) -> None:
         # torch's LR schedulers warn unless the optimizer's step() ran before theirs; here the
