@@ -172,7 +172,7 @@ class LowRankRule(StepRule):
             old_basis = projector.basis(state, n, grad_t.device)
         frame.refresh(projector, grad_t, state, self.rank_for(group, torch.Size(frame.shape)), transposed)
         if first:
-            if not bool(grad_t.any()):
+            if not frame.any(bool(grad_t.any()), grad_t.device):  # over the whole matrix: every rank decides alike
                 # A gradient of zeros spans nothing (torch.distributed.checkpoint creates a fresh optimizer's state
                 # with a zero-gradient, zero-lr step): the subspace is chosen again from the next step's gradient,
                 # the one a fresh optimizer would start from, instead of kept for a whole window.

@@ -35,8 +35,7 @@ def rank_world() -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # The sharded-matrix maths on its own
 
-#: Shapes with uneven pieces on 2 and 3 ranks, a rank with no rows (3 x 7 on 3 ranks... of its 3 rows, 1 each;
-#: 2 x 9 on 3 ranks: the third rank holds none), and both orientations.
+#: Shapes with uneven pieces on 2 and 3 ranks, both orientations, and a rank with no rows (2 x 9 by rows on 3 ranks).
 MATRIX_SHAPES = [(7, 5), (3, 7), (2, 9), (12, 4)]
 
 
@@ -239,16 +238,15 @@ EXACT_ROWS = ["galore", "fira", "dct", "galore8bit"]  # also run with every para
 
 
 def _register_exact_cases() -> None:
-    for name in _configs_names():
+    for name in config_names():
         CASES[f"exact-{name}"] = (lambda n: lambda: _sharded_run(n, "low-rank"))(name)
     for name in EXACT_ROWS:
         CASES[f"exact-rows-{name}"] = (lambda n: lambda: _sharded_run(n, "rows"))(name)
 
 
-def _configs_names() -> list[str]:
-    return ["galore", "galore-randomized-rotate", "galore-random-stagger", "galore-columns-reset", "galore-bf16-basis",
-            "fira", "fira-dct", "frugal", "frugal-columns-sgd", "frugal-block", "dct", "dct-matmul-l2-stagger", "sst",
-            "galore8bit", "fira8bit", "frugal8bit-columns", "frugal-block8bit", "dct8bit-rotate", "sst8bit"]
+def config_names() -> list[str]:
+    """The names of the optimizer configurations every exactness case runs."""
+    return list(_configs())
 
 
 _register_exact_cases()

@@ -9,10 +9,10 @@ from ._fsdp_harness import run_cases
 
 #: The cases of ``_fsdp_worker.py`` each world size runs (tests/sharding/test_fsdp*.py read them).
 CASES = {
-    2: ["matrix_ops", "traffic_adamw", "refusals", "nonfinite_on_one_rank", *(f"exact-{n}" for n in W._configs_names()),
+    2: ["matrix_ops", "traffic_adamw", "refusals", "nonfinite_on_one_rank", *(f"exact-{n}" for n in W.config_names()),
         *(f"exact-rows-{n}" for n in W.EXACT_ROWS), *(f"dcp-{n}" for n in W.DCP_ROWS),
         *(f"accelerate-{n}" for n in W.ACCELERATE_ROWS), *(f"layerwise-{n}-accum{a}" for n, a in W.LAYERWISE_ROWS)],
-    3: ["matrix_ops", "traffic_adamw", *(f"exact-{n}" for n in W._configs_names()), *(f"dcp-{n}" for n in W.DCP_ROWS),
+    3: ["matrix_ops", "traffic_adamw", *(f"exact-{n}" for n in W.config_names()), *(f"dcp-{n}" for n in W.DCP_ROWS),
         *(f"layerwise-{n}-accum{a}" for n, a in W.LAYERWISE_ROWS)],
 }
 

@@ -29,7 +29,7 @@ from . import _fsdp_worker as W
 pytest.importorskip("torch.distributed.fsdp")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
-EXACT = W._configs_names()
+EXACT = W.config_names()
 TOLERANCE = 1e-5  # see the module docstring
 
 
