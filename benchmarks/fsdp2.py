@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if "adamw" not in args.optimizers:
         args.optimizers = ["adamw", *args.optimizers]
-    if not 1 <= args.gap < args.steps:
-        parser.error(f"--gap {args.gap} must be at least 1 and below --steps {args.steps} (a refresh step to measure)")
+    if not 2 <= args.gap < args.steps:
+        parser.error(f"--gap {args.gap} must be at least 2 (an ordinary step to measure) and below --steps {args.steps} "
+                     "(a refresh step to measure)")
     if any(w < 2 for w in args.worlds):
         parser.error(f"--worlds {args.worlds}: each at least 2 (one process is always run, as the reference)")
     one, _ = summarize(launch(1, args), args.gap)
