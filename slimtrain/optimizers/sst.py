@@ -73,8 +73,9 @@ class SSTRule(StepRule):
     # storage, so the check costs nothing per step. A checksum would read all of W every step and, on a
     # GPU, synchronize to compare it on the host. (A write through `p.data.<op>_()` escapes the counter,
     # as it escapes autograd.) Counters are per process: without a record (after load_state_dict or a
-    # copy) W is compared once with the factors, bit for bit: a resume on the same device matches; one
-    # on another device that differs by rounding starts a new round, which is safe.
+    # copy) W is compared once with the factors, within the rounding of the product that wrote it: a resume
+    # on another processor (whose matrix product rounds its last bits differently) continues the saved round,
+    # while a weight written with anything else (another checkpoint, an initializer) starts a new one.
     def validate_group(self, group: dict) -> None:
         check_rank_fits(group)  # the sampled vector pairs
 
@@ -91,10 +92,24 @@ class SSTRule(StepRule):
 
     @staticmethod
     def _matches_factors(p: Tensor, state: dict) -> bool:
-        """Whether the weight ``p`` (this process's piece of it: ``sst_u`` holds its rows, or ``sst_v`` its columns)
-        is the one the factors rebuild, bit for bit."""
-        rebuilt = ((state["sst_u"] * state["sst_s"]) @ state["sst_v"].T).reshape(p.shape)
-        return torch.equal(p, rebuilt.to(p.dtype))
+        """Whether ``p`` (this process's piece of the weight: ``sst_u`` holds its rows, or ``sst_v`` its columns) is
+        the product of its factors as some processor rounds it. Each element of
+        ``(U * S) @ V.T`` is a length-d dot product, off by at most gamma_d = d u / (1 - d u) times the same product
+        of absolute values (Higham, Accuracy and Stability, 3.1; u = 2^-24); the weight that was written and the
+        product computed here may each be that far off, and a weight stored in a lower precision also carries its
+        own rounding (at most one unit of ``p``'s dtype at the element's size)."""
+        u, s, v = state["sst_u"], state["sst_s"], state["sst_v"]
+        rebuilt = ((u * s) @ v.T).reshape(p.shape)
+        if torch.equal(p, rebuilt.to(p.dtype)):
+            return True
+        d = s.numel()
+        unit = torch.finfo(torch.float32).eps / 2
+        gamma = d * unit / (1 - d * unit)
+        magnitudes = ((u.abs() * s.abs()) @ v.abs().T).reshape(p.shape)
+        allowed = 2 * gamma * magnitudes
+        if p.dtype != torch.float32:
+            allowed = allowed + torch.finfo(p.dtype).eps * rebuilt.abs()
+        return bool(((p.float() - rebuilt).abs() <= allowed).all())
 
     def _written_elsewhere(self, key: int, piece: Tensor, state: dict, frame) -> bool:
         record = self.written.get(key)

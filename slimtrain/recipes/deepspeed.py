@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
         except outputs.WriteError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
+        # Leave the group together before the interpreter exits: a gloo group still alive at exit can abort its
+        # process from a destructor ("terminate called without an active exception") after a finished run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if is_main:
         metrics.print_summary(cfg, summary)
     return summary

@@ -53,13 +53,20 @@ def write_checkpoint(path, factory, dtype=torch.float32) -> None:
     torch.save(saved, path)
 
 
+def load_checkpoint(model: nn.Module, opt, checkpoint: dict) -> None:
+    """Load ``checkpoint["model"]`` and ``checkpoint["opt"]`` (left unchanged), written by another run and
+    perhaps on another processor. (SSTAdamW then finds each weight to be its saved factors' product within the
+    rounding of another processor's matrix product, and goes on with the saved round.)"""
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(copy.deepcopy(checkpoint["opt"]))
+
+
 def resume_checkpoint(ckpt: dict, factory) -> nn.Module:
     """Load a :func:`write_checkpoint` file into a fresh model and ``factory``'s optimizer, check that every state
     tensor came back with its dtype and value, and take the 11 steps its writer took: the model."""
     model = mlp(seed=123)
-    model.load_state_dict(ckpt["model"])
     opt = factory(groups(model))
-    opt.load_state_dict(ckpt["opt"])
+    load_checkpoint(model, opt, ckpt)
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, saved in ckpt["opt"]["state"].items():
         loaded = opt.state[params[i]]

@@ -129,3 +129,31 @@ def test_detection_reads_no_weight_in_steady_state(monkeypatch):
     opt.load_state_dict(opt.state_dict())
     train(model, opt, steps=2)
     assert len(compared) == 3  # each of the three matrices once, at the first step after the load
+
+
+def _resumed_draws(perturb) -> list[int]:
+    """Train SST 3 steps, save, load into a fresh model and optimizer, ``perturb`` each loaded matrix weight, take
+    one step: how many samples each matrix has drawn (a new round after a weight written elsewhere draws anew)."""
+    model = mlp()
+    opt = SSTAdamW(groups(model), lr=1e-2, update_proj_gap=5)
+    train(model, opt, steps=3)
+    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
+    resumed = mlp(seed=9)
+    opt2 = SSTAdamW(groups(resumed), lr=1e-2, update_proj_gap=5)
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    with torch.no_grad():
+        for p in resumed.parameters():
+            if "sst_u" in opt2.state[p]:
+                perturb(p)
+    train(resumed, opt2, steps=1, start=3)
+    return [int(opt2.state[p]["sst_draws"]) for p in resumed.parameters() if "sst_u" in opt2.state[p]]
+
+
+def test_a_resume_on_another_processor_continues_the_saved_round():
+    """Another processor's matrix product rounds the last bits of the rebuilt weight differently: a weight a few
+    units of roundoff from its factors' product here is the same weight, and the saved round goes on; a weight
+    moved by more than a product's rounding (here 1e-4 relative, about 800 units of roundoff) starts a new one."""
+    untouched = _resumed_draws(lambda p: None)
+    assert _resumed_draws(lambda p: p.mul_(1 + 4 * torch.finfo(torch.float32).eps)) == untouched
+    assert all(a == b + 1 for a, b in zip(_resumed_draws(lambda p: p.mul_(1 + 1e-4)), untouched))

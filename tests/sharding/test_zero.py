@@ -80,7 +80,16 @@ def test_two_ranks_match_single_process(case, distributed_results):
             # The all-reduced mean differs from the one-process mean by fp32 rounding. Measured over the 12
             # steps: <= 6e-8 for GaLore, Fira and DCT; 2.3e-6 for FRUGAL, whose Adam part divides by
             # near-zero second moments of a random subspace in its first steps.
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=5e-6)
+            if not case["optimizer"].endswith("8bit"):
+                torch.testing.assert_close(q, p, rtol=1e-5, atol=5e-6)
+                continue
+            # 8-bit moments: where the two means round to either side of a code boundary (a tie within
+            # rounding, so whether one occurs depends on the processor's kernels), a moment moves by one code,
+            # up to 1.4% of its block's absmax, and the parameters it updates by more than rounding: measured
+            # 8.1e-6 on 2 of 480 elements with MKL's processor-independent kernels (MKL_CBWR=COMPATIBLE), none
+            # with its kernels for this AMD EPYC. Quantizing on one side only moves them by 7.8e-4.
+            off = ~torch.isclose(q, p, rtol=1e-5, atol=5e-6)
+            assert off.float().mean() <= 0.05 and (q - p).abs().max() <= 1e-4, (int(off.sum()), (q - p).abs().max())
 
 
 @pytest.mark.parametrize("case", SAME_BATCH, ids=lambda c: c["id"])

@@ -6,7 +6,8 @@ Run from the repository root (``python tests/adapters/seed_fixtures/make_seed_ad
 whose seeds must keep being derived. The files here were written by the code of commit 84746c6, before the
 derivations moved to ``slimtrain/_seeds.py``: each holds the adapter's trainable tensors right after
 ``get_peft_model`` (its seeded init), the same tensors after a seeded perturbation, and the model's output
-with them (which reads every seeded basis and selection), computed by that code on CPU.
+with them (which reads every seeded basis and selection), computed by that code on an AMD EPYC CPU (there,
+that code writes them again byte for byte).
 """
 
 from __future__ import annotations

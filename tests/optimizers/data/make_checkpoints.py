@@ -2,8 +2,9 @@
 
 Run from the repository root (``python -m tests.optimizers.data.make_checkpoints``) with the code whose
 checkpoint format must keep loading. The files in this folder were written at commit e556968 (before
-state dicts recorded their method): each holds the model and optimizer after 7 steps of
-``helpers.train`` and the parameters 11 steps later, computed by that code on CPU.
+state dicts recorded their method), on an AMD EPYC CPU with two threads (``OMP_NUM_THREADS=2``; that code
+and those settings write them again byte for byte): each holds the model and optimizer after 7 steps of
+``helpers.train`` and the parameters 11 steps later.
 """
 
 from __future__ import annotations
