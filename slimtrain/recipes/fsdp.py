@@ -196,8 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
         except outputs.WriteError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
-        finally:
-            dist.destroy_process_group()
+        # Leave the group together before the interpreter exits: a gloo group still alive at exit can abort its
+        # process from a destructor after a finished run.
+        dist.barrier()
+        dist.destroy_process_group()
     if is_main:
         metrics.print_summary(cfg, summary)
     return summary
