@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "memory": ("slimtrain.memory", "weights, gradients and optimizer state in GB per model component"),
     "finetune": ("slimtrain.recipes.finetune", "fine-tune MiniLM (or your local model) with a PEFT adapter to tell Shakespeare's comedies, histories and tragedies apart (or your labelled text)"),
     "deepspeed": ("slimtrain.recipes.deepspeed", "launch the pretrain recipe on N ranks under DeepSpeed ZeRO 1, 2 or 3"),
+    "fsdp": ("slimtrain.recipes.fsdp", "launch the pretrain recipe on N ranks under FSDP2 (torch's fully_shard)"),
 }
 
 

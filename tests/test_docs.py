@@ -106,6 +106,7 @@ for block in json.load(open(sys.argv[1])):
 SHORTER = {
     "pretrain": ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"],
     "deepspeed": ["--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"],
+    "fsdp": ["--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--no-progress"],
     "finetune": ["--steps", "2", "--batch-size", "2", "--max-length", "32", "--max-train-passages", "6",
                  "--words", "16", "--test-passages", "1", "--no-progress"],
     "finetune --data": ["--steps", "2", "--batch-size", "2", "--max-length", "32", "--no-progress"],
@@ -114,6 +115,7 @@ SHORTER = {
 WRITES = {
     "pretrain": {"metrics.csv", "loss.png", "summary.json", "checkpoint.pt", "config.json"},
     "deepspeed": {"metrics.csv", "loss.png", "summary.json", "checkpoint", "config.json"},
+    "fsdp": {"metrics.csv", "loss.png", "summary.json", "checkpoint", "config.json"},
     "finetune": {"results.json", "results.csv", "adapter", "config.json"},
 }
 # What the reader supplies in a command, and the stand-in that replaces it (made by _stand_in).
@@ -565,7 +567,7 @@ def test_setup_commands_are_what_ci_and_the_scripts_run():
 
 CLI = "docs/cli.md"
 # A section that takes another subcommand's options lists only the options it adds or words differently.
-TAKES = {"deepspeed": "pretrain"}
+TAKES = {"deepspeed": "pretrain", "fsdp": "pretrain"}
 
 
 def _rows(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:

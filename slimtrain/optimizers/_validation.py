@@ -59,7 +59,8 @@ MOMENT_POLICIES = ("keep", "reset", "rotate")
 NONFINITE_POLICIES = ("skip", "raise")
 
 
-def _is_dtensor(p: torch.Tensor) -> bool:
+def is_dtensor(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a ``DTensor`` (FSDP2's ``fully_shard`` parameters and their gradients)."""
     if type(p) is torch.Tensor or type(p) is torch.nn.Parameter or not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -67,34 +68,27 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
-_NO_DTENSORS = (
-    "slimtrain optimizers project whole matrices and do not support DTensor parameters yet; shard with DeepSpeed "
-    "ZeRO through slimtrain.sharding.initialize(...), or replicate with plain torch.nn.parallel.DistributedDataParallel"
-)
-
-
 def _dtensor(p: torch.Tensor) -> str:
     return f"a DTensor of shape {tuple(p.shape)} placed {tuple(p.placements)}"
 
 
 def check_param(p: torch.Tensor) -> None:
-    if _is_dtensor(p):
-        raise RuntimeError(
-            f"Unsupported parameter: {_dtensor(p)} (FSDP2's fully_shard or tensor parallelism). {_NO_DTENSORS}"
-        )
     if p.is_complex():
         raise ValueError(f"Invalid parameter: complex dtype {p.dtype} is not supported (use real parameters)")
     if not p.is_floating_point():
         raise ValueError(f"Invalid parameter: dtype {p.dtype} is not a floating-point type")
 
 
-def refuse_swapped_param(p: torch.Tensor) -> None:
-    """Raise for a tensor in the param groups that the optimizer was not built with, naming what put it there."""
-    if _is_dtensor(p):
+def refuse_swapped_param(p: torch.Tensor, why: str = "") -> None:
+    """Raise for a tensor in the param groups that the optimizer was not built with and cannot take (``why``: for a
+    ``DTensor``, the reason), naming what put it there and what to do."""
+    if is_dtensor(p):
         raise RuntimeError(
             f"This optimizer is stepping {_dtensor(p)} that was swapped in after it was built (FSDP2's fully_shard "
-            "applied to the model after the optimizer was constructed, as Accelerate does). An optimizer must be "
-            f"built on the parameters it steps: build it after fully_shard. {_NO_DTENSORS}"
+            "applied to the model after the optimizer was constructed, as Accelerate does), and cannot take it: "
+            f"{why}. "
+            "Build the optimizer after fully_shard(...) (the Hugging Face Trainer does), or swap the parameters before "
+            "its first step"
         )
     raise RuntimeError(
         f"This optimizer is stepping a tensor of shape {tuple(p.shape)} that it was not built with. DeepSpeed ZeRO "

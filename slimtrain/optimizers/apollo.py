@@ -75,25 +75,27 @@ class APOLLORule(LowRankRule):
         super().validate_group(group)
         check_apollo_options(group["scale_type"], group["scale_front"], group["gamma"])
 
-    def project(self, grad_t: Tensor, basis: Tensor | None, projector: Projector, state: dict) -> Tensor:
+    def project(self, frame, grad_t: Tensor, basis: Tensor | None, projector: Projector, state: dict) -> Tensor:
         # Our projectors' rows have unit norm (exactly, or in expectation for the Gaussian one). APOLLO's projection
         # has N(0, 1/r) entries, so that E|G'_i B^T|^2 = |G'_i|^2 (Johnson-Lindenstrauss): sqrt(n'/r) times ours.
         # The scaling factors divide by |R_i|, so this sets the update's size; apollo-torch's scale of 1 at rank
-        # 256 and 128 at rank 1 assume it.
-        low = super().project(grad_t, basis, projector, state)
-        return low.mul_(math.sqrt(grad_t.shape[1] / low.shape[1]))
+        # 256 and 128 at rank 1 assume it. n' is the whole matrix's, whichever part of it this process holds.
+        low = super().project(frame, grad_t, basis, projector, state)
+        return low.mul_(math.sqrt(frame.shape[1] / low.shape[1]))
 
     def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> ScaledGradientStep:
         sub = super().update(p, grad, group, state, ctx)  # refresh, project, Adam: R and N, nothing applied
         beta1, beta2 = group["betas"]
         step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
         gamma = group["gamma"]
+        frame = sub.frame  # sums over the rows or columns of G' that other ranks hold (FSDP2), else nothing
         row_sq = None
         if gamma is not None:  # the limiter's norm from the gradient's row norms (no m x n temporary)
-            row_sq = torch.linalg.vector_norm(_at_most_fp32(sub.grad_t), dim=1, dtype=torch.float32).square()
+            row_sq = frame.sum_cols(
+                torch.linalg.vector_norm(_at_most_fp32(sub.grad_t), dim=1, dtype=torch.float32).square())
         row_scale, norm = apollo_row_scale(sub.low, sub.direction, row_sq, state.get(LIMITER_NORM),
                                            scale_type=group["scale_type"], scale=group["scale"],
-                                           scale_front=group["scale_front"], gamma=gamma)
+                                           scale_front=group["scale_front"], gamma=gamma, sum_rows=frame.sum_rows)
         if norm is not None:
             state[LIMITER_NORM] = norm
         return ScaledGradientStep(sub.grad_t, row_scale, step_size, sub.transposed)

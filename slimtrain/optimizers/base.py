@@ -25,13 +25,17 @@ from ._validation import (
     check_grad,
     check_group,
     check_int,
+    is_dtensor,
     refuse_swapped_param,
     refuse_unknown,
 )
 from .checkpoint import Checkpointing
+from .dtensor import ShardedSteps
+from .dtensor import check_group as check_sharded_group
 from .functional import adam_step_size, descent
 from .lowrank import LowRankRule, projects_left  # noqa: F401  (projects_left: re-exported)
-from .moments import adam_direction, init_moments, require_bitsandbytes
+from .layout import WholeMatrix, WholeMoments
+from .moments import require_bitsandbytes
 from .projectors import PROJECTORS, Projector, make_projector
 from .registry import option_owners
 from .rule import MatrixContext, StepRule, matrix_shape
@@ -196,10 +200,38 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
     def _index_params(self) -> None:
         """Each parameter's position over all groups: stable, so per-matrix seeds don't depend on which
         parameters happened to have gradients at their first step. Its keys are the tensors ``step`` accepts."""
-        self._param_indices = {id(p): i for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+        params = [q for g in self.param_groups for q in g["params"]]
+        self._param_indices = {id(p): i for i, p in enumerate(params)}
+        self._param_shapes = [tuple(p.shape) for p in params]
+
+    def _adopt_swapped(self) -> None:
+        """Take the ``DTensor`` parameters that replaced the ones this optimizer was built with, where nothing can be
+        lost: Accelerate's FSDP2 preparation shards the model after the optimizer was built and swaps each entry
+        of its param groups for the sharded parameter of the same name. Each replacement must be a ``DTensor`` of
+        the global shape of the parameter it replaces, and the optimizer must not have stepped yet (its state
+        belongs to the tensors it was built with). Anything else is refused, naming what to do instead."""
+        params = [q for g in self.param_groups for q in g["params"]]
+        swapped = [(i, q) for i, q in enumerate(params) if id(q) not in self._param_indices]
+        if not swapped:
+            return
+        for i, q in swapped:
+            if not is_dtensor(q):
+                refuse_swapped_param(q)
+            if any(self.state.values()):
+                refuse_swapped_param(q, "it has stepped already, and its state belongs to the parameters it was built "
+                                        "with")
+            if i >= len(self._param_shapes) or self._param_shapes[i] != tuple(q.shape):
+                was = f"of shape {self._param_shapes[i]}" if i < len(self._param_shapes) else "none"
+                refuse_swapped_param(q, f"it is parameter {i}, which was {was} when the optimizer was built")
+        for group in self.param_groups:
+            self._validate_group(group)
+        self._index_params()
+        self._sharded_steps = None
 
     def _validate_group(self, group: dict) -> None:
         check_group(group)
+        if any(is_dtensor(p) for p in group["params"]):
+            check_sharded_group(group, type(self).__name__)
         if group["state_bits"] == 8:
             if not self.rule.capabilities.eight_bit:
                 raise ValueError(f"Invalid state_bits: 8 ({type(self).__name__} keeps no 8-bit states: "
@@ -225,10 +257,11 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
     def _projected(p: Tensor, group: dict) -> bool:
         return "rank" in group and matrix_shape(p) is not None
 
-    def _context(self, p: Tensor, group: dict) -> MatrixContext:
-        """What the rule may know about ``p`` (:class:`~slimtrain.optimizers.rule.MatrixContext`)."""
+    def _context(self, p: Tensor, group: dict, layout=None) -> MatrixContext:
+        """What the rule may know about ``p`` (:class:`~slimtrain.optimizers.rule.MatrixContext`); ``layout``: where
+        it lives (default: wholly here, as ``p`` is)."""
         projector = self._projectors[group["projector"]] if self.rule.uses_projector else None
-        return MatrixContext(self._param_indices.get(id(p)), self.seed, projector, self.param_groups)
+        return MatrixContext(self._param_indices.get(id(p)), self.seed, projector, self.param_groups, layout)
 
     def _rounding(self, p: Tensor, group: dict) -> RoundingStream | None:
         """``p``'s stochastic-rounding stream where its updates are rounded stochastically; ``None`` elsewhere, and
@@ -266,9 +299,9 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if any(id(p) not in self._param_indices for _, p in work):
+            self._adopt_swapped()
         for _, p in work:
-            if id(p) not in self._param_indices:
-                refuse_swapped_param(p)
             check_grad(p)
         if not self._grads_finite([p.grad for _, p in work]):
             if self.nonfinite == "raise":
@@ -303,6 +336,9 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         return True
 
     def _step_one(self, p: Tensor, group: dict) -> None:
+        if is_dtensor(p):  # FSDP2: this rank's piece of it (dtensor.py)
+            self._fsdp().step(p, group)
+            return
         state = self.state[p]
         grad = descent(p.grad, group["maximize"])
         rounding = self._rounding(p, group)
@@ -313,25 +349,37 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         update = self.rule.update(p, grad.reshape(matrix_shape(p)), group, state, self._context(p, group))
         update.apply_(p, group, rounding)
 
-    @staticmethod
-    def _grads_finite(grads: list[Tensor]) -> bool:
-        if not grads:
-            return True
-        # One reduction per tensor and a single host sync. A sum of finite values that overflows fp32
-        # reads as non-finite too; a gradient that large is broken anyway, and skipping is safe.
-        sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
-        return bool(torch.isfinite(sums).all())
+    def _grads_finite(self, grads: list[Tensor]) -> bool:
+        """Whether every gradient is finite; under FSDP2, whether every rank's pieces are (every rank agrees)."""
+        sharded = any(is_dtensor(g) for g in grads)
+        grads = [g.to_local() if is_dtensor(g) else g for g in grads]
+        finite = True
+        if grads:
+            # One reduction per tensor and a single host sync. A sum of finite values that overflows fp32
+            # reads as non-finite too; a gradient that large is broken anyway, and skipping is safe.
+            sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
+            finite = bool(torch.isfinite(sums).all())
+        return self._fsdp().all_ranks(finite, grads[0].device) if sharded else finite
+
+    def _fsdp(self):
+        """The FSDP2 side of this optimizer (:class:`~slimtrain.optimizers.dtensor.ShardedSteps`), made on first use."""
+        if getattr(self, "_sharded_steps", None) is None:
+            self._sharded_steps = ShardedSteps(self)
+        return self._sharded_steps
 
     @staticmethod
-    def _dense_update(grad: Tensor, group: dict, state: dict) -> tuple[Tensor, float]:
+    def _dense_update(grad: Tensor, group: dict, state: dict, moments=None) -> tuple[Tensor, float]:
         """Plain AdamW on any fp32 descent direction (of a whole parameter or a shard of one): returns the
-        direction and its step size. Creates the state on first use."""
+        direction and its step size. Creates the state on first use, in ``moments``' storage (default: whole, of
+        ``grad``'s shape; an FSDP2 rank's piece:
+        :meth:`~slimtrain.optimizers.shards.ShardedMatrix.dense_moments`)."""
+        moments = WholeMoments(grad.shape) if moments is None else moments
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            init_moments(state, group, ADAM, grad.shape, grad.device)
+            moments.init(state, group, ADAM, grad.device)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        direction = adam_direction(state, group, grad)
+        direction = moments.adam_direction(state, group, grad)
         return direction, adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
 
     # Entry points for a wrapper that steps pieces of parameters (slimtrain.sharding.zero: ZeRO hands each
@@ -351,7 +399,9 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         if not self.rule.capabilities.shardable:
             raise RuntimeError(f"{type(self).__name__} cannot step a matrix from a gathered gradient: "
                                f"{self.rule.capabilities.reason}")
-        update = self.rule.update(p, descent(grad, group["maximize"]), group, state, self._context(p, group))
+        # The whole matrix's shape from its gradient: ZeRO-3's own parameter holds an empty placeholder here.
+        ctx = self._context(p, group, WholeMatrix(grad.shape))
+        update = self.rule.update(p, descent(grad, group["maximize"]), group, state, ctx)
         if isinstance(update, DenseUpdate) and update.direction is None:
             return torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
         return update.materialize()

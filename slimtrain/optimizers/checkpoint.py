@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 from torch import Tensor
 
-from ._validation import DROP_IN_OPTIONS
+from ._validation import DROP_IN_OPTIONS, is_dtensor
 from .registry import method_of, methods, option_owners
 
 #: The key of slimtrain's entry in a state dict and in each of its param groups.
@@ -187,9 +187,10 @@ class Checkpointing:
         self._load_extra_state(extra)
 
     def state_bytes(self) -> int:
-        """Bytes of every tensor held in optimizer state (what a memory table should count)."""
-        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
-                   if isinstance(v, Tensor))
+        """Bytes of every tensor held in optimizer state (what a memory table should count); of a ``DTensor``
+        (FSDP2), this rank's piece."""
+        pieces = (v.to_local() if is_dtensor(v) else v for st in self.state.values() for v in st.values())
+        return sum(v.numel() * v.element_size() for v in pieces if isinstance(v, Tensor))
 
 
 def _saved_extra(state_dict: dict) -> dict | None:

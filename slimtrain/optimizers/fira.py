@@ -28,7 +28,9 @@ class FiraRule(LowRankRule):
         # On the torch backend the norms need G' - c R B in full: keep it for the apply (materialized)
         # rather than computing it twice. The Triton kernels compute it twice and never store it.
         materialized, row_sq = residual_and_row_sq_norms(step, coef)
-        row_scale, norm = fira_row_scale(step.low, step.direction, row_sq, state.get("residual_norm"), group["gamma"])
+        frame = step.frame
+        row_scale, norm = fira_row_scale(step.low, step.direction, frame.sum_cols(row_sq), state.get("residual_norm"),
+                                         group["gamma"], sum_rows=frame.sum_rows)
         state["residual_norm"] = norm
         return Residual(step.grad_t, step.low, "sgd", coef, step_size, row_scale, materialized)
 

@@ -16,7 +16,6 @@ from ._validation import check_choice, check_nonneg, check_unit_interval
 from .base import EightBitStates, LowRankAdamW
 from .functional import STATE_FREE_RULES, Residual, adam_step_size, state_free_residual
 from .lowrank import LowRankRule, LowRankStep, projects_left
-from .moments import adam_direction, init_moments
 from .projectors import Projector
 from .registry import register_method
 from .rule import Capabilities, MatrixContext, StepRule, matrix_shape
@@ -115,14 +114,14 @@ class FrugalSubspaceRule(LowRankRule):
         return round(group["density"] * shape_t[1])
 
     def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
-        transposed = projects_left(grad.shape, group["proj_type"])
-        if self.rank_for(group, grad.T.shape if transposed else grad.shape) == 0:
+        shape = ctx.layout_for(p).matrix_shape
+        if self.rank_for(group, shape[::-1] if projects_left(shape, group["proj_type"]) else shape) == 0:
             # density 0: nothing is state-full; the whole gradient takes the state-free rule.
             return _state_free(grad.float(), group)
         return super().update(p, grad, group, state, ctx)
 
-    def refresh(self, projector, group: dict, state: dict, grad_t: Tensor, transposed: bool) -> None:
-        super().refresh(projector, group, state, grad_t, transposed)
+    def refresh(self, projector, group: dict, state: dict, grad_t: Tensor, transposed: bool, frame, moments) -> None:
+        super().refresh(projector, group, state, grad_t, transposed, frame, moments)
         stored = state.get("proj_basis")
         if stored is None:
             return
@@ -133,10 +132,10 @@ class FrugalSubspaceRule(LowRankRule):
         # projection_noise_bound, are left out (zeroed) until the next refresh: what later gradients hold along
         # them is residual, for the state-free rule. Projectors that store no basis draw theirs from a seed (random)
         # or select rows (DCT, columns), continuously in the gradient.
-        n = grad_t.shape[1]
+        n = frame.shape[1]
         bound = projection_noise_bound(n, basis_roundoff(state), tf32=tf32_matmuls(grad_t.device))
-        along = torch.linalg.vector_norm(grad_t @ stored.float().T, dim=0)
-        kept = along > bound * torch.linalg.vector_norm(grad_t)
+        along = frame.column_norms(frame.project(grad_t, stored.float())).reshape(-1)
+        kept = along > bound * frame.norm(grad_t)
         stored.mul_(kept.to(stored.dtype)[:, None])
         if not bool(kept.any()):
             # An all-zero gradient (torch.distributed.checkpoint creates a fresh optimizer's state with one) spans
@@ -156,9 +155,10 @@ class FrugalSubspaceRule(LowRankRule):
         # residual_noise_bound). The decision is a 0/1 row scale, so the fused kernel, the torch reference, a ZeRO
         # owner's materialized update and layer-wise steps all apply it alike, with no host synchronization.
         materialized, row_sq = residual_with_row_sq_norms(step.grad_t, step.low, step.basis)
-        n, r = step.grad_t.shape[1], step.basis.shape[0]
+        frame = step.frame
+        n, r = frame.shape[1], step.basis.shape[0]
         bound = residual_noise_bound(n, r, basis_roundoff(state), tf32=tf32_matmuls(step.grad_t.device))
-        real = (row_sq.sum().sqrt() > bound * torch.linalg.vector_norm(step.grad_t.float())).to(torch.float32)
+        real = (frame.sum_pieces(row_sq.sum()).sqrt() > bound * frame.norm(step.grad_t.float())).to(torch.float32)
         row_scale = real.expand(step.grad_t.shape[0]).contiguous()
         return Residual(step.grad_t, step.low, rule, scale=scale, row_scale=row_scale, materialized=materialized)
 
@@ -226,19 +226,21 @@ class FrugalBlockRule(StepRule):
                 st.clear()  # moments reset at every refresh; inactive matrices hold nothing
                 st.update(rounding)
                 st["active"] = torch.tensor(i in active)
-                if i in active:
+                if i in active:  # its moments start at zero with its next update (in the storage of its layout)
                     st["step"] = torch.zeros((), dtype=torch.int64)
-                    init_moments(st, group, ADAM, p.shape, p.device)
         self.block_iters += 1
 
     def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Update:
-        grad = grad.reshape(p.shape).float()
+        moments = ctx.layout_for(p).dense_moments()
+        grad = grad.reshape(moments.local_shape).float()
         # A matrix added (add_param_group) in the middle of a window joins the selection at the next window.
         if not bool(state.setdefault("active", torch.tensor(False))):
             return _state_free(grad, group)
+        if ADAM[0].key not in state:
+            moments.init(state, group, ADAM, grad.device)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        direction = adam_direction(state, group, grad)
+        direction = moments.adam_direction(state, group, grad)
         step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
         return DenseUpdate(direction, step_size * group["scale"])
 

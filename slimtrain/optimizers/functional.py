@@ -60,6 +60,7 @@ def fira_row_scale(
     residual_row_sq: Tensor,
     prev_norm: Tensor | None,
     gamma: float,
+    sum_rows: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Fira's per-channel scale of the out-of-subspace gradient, norm-growth limiter included
     (arXiv:2410.01623).
@@ -72,10 +73,14 @@ def fira_row_scale(
     norms ``residual_row_sq`` (which :func:`slimtrain.kernels.apply.residual_row_sq_norms` computes
     without storing it), since :math:`\lVert S\rVert^2 = \sum_i \phi_i^2 \lVert (G' - RB)_i\rVert^2`.
 
+    ``sum_rows`` completes a sum over rows where the rows are split across ranks (FSDP2: an all-reduce of the
+    partial sum, :mod:`slimtrain.optimizers.layout`); by default the rows given are all of them.
+
     Returns ``(row_scale, norm_to_remember)``: ``S = row_scale[:, None] * (G' - R B)``.
     """
     phi = channel_norm_ratio(low, direction)
-    norm = (phi.square() * residual_row_sq).sum().sqrt()
+    norm_sq = (phi.square() * residual_row_sq).sum()
+    norm = (norm_sq if sum_rows is None else sum_rows(norm_sq)).sqrt()
     if prev_norm is None:
         return phi, norm
     limiter = norm_growth_limiter(norm, prev_norm, gamma)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .._validation import check_int
+from ._validation import is_dtensor
 from .base import LowRankAdamW
 
 
@@ -40,8 +41,20 @@ class LayerwiseStepper:
     the backward), so 2 ranks reach what one process reaches on both ranks' data. Accumulate with
     ``ddp_model.no_sync()`` for all but the last micro-batch, as with any DDP training. DDP's buckets hold
     a copy of every gradient, so under DDP the stepper saves no gradient memory, only the separate
-    ``optimizer.step()`` pass. Other wrappers are refused: shard with DeepSpeed ZeRO through
-    :func:`slimtrain.sharding.initialize` and call ``step()``.
+    ``optimizer.step()`` pass.
+
+    **FSDP2.** Under ``fully_shard`` pass the sharded model, ``LayerwiseStepper(opt, model=fsdp_model)``:
+    FSDP2 runs each parameter's post-accumulate-grad hook on its reduced sharded gradient, where the stepper
+    steps this rank's piece (``docs/fsdp.md``) and frees it, so a rank holds the sharded gradients of one
+    ``fully_shard`` group at a time instead of all of them. ``accumulation_steps=k`` works as in one process:
+    FSDP2 reduce-scatters each backward pass and the sharded gradients add up over the window. Other wrappers
+    are refused: under DeepSpeed ZeRO use :func:`slimtrain.sharding.initialize` and call ``step()``.
+
+    **Gradient norm and clipping.** :attr:`grad_norm` is the norm of the whole gradient each window stepped on
+    (every rank's pieces under FSDP2: one all-reduce of a scalar per window), as ``clip_grad_norm_`` returns it:
+    log it where ``optimizer.step()`` runs would log theirs. It is known only once the last parameter has been
+    stepped, so it cannot scale this window's updates: in this mode nothing is clipped by the global norm. Clip
+    the loss scale instead, or train with ``optimizer.step()`` where clipping matters.
 
     **Parameters that start training later.** The stepper follows the optimizer, not the parameters it saw
     when built: at the start of every backward pass it steps, it also hooks every parameter of the
@@ -68,7 +81,8 @@ class LayerwiseStepper:
         accumulation_steps: with k > 1, gradients accumulate over k backward passes and each parameter
             is stepped at the end of each window of k (scale the loss by 1/k as usual); they are held in
             between. Under DDP it must be 1 (accumulate with ``no_sync()``).
-        model: the ``DistributedDataParallel`` model in a multi-process run (required there), else None.
+        model: the ``DistributedDataParallel`` or FSDP2 (``fully_shard``) model in a multi-process run (required
+            there), else None.
             ``find_unused_parameters=True`` is refused (DDP would hand this stepper zeros for unused
             parameters, which Adam's momentum still moves). DDP averages only the parameters that
             required grad when it was built: a parameter of the optimizer that gets a gradient outside
@@ -90,6 +104,10 @@ class LayerwiseStepper:
         self._hooks: dict[int, RemovableHandle] = {}  # id(parameter) -> its post-accumulate-grad hook
         self._backward_passes = 0  # backward passes seen (single process)
         self._running = _no_pass  # a weak reference to the end-of-backward callback of the pass running now
+        self._fsdp = None  # the fully_shard model under FSDP2
+        self._norm_sq: Tensor | float = 0.0  # the window's squared gradient norm so far (this rank's pieces)
+        #: The norm of the whole gradient the last window stepped on (a 0-d tensor; ``None`` before the first).
+        self.grad_norm: Tensor | None = None
         self._ddp = self._check_data_parallel(model)
         self._active = True
         if self._ddp is not None:
@@ -114,19 +132,24 @@ class LayerwiseStepper:
 
     def _check_data_parallel(self, model: nn.Module | None) -> nn.parallel.DistributedDataParallel | None:
         ddp_type = nn.parallel.DistributedDataParallel
+        if model is not None and _is_fully_sharded(model):
+            self._check_sharded(model)
+            self._fsdp = model
+            return None
         if model is not None and not isinstance(model, ddp_type):
             raise RuntimeError(
-                f"LayerwiseStepper(model=...) takes a torch.nn.parallel.DistributedDataParallel model, got "
-                f"{type(model).__name__}. For sharded training use DeepSpeed ZeRO through "
+                f"LayerwiseStepper(model=...) takes a torch.nn.parallel.DistributedDataParallel model or an FSDP2 "
+                f"(fully_shard) model, got {type(model).__name__}. Under DeepSpeed ZeRO use "
                 "slimtrain.sharding.initialize(...) with a regular optimizer.step(); in one process pass no model"
             )
         if model is None:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 raise RuntimeError(
                     f"LayerwiseStepper in a run of {dist.get_world_size()} processes would step each parameter on "
-                    "its local gradient, before data parallelism averages it: wrap the model in "
-                    "torch.nn.parallel.DistributedDataParallel and pass it, LayerwiseStepper(opt, model=ddp_model), "
-                    "or use a regular optimizer.step() (DeepSpeed ZeRO: slimtrain.sharding.initialize)"
+                    "its local gradient, before data parallelism averages it: pass the data-parallel model, "
+                    "LayerwiseStepper(opt, model=ddp_model) (torch.nn.parallel.DistributedDataParallel) or "
+                    "LayerwiseStepper(opt, model=fsdp_model) (fully_shard), or use a regular optimizer.step() "
+                    "(DeepSpeed ZeRO: slimtrain.sharding.initialize)"
                 )
             return None
         if self.accumulation_steps != 1:
@@ -151,7 +174,19 @@ class LayerwiseStepper:
             )
         return model
 
-    # One process: a hook per parameter, a callback at the end of each backward pass ---------------
+    def _check_sharded(self, model: nn.Module) -> None:
+        """Under FSDP2 every parameter the stepper steps must be one of the model's (a ``DTensor`` whose reduced
+        gradient FSDP2 hands to its hook); a tensor outside it would be stepped on one rank's gradient."""
+        in_model = {id(p) for p in model.parameters()}
+        outside = [tuple(p.shape) for p in self._trainable() if id(p) not in in_model]
+        if outside:
+            raise RuntimeError(
+                f"The optimizer holds parameters that the fully_shard model does not (shapes {outside[:4]}): under "
+                "FSDP2 the stepper steps only the model's sharded parameters, on their reduced gradients. Give the "
+                "optimizer the model's parameters only (build it after fully_shard)"
+            )
+
+    # One process (and FSDP2): a hook per parameter, a callback at the end of each backward pass ----
     def _hook_new_parameters(self) -> None:
         for p in self._trainable():
             if id(p) not in self._hooks:
@@ -196,11 +231,34 @@ class LayerwiseStepper:
             for p in self._params():
                 if p.grad is not None:
                     self._step(p)
+            self._finish_window()
+
+    def _finish_window(self) -> None:
+        """The window's gradient norm, over every rank's pieces under FSDP2 (one all-reduce)."""
+        total = torch.as_tensor(self._norm_sq, dtype=torch.float32)
+        if self._fsdp is not None and dist.get_world_size() > 1:
+            total = total.reshape(1).clone()
+            dist.all_reduce(total)
+            total = total.reshape(())
+        self.grad_norm = total.sqrt()
+        self._norm_sq = 0.0
 
     def _step(self, p: Tensor) -> None:
+        self._count_norm(p, p.grad)
         self.optimizer.step_param(p)
         p.grad = None
         self._stepped()
+
+    def _count_norm(self, p: Tensor, grad: Tensor) -> None:
+        """Add ``grad``'s squared norm to the window's: a sharded parameter's piece on every rank, a parameter that
+        every rank holds whole (replicated) on the first rank only."""
+        if is_dtensor(grad):
+            from torch.distributed.tensor import Shard
+
+            if not any(isinstance(pl, Shard) for pl in p.placements) and dist.get_rank() != 0:
+                return
+            grad = grad.to_local()
+        self._norm_sq = self._norm_sq + grad.float().square().sum()
 
     def _stepped(self) -> None:
         # torch's LR schedulers warn unless the optimizer's step() ran before theirs; here the
@@ -226,6 +284,7 @@ class LayerwiseStepper:
             for p, grad in zip(bucket.parameters(), bucket.gradients()):
                 if id(p) in mine:
                     p.grad = grad  # a view of the averaged bucket: the gradient this step is on
+                    self._count_norm(p, grad)
                     self.optimizer.step_param(p)
                     self._stepped_now.add(id(p))
             self._stepped()
@@ -236,6 +295,7 @@ class LayerwiseStepper:
     def _free_grads(self) -> None:
         stepped, self._stepped_now = self._stepped_now, set()
         self._clear_queued = False
+        self._finish_window()  # DDP's averaged gradients are whole on every rank: no sum across ranks
         unaveraged = []
         for p in self._params():
             if id(p) in stepped:
@@ -260,6 +320,15 @@ class LayerwiseStepper:
 
 def _no_pass() -> None:
     return None
+
+
+def _is_fully_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is FSDP2's (``fully_shard`` turns it into an ``FSDPModule``)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _inside_reentrant_checkpoint() -> bool:

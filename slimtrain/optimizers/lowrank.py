@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..kernels.apply import lowrank_apply_, residual_from_back
 from .functional import Residual, adam_step_size, rotate_moments_
-from .moments import adam_direction, fp32_moments, init_moments, zero_moments_
+from .layout import WholeFrame
+from .moments import zero_moments_
 from .projectors import Projector
 from .rule import Capabilities, MatrixContext, StepRule, check_rank_fits, matrix_shape
 from .state import ADAM, Slot, counters, moment_slots
@@ -46,10 +47,13 @@ class LowRankStep(Update):
     direction: Tensor  # Adam's m / (sqrt(v) + eps) in the subspace (m' x r)
     alpha: float  # the subspace step in weight units: scale * bias-corrected lr
     basis: Tensor | None  # B (r x n'), None for projectors without a dense basis (columns)
+    # Under FSDP2 these are one rank's part: grad_t its piece of G', low and direction the rows and basis the
+    # columns that project back onto it (layout.for_back_projection).
     transposed: bool
     projector: Projector
     state: dict
     residual: Residual | None = None
+    frame: WholeFrame | None = None  # where G' lives (layout.py): what completes a sum over its rows or columns
 
     def apply_(self, p: Tensor, group: dict, rounding: RoundingStream | None) -> None:
         """In place through the fused kernel (:func:`slimtrain.kernels.apply.lowrank_apply_`), never building
@@ -66,15 +70,21 @@ class LowRankStep(Update):
     def materialize(self) -> Tensor:
         """In the user's orientation, with the same arithmetic as the fused kernel's torch reference (so a
         ZeRO owner and one process agree exactly on CPU)."""
-        n = self.grad_t.shape[1]
-        update = self.projector.project_back(self.direction, self.state, n).mul_(self.alpha)
+        update = self._back(self.direction).mul_(self.alpha)
         residual = self.residual
         if residual is not None:
             back_low = None
             if residual.materialized is None:
-                back_low = self.projector.project_back(residual.low, self.state, n)
+                back_low = self._back(residual.low)
             update.add_(residual_from_back(residual.operands(), back_low), alpha=residual.scale)
         return update.T if self.transposed else update
+
+    def _back(self, low: Tensor) -> Tensor:
+        """``low @ B``: through the dense basis where there is one (the same numbers as the projector's
+        ``project_back``), else the projector's own (column selection)."""
+        if self.basis is not None:
+            return low @ self.basis
+        return self.projector.project_back(low, self.state, self.grad_t.shape[1])
 
 
 class LowRankRule(StepRule):
@@ -94,7 +104,8 @@ class LowRankRule(StepRule):
     def residual(self, group: dict, state: dict, step: LowRankStep, step_size: float) -> Residual | None:
         """The method's rule for the gradient outside the subspace (see
         :class:`~slimtrain.optimizers.functional.Residual`), or ``None`` (GaLore: discarded). ``step_size`` is
-        Adam's bias-corrected learning rate for this step."""
+        Adam's bias-corrected learning rate for this step; ``step.frame`` completes a statistic summed over the
+        matrix's rows or columns where this process holds a part of it."""
         return None
 
     def residual_slots(self, group: dict) -> list[Slot]:
@@ -105,30 +116,39 @@ class LowRankRule(StepRule):
         """Refresh the subspace if due, project, run Adam in the subspace and ask for the residual rule:
         everything but touching the weight."""
         projector = ctx.projector
-        transposed = projects_left(grad.shape, group["proj_type"])
+        layout = ctx.layout_for(p)
+        transposed = projects_left(layout.matrix_shape, group["proj_type"])
+        frame = layout.oriented(transposed)
+        n = frame.shape[1]
         grad_t = grad.T if transposed else grad
         grad32 = grad_t.float()  # no copy for fp32; the residual reads grad_t as it is
+        moments = frame.moments(self.rank_for(group, torch.Size(frame.shape)))
         if not state:
-            self.init_state(grad, group, state, ctx, (grad_t.shape[0], self.rank_for(group, grad_t.shape)))
+            self.init_state(grad, group, state, ctx, moments)
         if self.refresh_due(group, state):
-            self.refresh(projector, group, state, grad32, transposed)
-        basis = projector.dense_basis(state, grad_t.shape[1], grad_t.device)
-        low = self.project(grad32, basis, projector, state)
+            self.refresh(projector, group, state, grad32, transposed, frame, moments)
+        basis = projector.dense_basis(state, n, grad_t.device)
+        if basis is None and not frame.row_local:  # a projection summed across ranks needs the dense basis
+            basis = projector.basis(state, n, grad_t.device)
+        low = self.project(frame, grad32, basis, projector, state)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         state["iters"] += 1
-        direction = adam_direction(state, group, low)
+        direction = moments.adam_direction(state, group, low)
         step_size = adam_step_size(group_lr(group), beta1, beta2, int(state["step"]))
-        step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed, projector, state)
+        direction, low, basis = frame.for_back_projection(direction, low, basis)
+        step = LowRankStep(grad_t, low, direction, group["scale"] * step_size, basis, transposed, projector, state,
+                           frame=frame)
         step.residual = self.residual(group, state, step, step_size)
         return step
 
-    def project(self, grad_t: Tensor, basis: Tensor | None, projector: Projector, state: dict) -> Tensor:
-        """``R = G' B^T`` from the oriented fp32 gradient: through the dense basis where there is one, else the
+    def project(self, frame, grad_t: Tensor, basis: Tensor | None, projector: Projector, state: dict) -> Tensor:
+        """``R = G' B^T`` from the oriented fp32 gradient (this process's part of it; ``frame`` sums the partial
+        products where the ranks hold columns of ``G'``): through the dense basis where there is one, else the
         projector's own (column selection). APOLLO scales it to preserve norms."""
-        return grad_t @ basis.T if basis is not None else projector.project(grad_t, state)
+        return frame.project(grad_t, basis) if basis is not None else projector.project(grad_t, state)
 
-    def init_state(self, grad: Tensor, group: dict, state: dict, ctx: MatrixContext, low_shape: tuple[int, int]) -> None:
+    def init_state(self, grad: Tensor, group: dict, state: dict, ctx: MatrixContext, moments) -> None:
         state["step"] = torch.zeros((), dtype=torch.int64)
         state["iters"] = torch.zeros((), dtype=torch.int64)
         offset = 0
@@ -137,7 +157,7 @@ class LowRankRule(StepRule):
             offset = (ctx.index * group["update_proj_gap"]) // max(ctx.num_params, 1)
         state["refresh_offset"] = torch.tensor(offset, dtype=torch.int64)
         ctx.projector.init_state(state, seed=ctx.param_seed)
-        init_moments(state, group, ADAM, low_shape, grad.device)
+        moments.init(state, group, ADAM, grad.device)
 
     @staticmethod
     def refresh_due(group: dict, state: dict) -> bool:
@@ -146,17 +166,19 @@ class LowRankRule(StepRule):
         it = int(state["iters"]) - int(state["refresh_offset"])
         return it >= 0 and it % group["update_proj_gap"] == 0
 
-    def refresh(self, projector: Projector, group: dict, state: dict, grad_t: Tensor, transposed: bool) -> None:
-        """A new subspace from the oriented fp32 gradient, and the group's moment policy applied to it."""
+    def refresh(self, projector: Projector, group: dict, state: dict, grad_t: Tensor, transposed: bool, frame,
+                moments) -> None:
+        """A new subspace from the oriented fp32 gradient (this process's part of it: ``frame`` refreshes), and
+        the group's moment policy applied to it (on the ``moments`` storage)."""
         policy = group["moments"]
         first = int(state["proj_refreshes"]) == 0
-        n = grad_t.shape[1]
+        n = frame.shape[1]
         old_basis = None
         if policy == "rotate" and not first:
             old_basis = projector.basis(state, n, grad_t.device)
-        projector.refresh(grad_t, state, self.rank_for(group, grad_t.shape), transposed=transposed)
+        frame.refresh(projector, grad_t, state, self.rank_for(group, torch.Size(frame.shape)), transposed)
         if first:
-            if not bool(grad_t.any()):
+            if not frame.any(bool(grad_t.any()), grad_t.device):  # over the whole matrix: every rank decides alike
                 # A gradient of zeros spans nothing (torch.distributed.checkpoint creates a fresh optimizer's state
                 # with a zero-gradient, zero-lr step): the subspace is chosen again from the next step's gradient,
                 # the one a fresh optimizer would start from, instead of kept for a whole window.
@@ -166,7 +188,7 @@ class LowRankRule(StepRule):
             zero_moments_(state, ADAM)
             state["step"].zero_()
         elif policy == "rotate":
-            with fp32_moments(state, group, ADAM) as (exp_avg, exp_avg_sq):
+            with moments.fp32_moments(state, group, ADAM) as (exp_avg, exp_avg_sq):
                 rotate_moments_(exp_avg, exp_avg_sq, old_basis, projector.basis(state, n, grad_t.device))
 
     def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:

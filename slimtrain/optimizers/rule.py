@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .._seeds import parameter_seed
 from .._validation import check_rank_for_shape
+from .layout import WholeMatrix
 from .projectors import Projector
 from .state import Slot
 from .updates import Update
@@ -68,12 +69,20 @@ class MatrixContext(NamedTuple):
         projector: the group's projector (``None`` for a rule that uses none).
         groups: every param group, for what a rule decides over all matrices (stagger spreads refreshes over
             the parameters, FRUGAL's block mode chooses among the projected matrices).
+        layout: where the matrix lives (:mod:`slimtrain.optimizers.layout`): one rank's piece of it under FSDP2,
+            or ``None``: wholly in this process. The rule's moments, projection, refresh and sums over rows or
+            columns go through :meth:`layout_for`; the ``grad`` it is handed is that piece.
     """
 
     index: int | None
     seed: int
     projector: Projector | None
     groups: Sequence[dict]
+    layout: WholeMatrix | None = None
+
+    def layout_for(self, p: Tensor) -> WholeMatrix:
+        """Where the parameter ``p`` lives: :attr:`layout`, or the whole of ``p`` in this process."""
+        return WholeMatrix(p.shape) if self.layout is None else self.layout
 
     @property
     def param_seed(self) -> int:

@@ -12,7 +12,7 @@ from .._seeds import generator, sst_draw_seed
 from ._validation import check_int, check_unit_interval
 from .base import EightBitStates, LowRankAdamW
 from .functional import adam_step_size, sst_factor_grads
-from .moments import adam_direction, init_moments
+from .layout import WholeMoments
 from .projectors import Projector
 from .registry import register_method
 from .rule import Capabilities, MatrixContext, StepRule, check_rank_fits, matrix_shape
@@ -27,16 +27,18 @@ MOMENTS = {"s": adam_moments("_s"), "u": adam_moments("_u"), "v": adam_moments("
 
 @dataclass
 class Rewrite(Update):
-    """SST's step: the weight rebuilt from its updated factors, written over the parameter; or, with ``weight``
-    None (a step at lr 0), the parameter left as it is."""
+    """SST's step: the weight rebuilt from its updated factors, written over the parameter (this process's piece
+    of it under FSDP2); or, with ``weight`` None (a step at lr 0), the parameter left as it is. ``key`` names the
+    parameter in the rule's record of what it wrote."""
 
     rule: SSTRule
     weight: Tensor | None
+    key: int
 
     def apply_(self, p: Tensor, group: dict, rounding: RoundingStream | None) -> None:
         if self.weight is not None:
             p.copy_(self.weight.reshape(p.shape))
-        self.rule.written[id(p)] = (p.data_ptr(), p._version)
+        self.rule.written[self.key] = (p.data_ptr(), p._version)
 
     def materialize(self) -> Tensor:
         raise RuntimeError(SSTRule.capabilities.reason)
@@ -45,7 +47,12 @@ class Rewrite(Update):
 class SSTRule(StepRule):
     """Adam on all singular values and on ``r`` sampled singular vector pairs of the weight, resampled every
     ``update_proj_gap`` steps, re-SVD every ``iterations_per_round`` samples; the weight is rewritten from the
-    factors at each step."""
+    factors at each step.
+
+    Under FSDP2 each rank holds the rows of the factor on the weight's split side (``U`` for rows, ``V`` for
+    columns) and of its moments; ``Σ``, the other factor and their moments are kept whole on every rank, each
+    rank updating them identically from all-reduced gradients, and a decomposition gathers the weight to one
+    rank, which broadcasts the factors."""
 
     name = "sst"
     options = ("iterations_per_round", "uniform_mix")
@@ -79,8 +86,14 @@ class SSTRule(StepRule):
         return {**vars(self), "written": {}}  # tensor addresses and version counters are per process
 
     @staticmethod
+    def _keys(transposed: bool) -> tuple[str, str, str, str]:
+        """The state keys of the factor whose rows a process holds and of the other one, and their moments'."""
+        return ("sst_v", "sst_u", "v", "u") if transposed else ("sst_u", "sst_v", "u", "v")
+
+    @staticmethod
     def _matches_factors(p: Tensor, state: dict) -> bool:
-        """Whether ``p`` is the product of its factors as some processor rounds it. Each element of
+        """Whether ``p`` (this process's piece of the weight: ``sst_u`` holds its rows, or ``sst_v`` its columns) is
+        the product of its factors as some processor rounds it. Each element of
         ``(U * S) @ V.T`` is a length-d dot product, off by at most gamma_d = d u / (1 - d u) times the same product
         of absolute values (Higham, Accuracy and Stability, 3.1; u = 2^-24); the weight that was written and the
         product computed here may each be that far off, and a weight stored in a lower precision also carries its
@@ -98,75 +111,102 @@ class SSTRule(StepRule):
             allowed = allowed + torch.finfo(p.dtype).eps * rebuilt.abs()
         return bool(((p.float() - rebuilt).abs() <= allowed).all())
 
-    def _written_elsewhere(self, p: Tensor, state: dict) -> bool:
-        record = self.written.get(id(p))
+    def _written_elsewhere(self, key: int, piece: Tensor, state: dict, frame) -> bool:
+        record = self.written.get(key)
         if record is None:
-            return not self._matches_factors(p, state)
-        return record != (p.data_ptr(), p._version)
+            changed = not self._matches_factors(piece, state)
+        else:
+            changed = record != (piece.data_ptr(), piece._version)
+        return frame.any(changed, piece.device)  # every process restarts the round, or none
 
     @staticmethod
-    def _decompose(p: Tensor, group: dict, state: dict) -> None:
-        w = p.detach().reshape(matrix_shape(p)).float()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        state["sst_u"], state["sst_s"], state["sst_v"] = u.contiguous(), s, vh.T.contiguous()
-        d = s.numel()
-        init_moments(state, group, MOMENTS["s"], (d,), p.device)
+    def _decompose(piece: Tensor, group: dict, state: dict, frame, transposed: bool) -> None:
+        whole = frame.gather(piece.detach().reshape(piece.shape[0], math.prod(piece.shape[1:])).float())
+        if whole is not None:
+            u, s, vh = torch.linalg.svd(whole.T if transposed else whole, full_matrices=False)
+            u, v = u.contiguous(), vh.T.contiguous()
+        else:
+            m, n = frame.shape[::-1] if transposed else frame.shape
+            d = min(m, n)
+            u, s, v = (torch.empty(m, d, device=piece.device), torch.empty(d, device=piece.device),
+                       torch.empty(n, d, device=piece.device))
+        frame.broadcast([u, s, v])
+        a_key, b_key, _, _ = SSTRule._keys(transposed)
+        a, b = (v, u) if transposed else (u, v)
+        start, stop = frame.rows
+        state[a_key] = a if (start, stop) == (0, a.shape[0]) else a[start:stop].clone()
+        state["sst_s"], state[b_key] = s, b
+        frame.keep_rows(a_key, tuple(a.shape))
+        WholeMoments((s.numel(),)).init(state, group, MOMENTS["s"], piece.device)
         state["step"] = torch.zeros((), dtype=torch.int64)
 
     @staticmethod
-    def _resample(group: dict, state: dict) -> None:
+    def _resample(group: dict, state: dict, frame, transposed: bool) -> None:
         s = state["sst_s"]
         rank = group["rank"]
         k = int(state["sst_draws"])
         gen = generator(sst_draw_seed(int(state["sst_seed"]), k))
         state["sst_idx"] = sample_spectrum(s, rank, group["uniform_mix"], gen).to(s.device)
         state["sst_draws"].fill_(k + 1)
-        m, n = state["sst_u"].shape[0], state["sst_v"].shape[0]
-        for key, rows in (("u", m), ("v", n)):
-            init_moments(state, group, MOMENTS[key], (rows, rank), s.device)
+        _, b_key, a_name, b_name = SSTRule._keys(transposed)
+        stores = {a_name: frame.moments(rank), b_name: WholeMoments((state[b_key].shape[0], rank))}
+        for name in ("u", "v"):
+            stores[name].init(state, group, MOMENTS[name], s.device)
         state["vec_step"] = torch.zeros((), dtype=torch.int64)
 
     def update(self, p: Tensor, grad: Tensor, group: dict, state: dict, ctx: MatrixContext) -> Rewrite:
         gap = group["update_proj_gap"]
+        layout = ctx.layout_for(p)
+        transposed, frame = layout.split_rows()
+        piece = layout.piece(p)
         if not state:
             state["iters"] = torch.zeros((), dtype=torch.int64)
             state["sst_draws"] = torch.zeros((), dtype=torch.int64)
             state["sst_seed"] = torch.tensor(ctx.param_seed, dtype=torch.int64)
-            self._decompose(p, group, state)
-        elif self._written_elsewhere(p, state):
+            self._decompose(piece, group, state, frame, transposed)
+        elif self._written_elsewhere(id(p), piece, state, frame):
             # The factors describe a weight that is gone: restart the round from the one written.
-            self._decompose(p, group, state)
-            self._resample(group, state)
+            self._decompose(piece, group, state, frame, transposed)
+            self._resample(group, state, frame, transposed)
         iters = int(state["iters"])
         if iters % gap == 0:
             d = state["sst_s"].numel()
             per_round = group["iterations_per_round"] or math.ceil(d / group["rank"])
             if iters > 0 and (iters // gap) % per_round == 0:
-                self._decompose(p, group, state)  # end of round: re-SVD restores orthogonal factors
-            self._resample(group, state)
-        u, s, v, idx = state["sst_u"], state["sst_s"], state["sst_v"], state["sst_idx"]
-        grad_s, grad_u, grad_v = sst_factor_grads(grad.float(), u, v, idx)
+                self._decompose(piece, group, state, frame, transposed)  # end of round: re-SVD restores orthogonality
+            self._resample(group, state, frame, transposed)
+        a_key, b_key, a_name, b_name = self._keys(transposed)
+        a, s, b, idx = state[a_key], state["sst_s"], state[b_key], state["sst_idx"]
+        # In the frame whose rows this process holds: sums over rows are completed across processes.
+        grad_s, grad_a, grad_b = sst_factor_grads((grad.T if transposed else grad).float(), a, b, idx)
+        grad_s, grad_b = frame.sum_rows(grad_s), frame.sum_rows(grad_b)
 
         beta1, beta2 = group["betas"]
         lr = group_lr(group)
         state["step"] += 1
         state["vec_step"] += 1
         state["iters"] += 1
-        dir_s = adam_direction(state, group, grad_s, MOMENTS["s"])
+        dir_s = WholeMoments(s.shape).adam_direction(state, group, grad_s, MOMENTS["s"])
         if group["weight_decay"]:
             s.mul_(1.0 - lr * group["weight_decay"])
         s.add_(dir_s, alpha=-adam_step_size(lr, beta1, beta2, int(state["step"]))).clamp_(min=0)
 
         vec_size = adam_step_size(lr, beta1, beta2, int(state["vec_step"]))
-        for key, factor, g in (("u", u, grad_u), ("v", v, grad_v)):
-            direction = adam_direction(state, group, g, MOMENTS[key])
+        for name, factor, g, store, norms in (
+            (a_name, a, grad_a, frame.moments(idx.numel()), frame.column_norms),
+            (b_name, b, grad_b, WholeMoments(tuple(b[:, :idx.numel()].shape)), lambda t: t.norm(dim=0, keepdim=True)),
+        ):
+            direction = store.adam_direction(state, group, g, MOMENTS[name])
             cols = factor.index_select(1, idx).add_(direction, alpha=-vec_size)
-            cols.div_(cols.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            cols.div_(norms(cols).clamp_min(1e-12))
             factor.index_copy_(1, idx, cols)
         # At lr 0 the factors moved only by the renormalization's rounding: rebuilding W from them would move it by
         # that rounding (about 1e-7 of |W|), and a step at lr 0 moves nothing (warm-ups that start at 0, and the
         # zero-lr step torch.distributed.checkpoint takes to create the state of a fresh optimizer).
-        return Rewrite(self, (u * s) @ v.T if lr else None)
+        if not lr:
+            return Rewrite(self, None, id(p))
+        weight = (a * s) @ b.T
+        return Rewrite(self, weight.T if transposed else weight, id(p))
 
     def state_spec(self, p: Tensor, group: dict, ctx: MatrixContext) -> list[Slot]:
         m, n = matrix_shape(p)

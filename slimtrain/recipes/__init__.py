@@ -7,6 +7,8 @@ Each recipe is a driver (build, train, evaluate, write) beside its options and t
 - ``deepspeed`` / ``deepspeed_options``: the same recipe on N ranks under DeepSpeed ZeRO 1, 2 or 3
   (``slimtrain deepspeed``, or ``deepspeed --num_gpus N --module slimtrain.recipes.deepspeed --zero 2 --out
   DIR``); its configs are in ``ds_configs/``;
+- ``fsdp`` / ``fsdp_options``: the same recipe on N ranks under FSDP2, torch's ``fully_shard`` (``slimtrain fsdp``,
+  or ``torchrun --standalone --nproc_per_node N -m slimtrain.recipes.fsdp --out DIR``), with DCP checkpoints;
 - ``finetune`` / ``finetune_options``: PEFT fine-tuning, MiniLM on the play genres or your model directory
   (``hf_model``) and labelled text (``labelled``), with an adapter preset of :mod:`slimtrain.adapters.presets`.
 

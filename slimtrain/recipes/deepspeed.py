@@ -68,7 +68,7 @@ import warnings
 
 import torch
 
-from . import metrics, outputs, pretrain
+from . import metrics, outputs, pretrain, runtime
 # The recipe's options and checks; `slimtrain deepspeed` finds add_arguments and run_cli here.
 from .deepspeed_options import (  # noqa: F401
     CHECKPOINT_DIR, LATEST, MODULE, add_arguments, add_recipe_arguments, parse_args, validate,
@@ -209,17 +209,7 @@ def launch_command(recipe_argv: list[str], ranks: int, master_port: int) -> list
 
 def recipe_argv(args: argparse.Namespace) -> list[str]:
     """The recipe options in ``args`` that differ from their defaults, as a command line."""
-    argv = []
-    for action in add_recipe_arguments(argparse.ArgumentParser())._actions:
-        value = getattr(args, action.dest, action.default)
-        if not action.option_strings or action.dest == "help" or value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if action.nargs == 0:  # store_true / store_false
-            argv.append(flag)
-        else:
-            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
-    return argv
+    return runtime.changed_options(add_recipe_arguments(argparse.ArgumentParser()), args)
 
 
 def run_cli(args: argparse.Namespace) -> None:

@@ -222,7 +222,7 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every distinct tensor reachable from ``optimizer.state``.
+    """Bytes of every distinct tensor reachable from ``optimizer.state`` (of a DTensor, this rank's piece).
 
     Walks dicts, lists and plain objects too, so galore-torch's and apollo-torch's projector objects
     (which hold the projection matrix) are counted; a tensor seen twice is counted once.
@@ -233,6 +233,8 @@ def state_tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
     while stack:
         obj = stack.pop()
         if isinstance(obj, torch.Tensor):
+            if hasattr(obj, "to_local"):  # a DTensor (FSDP2): this rank's piece
+                obj = obj.to_local()
             key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
             if key not in seen:
                 seen.add(key)

@@ -22,6 +22,7 @@ The cross-entropy is computed on fp32 logits in every mode.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import resource
@@ -126,3 +127,19 @@ def package_version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def changed_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The options of ``parser`` whose values in ``args`` differ from their defaults, as a command line (what a
+    launcher command passes on to each rank)."""
+    argv = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # store_true / store_false
+            argv.append(flag)
+        else:
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return argv

@@ -12,27 +12,6 @@ import torch.distributed as dist
 from .helpers import groups, mlp
 
 
-def fsdp2_refused(rank: int, world: int) -> dict:
-    """FSDP2's DTensor parameters are refused when the optimizer is built, before any step."""
-    from torch.distributed.fsdp import fully_shard
-
-    from slimtrain.optimizers import GaLoreAdamW
-
-    model = mlp()
-    for layer in (model[0], model[2], model[4]):
-        fully_shard(layer)
-    fully_shard(model)
-    before = [p.to_local().clone() for p in model.parameters()]
-    try:
-        GaLoreAdamW(groups(model), lr=1e-2)
-    except RuntimeError as e:
-        message = str(e)
-    else:
-        message = None
-    unchanged = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
-    return {"message": message, "unchanged": unchanged}
-
-
 STEPS = 8  # refreshes at steps 0 and 5 (helpers.groups: gap 5)
 
 
@@ -144,7 +123,6 @@ def layerwise_refusals(rank: int, world: int) -> dict:
 
 
 SCENARIOS = {
-    "fsdp2_refused": fsdp2_refused,
     "ddp_layerwise": ddp_layerwise,
     "ddp_layerwise_accum": ddp_layerwise_accum,
     "layerwise_refusals": layerwise_refusals,

@@ -20,6 +20,7 @@ from slimtrain.optimizers import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
 )
+from slimtrain.optimizers.layout import WholeMatrix
 from slimtrain.optimizers.moments import dequantize_blockwise, dynamic_map, num_blocks, quantize_blockwise
 from slimtrain.optimizers.state import ABSMAX_SUFFIX
 from slimtrain.optimizers.updates import bf16_stochastic_round
@@ -239,7 +240,9 @@ def test_refresh_policy_on_quantized_moments(policy, factory):
     grad_t, transposed = (p.grad.T, True) if p.shape[0] < p.shape[1] else (p.grad, False)
     n = grad_t.shape[1]
     old_basis = projector.basis(state, n, p.device)
-    opt.rule.refresh(projector, group, state, torch.randn(grad_t.shape), transposed)
+    frame = WholeMatrix(p.shape).oriented(transposed)
+    moments = frame.moments(opt.rule.rank_for(group, torch.Size(frame.shape)))
+    opt.rule.refresh(projector, group, state, torch.randn(grad_t.shape), transposed, frame, moments)
     if policy == "reset":
         assert int(state["step"]) == 0
         for k in ("exp_avg", "exp_avg_sq"):

@@ -20,6 +20,7 @@ from slimtrain.optimizers import (
     low_rank_param_groups,
 )
 from slimtrain.optimizers.functional import apollo_row_scale
+from slimtrain.optimizers.layout import WholeFrame
 from slimtrain.optimizers.projectors import Projector, RandomProjector
 
 from .helpers import groups, mlp, train
@@ -251,7 +252,7 @@ def test_the_projection_preserves_norms_in_expectation():
         state = {}
         projector.init_state(state, seed=seed)
         projector.refresh(grad, state, 8, transposed=False)
-        low = rule.project(grad, projector.basis(state, 4096, grad.device), projector, state)
+        low = rule.project(WholeFrame(tuple(grad.shape)), grad, projector.basis(state, 4096, grad.device), projector, state)
         ratios.append(low.square().sum(1) / grad.square().sum(1))
     assert abs(torch.cat(ratios).mean().item() - 1.0) < 0.06
 

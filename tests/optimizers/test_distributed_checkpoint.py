@@ -170,23 +170,44 @@ def test_flattened_state_dict_is_refused_with_its_reason():
         set_optimizer_state_dict(new, new_opt, sd, options=options)
 
 
-def test_dtensors_swapped_in_after_construction_are_refused_by_name():
+def test_dtensors_swapped_in_after_construction_are_taken_before_the_first_step_and_refused_after():
     """What Accelerate does with FSDP2: the optimizer is built on the model's tensors, ``fully_shard`` then turns
-    the parameters into DTensors, and the optimizer's param groups are pointed at those."""
+    the parameters into DTensors, and the optimizer's param groups are pointed at those. Before its first step the
+    optimizer takes them and steps as one built after ``fully_shard``; after it, its state belongs to the tensors
+    it was built with, and the swap is refused by name (tests/sharding/test_fsdp.py does the same on 2 ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from slimtrain.optimizers import GaLoreAdamW
 
-    model = mlp()
-    opt = GaLoreAdamW(groups(model), lr=1e-2)
-    names = {id(p): n for n, p in model.named_parameters()}
-    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-    sharded = dict(model.named_parameters())
-    for group in opt.param_groups:
-        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    def swapped(step_first: bool):
+        model = mlp()
+        opt = GaLoreAdamW(groups(model), lr=1e-2)
+        if step_first:
+            model(torch.randn(4, 24)).sum().backward()
+            opt.step()
+        names = {id(p): n for n, p in model.named_parameters()}
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        sharded = dict(model.named_parameters())
+        for group in opt.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        return model, opt
+
+    def train_sharded(model, opt):
+        for seed in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 24, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+            opt.step()
+        return [p.to_local().clone() for p in model.parameters()]
+
+    built_after = mlp()
+    fully_shard(built_after, mesh=init_device_mesh("cpu", (1,)))
+    expected = train_sharded(built_after, GaLoreAdamW(groups(built_after), lr=1e-2))
+    assert all(torch.equal(a, b) for a, b in zip(train_sharded(*swapped(False)), expected))
+
+    model, opt = swapped(True)
     model(torch.randn(4, 24)).sum().backward()
     with pytest.raises(RuntimeError, match=r"stepping a DTensor of shape \([\d, ]+\) placed \(Shard\(dim=0\),\) that was "
-                                           r"swapped in after it was built .* build it after fully_shard"):
+                                           r"swapped in after it was built .* it has stepped already.* Build the "
+                                           r"optimizer after fully_shard"):
         opt.step()
-

@@ -46,5 +46,5 @@ def test_bad_accumulation_steps():
 
 def test_model_other_than_ddp_refused():
     model = mlp()
-    with pytest.raises(RuntimeError, match=r"takes a torch\.nn\.parallel\.DistributedDataParallel model, got Sequential"):
+    with pytest.raises(RuntimeError, match=r"takes a torch\.nn\.parallel\.DistributedDataParallel model or an FSDP2 \(fully_shard\) model, got Sequential"):
         LayerwiseStepper(GaLoreAdamW(groups(model)), model=model)

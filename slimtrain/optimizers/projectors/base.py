@@ -37,6 +37,14 @@ class Projector:
     """Base class. Subclasses implement :meth:`refresh` and :meth:`basis`."""
 
     name: str = ""
+    #: Whether :meth:`refresh` reads the gradient's values. One that draws its subspace from its seed alone
+    #: (``random``, ``columns``) reads only ``grad_t``'s shape and device, so every rank of a sharded matrix
+    #: refreshes on its own, identically.
+    reads_gradient: bool = True
+    #: Whether :meth:`refresh` picks the subspace from per-column scores of ``grad_t`` that add up over its rows
+    #: (:meth:`column_scores`, then :meth:`refresh_from_scores`): ranks holding rows of a matrix then need only
+    #: the all-reduce of their scores (DCT).
+    scores_by_column: bool = False
 
     def init_state(self, state: dict, *, seed: int) -> None:
         """Create the projector's entries in ``state`` before the first refresh."""
@@ -59,6 +67,15 @@ class Projector:
         ``transposed`` says whether ``grad_t`` is the user's gradient transposed; only projectors that
         must reproduce another library bit for bit (SVD vs galore-torch) need it.
         """
+        raise NotImplementedError
+
+    def column_scores(self, grad_t: Tensor) -> Tensor:
+        """One score per column of ``grad_t``, a sum over its rows (only where :attr:`scores_by_column`)."""
+        raise NotImplementedError
+
+    def refresh_from_scores(self, scores: Tensor, state: dict, rank: int) -> None:
+        """The refresh :meth:`refresh` makes from the column scores of the whole gradient (only where
+        :attr:`scores_by_column`)."""
         raise NotImplementedError
 
     def basis(self, state: dict, n: int, device: torch.device) -> Tensor:

@@ -17,6 +17,7 @@ class ColumnsProjector(Projector):
     """
 
     name = "columns"
+    reads_gradient = False
 
     def state_spec(self, rank: int, n: int) -> list[Slot]:
         return [*super().state_spec(rank, n), projector_slot("proj_idx", (rank,), torch.int64)]

@@ -93,16 +93,23 @@ class DCTProjector(Projector):
     def describe_state(self) -> str:
         return "r int64 indices"
 
+    scores_by_column = True
+
     def scores(self, grad_t: Tensor) -> Tensor:
         if self.backend == "matmul":
             return dct_scores(grad_t, dct_matrix(grad_t.shape[1], grad_t.device), self.norm)
         s = dct_ii(grad_t)
         return s.abs().sum(0) if self.norm == 1 else s.square().sum(0)
 
+    def column_scores(self, grad_t: Tensor) -> Tensor:
+        return self.scores(grad_t)
+
     def refresh(self, grad_t: Tensor, state: dict, rank: int, *, transposed: bool) -> None:
+        self.refresh_from_scores(self.scores(grad_t), state, rank)
+
+    def refresh_from_scores(self, scores: Tensor, state: dict, rank: int) -> None:
         self._bump(state)
-        idx = torch.topk(self.scores(grad_t), rank, sorted=False).indices.sort().values
-        state["proj_idx"] = idx
+        state["proj_idx"] = torch.topk(scores, rank, sorted=False).indices.sort().values
 
     def basis(self, state: dict, n: int, device: torch.device) -> Tensor:
         if self.backend == "matmul":

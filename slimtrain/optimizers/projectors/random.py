@@ -22,6 +22,7 @@ class RandomProjector(Projector):
     """
 
     name = "random"
+    reads_gradient = False
 
     def state_spec(self, rank: int, n: int) -> list[Slot]:
         return [*super().state_spec(rank, n), counter("proj_rank")]
