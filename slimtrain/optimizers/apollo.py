@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from ._validation import check_bool, check_choice
-from .base import EightBitStates, LowRankAdamW
+from .base import LowRankAdamW
+from .eight_bit import EightBitStates
 from .functional import APOLLO_SCALE_TYPES, adam_step_size, apollo_row_scale
 from .lowrank import LowRankRule
 from .projectors import Projector
@@ -171,7 +172,8 @@ class APOLLOAdamW(LowRankAdamW):
 
 
 class APOLLOAdamW8bit(EightBitStates, APOLLOAdamW):
-    """:class:`APOLLOAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
+    """:class:`APOLLOAdamW` with 8-bit Adam moments (``state_bits=8``);
+    see :class:`~slimtrain.optimizers.eight_bit.EightBitStates`."""
 
 
 class APOLLOMiniAdamW(APOLLOAdamW):

@@ -26,13 +26,12 @@ from ._validation import (
     check_group,
     check_int,
     is_dtensor,
-    refuse_swapped_param,
     refuse_unknown,
 )
 from .checkpoint import Checkpointing
-from .dtensor import ShardedSteps
+from .dtensor import DTensorParams
 from .dtensor import check_group as check_sharded_group
-from .functional import adam_step_size, descent
+from .functional import adam_step_size, closure_loss, descent
 from .lowrank import LowRankRule, projects_left  # noqa: F401  (projects_left: re-exported)
 from .layout import WholeMatrix, WholeMoments
 from .moments import require_bitsandbytes
@@ -45,7 +44,7 @@ from .updates import DenseUpdate, RoundingStream, apply_, group_lr, rounds_stoch
 logger = logging.getLogger("slimtrain.optimizers")
 
 
-class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
+class LowRankAdamW(Checkpointing, DTensorParams, torch.optim.Optimizer):
     """AdamW whose matrix parameters in groups with a ``rank`` key run Adam in a projected subspace.
 
     Parameter groups follow galore-torch's convention: a group with ``rank`` (and optionally
@@ -204,30 +203,6 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         self._param_indices = {id(p): i for i, p in enumerate(params)}
         self._param_shapes = [tuple(p.shape) for p in params]
 
-    def _adopt_swapped(self) -> None:
-        """Take the ``DTensor`` parameters that replaced the ones this optimizer was built with, where nothing can be
-        lost: Accelerate's FSDP2 preparation shards the model after the optimizer was built and swaps each entry
-        of its param groups for the sharded parameter of the same name. Each replacement must be a ``DTensor`` of
-        the global shape of the parameter it replaces, and the optimizer must not have stepped yet (its state
-        belongs to the tensors it was built with). Anything else is refused, naming what to do instead."""
-        params = [q for g in self.param_groups for q in g["params"]]
-        swapped = [(i, q) for i, q in enumerate(params) if id(q) not in self._param_indices]
-        if not swapped:
-            return
-        for i, q in swapped:
-            if not is_dtensor(q):
-                refuse_swapped_param(q)
-            if any(self.state.values()):
-                refuse_swapped_param(q, "it has stepped already, and its state belongs to the parameters it was built "
-                                        "with")
-            if i >= len(self._param_shapes) or self._param_shapes[i] != tuple(q.shape):
-                was = f"of shape {self._param_shapes[i]}" if i < len(self._param_shapes) else "none"
-                refuse_swapped_param(q, f"it is parameter {i}, which was {was} when the optimizer was built")
-        for group in self.param_groups:
-            self._validate_group(group)
-        self._index_params()
-        self._sharded_steps = None
-
     def _validate_group(self, group: dict) -> None:
         check_group(group)
         if any(is_dtensor(p) for p in group["params"]):
@@ -294,10 +269,7 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
     # The step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if any(id(p) not in self._param_indices for _, p in work):
             self._adopt_swapped()
@@ -361,18 +333,12 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
             finite = bool(torch.isfinite(sums).all())
         return self._fsdp().all_ranks(finite, grads[0].device) if sharded else finite
 
-    def _fsdp(self):
-        """The FSDP2 side of this optimizer (:class:`~slimtrain.optimizers.dtensor.ShardedSteps`), made on first use."""
-        if getattr(self, "_sharded_steps", None) is None:
-            self._sharded_steps = ShardedSteps(self)
-        return self._sharded_steps
-
     @staticmethod
     def _dense_update(grad: Tensor, group: dict, state: dict, moments=None) -> tuple[Tensor, float]:
         """Plain AdamW on any fp32 descent direction (of a whole parameter or a shard of one): returns the
         direction and its step size. Creates the state on first use, in ``moments``' storage (default: whole, of
         ``grad``'s shape; an FSDP2 rank's piece:
-        :meth:`~slimtrain.optimizers.shards.ShardedMatrix.dense_moments`)."""
+        :meth:`~slimtrain.optimizers.shard_layout.ShardedMatrix.dense_moments`)."""
         moments = WholeMoments(grad.shape) if moments is None else moments
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
@@ -410,25 +376,3 @@ class LowRankAdamW(Checkpointing, torch.optim.Optimizer):
         """``shard <- shard - update`` with the group's decoupled weight decay (``update`` from
         :meth:`matrix_update`, or the slice of it that matches ``shard``)."""
         apply_(shard, group, update, 1.0, self._rounding(shard, group))
-
-
-class EightBitStates:
-    """Mixin of the ``...8bit`` twins (``GaLoreAdamW8bit``, ...): the method with ``state_bits=8``, torchao's naming.
-
-    Moments with at least ``min_8bit_size`` (4096) elements are stored as uint8 codes plus one fp32 absmax per
-    ``block_size`` (256) elements, bitsandbytes' blockwise dynamic quantization: about 1/4 of their fp32 bytes.
-    Smaller ones stay fp32, and so does everything that is not a moment: projector bases and indices, counters,
-    and SST's singular factors, which are the weight itself rather than a running statistic. See
-    ``docs/low_bit.md``.
-    """
-
-    def __init__(self, params, *args, **kwargs):
-        bits = kwargs.setdefault("state_bits", 8)
-        if bits != 8:
-            mro = type(self).__mro__
-            full = mro[mro.index(EightBitStates) + 1].__name__
-            raise ValueError(
-                f"Invalid state_bits: {bits!r} ({type(self).__name__} keeps 8-bit states; use "
-                f"{full}(state_bits=...) for another width)"
-            )
-        super().__init__(params, *args, **kwargs)

@@ -3,7 +3,8 @@ basis whose columns are picked by their alignment with the gradient."""
 
 from __future__ import annotations
 
-from .base import EightBitStates, LowRankAdamW
+from .base import LowRankAdamW
+from .eight_bit import EightBitStates
 from .registry import register_method
 
 
@@ -26,7 +27,8 @@ class DCTAdamW(LowRankAdamW):
 
 
 class DCTAdamW8bit(EightBitStates, DCTAdamW):
-    """:class:`DCTAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
+    """:class:`DCTAdamW` with 8-bit Adam moments (``state_bits=8``);
+    see :class:`~slimtrain.optimizers.eight_bit.EightBitStates`."""
 
 
 # GaLore's pre-training setting (the method's code has no defaults for lr and scale).

@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validation import is_dtensor
+from ._validation import is_dtensor, refuse_swapped_param
 from .functional import descent
 from .layout import WholeMatrix
 from .rule import matrix_shape
-from .shards import MatrixShard, ShardedMatrix, balanced_owners
+from .shard_layout import ShardedMatrix
+from .shards import MatrixShard, balanced_owners
 from .updates import apply_
 
 
@@ -97,7 +98,7 @@ def check_group(group: dict, optimizer: str) -> None:
 
 class ShardedSteps:
     """The FSDP2 side of one slimtrain optimizer: where each ``DTensor`` parameter's piece lies (its
-    :class:`~slimtrain.optimizers.shards.ShardedMatrix`, with the rank that refreshes its subspace), its step
+    :class:`~slimtrain.optimizers.shard_layout.ShardedMatrix`, with the rank that refreshes its subspace), its step
     on this rank's pieces through the optimizer's own rule, and its state kept as ``DTensor`` s (split moments) and
     plain tensors (what every rank keeps whole), which ``torch.distributed.checkpoint`` saves and reshards.
 
@@ -126,7 +127,7 @@ class ShardedSteps:
         return self._owners.get(id(p), 0)
 
     def layout(self, p: Tensor):
-        """Where ``p``'s piece lies: a :class:`~slimtrain.optimizers.shards.ShardedMatrix`, or the whole
+        """Where ``p``'s piece lies: a :class:`~slimtrain.optimizers.shard_layout.ShardedMatrix`, or the whole
         parameter where every rank holds all of it (``Replicate``)."""
         shard = matrix_shard(p)
         if shard is None:
@@ -179,3 +180,38 @@ class ShardedSteps:
         if dist.get_world_size() > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() == 1.0)
+
+
+class DTensorParams:
+    """Mixin of :class:`~slimtrain.optimizers.base.LowRankAdamW`: its ``DTensor`` parameters, stepped through
+    :class:`ShardedSteps`, and those swapped in after it was built."""
+
+    def _adopt_swapped(self) -> None:
+        """Take the ``DTensor`` parameters that replaced the ones this optimizer was built with, where nothing can be
+        lost: Accelerate's FSDP2 preparation shards the model after the optimizer was built and swaps each entry
+        of its param groups for the sharded parameter of the same name. Each replacement must be a ``DTensor`` of
+        the global shape of the parameter it replaces, and the optimizer must not have stepped yet (its state
+        belongs to the tensors it was built with). Anything else is refused, naming what to do instead."""
+        params = [q for g in self.param_groups for q in g["params"]]
+        swapped = [(i, q) for i, q in enumerate(params) if id(q) not in self._param_indices]
+        if not swapped:
+            return
+        for i, q in swapped:
+            if not is_dtensor(q):
+                refuse_swapped_param(q)
+            if any(self.state.values()):
+                refuse_swapped_param(q, "it has stepped already, and its state belongs to the parameters it was built "
+                                        "with")
+            if i >= len(self._param_shapes) or self._param_shapes[i] != tuple(q.shape):
+                was = f"of shape {self._param_shapes[i]}" if i < len(self._param_shapes) else "none"
+                refuse_swapped_param(q, f"it is parameter {i}, which was {was} when the optimizer was built")
+        for group in self.param_groups:
+            self._validate_group(group)
+        self._index_params()
+        self._sharded_steps = None
+
+    def _fsdp(self):
+        """The FSDP2 side of this optimizer (:class:`~slimtrain.optimizers.dtensor.ShardedSteps`), made on first use."""
+        if getattr(self, "_sharded_steps", None) is None:
+            self._sharded_steps = ShardedSteps(self)
+        return self._sharded_steps

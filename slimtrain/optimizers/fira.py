@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ..kernels.apply import residual_with_row_sq_norms
 from ._validation import check_choice
-from .base import EightBitStates, LowRankAdamW
+from .base import LowRankAdamW
+from .eight_bit import EightBitStates
 from .functional import Residual, fira_row_scale
 from .lowrank import LowRankRule, LowRankStep
 from .registry import register_method
@@ -87,7 +88,8 @@ class FiraAdamW(LowRankAdamW):
 
 
 class FiraAdamW8bit(EightBitStates, FiraAdamW):
-    """:class:`FiraAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
+    """:class:`FiraAdamW` with 8-bit Adam moments (``state_bits=8``);
+    see :class:`~slimtrain.optimizers.eight_bit.EightBitStates`."""
 
 
 # The paper's pre-training setting, as GaLore's: lr 0.01, scale 0.25, a refresh every 200 steps.

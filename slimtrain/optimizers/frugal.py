@@ -13,7 +13,8 @@ from .._seeds import block_order_seed, generator
 from ..kernels._triton import matmul_precision
 from ..kernels.apply import residual_with_row_sq_norms
 from ._validation import check_choice, check_nonneg, check_unit_interval
-from .base import EightBitStates, LowRankAdamW
+from .base import LowRankAdamW
+from .eight_bit import EightBitStates
 from .functional import STATE_FREE_RULES, Residual, adam_step_size, state_free_residual
 from .lowrank import LowRankRule, LowRankStep, projects_left
 from .projectors import Projector
@@ -348,7 +349,8 @@ class FrugalAdamW(LowRankAdamW):
 
 
 class FrugalAdamW8bit(EightBitStates, FrugalAdamW):
-    """:class:`FrugalAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
+    """:class:`FrugalAdamW` with 8-bit Adam moments (``state_bits=8``);
+    see :class:`~slimtrain.optimizers.eight_bit.EightBitStates`."""
 
 
 register_method(

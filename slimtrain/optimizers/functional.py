@@ -35,6 +35,15 @@ def descent(grad: Tensor, maximize: bool) -> Tensor:
     return -grad if maximize else grad
 
 
+def closure_loss(closure: Callable[[], float] | None):
+    """What ``step(closure)`` returns: the loss ``closure`` computes with gradients enabled (``step`` itself runs
+    under ``no_grad``), as torch.optim's optimizers do; ``None`` without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     r"""Bias-corrected step size :math:`\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t)`."""
     return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import EightBitStates, LowRankAdamW
+from .base import LowRankAdamW
+from .eight_bit import EightBitStates
 from .registry import register_method
 
 
@@ -36,7 +37,8 @@ class GaLoreAdamW(LowRankAdamW):
 
 
 class GaLoreAdamW8bit(EightBitStates, GaLoreAdamW):
-    """:class:`GaLoreAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
+    """:class:`GaLoreAdamW` with 8-bit Adam moments (``state_bits=8``);
+    see :class:`~slimtrain.optimizers.eight_bit.EightBitStates`."""
 
 
 # The paper's pre-training setting: lr 0.01, scale 0.25, a refresh every 200 steps.

@@ -4,7 +4,7 @@ A step rule never assumes it holds the whole matrix. It asks its :class:`~slimtr
 ``layout`` for the few operations that depend on where the matrix is: create and update Adam's moments, project
 the gradient, refresh the subspace, gather what the back projection needs, and sum a statistic over the
 matrix's rows or columns. In one process (:class:`WholeMatrix`) each is the plain single-process operation;
-under FSDP2 each rank holds one piece of the matrix, and :class:`slimtrain.optimizers.shards.ShardedMatrix`
+under FSDP2 each rank holds one piece of the matrix, and :class:`slimtrain.optimizers.shard_layout.ShardedMatrix`
 implements the same methods with the collectives they need (``docs/fsdp.md``). The rule's arithmetic is
 therefore the same code in both.
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..kernels.adam import adam_direction_, adam_direction_reference
 from ._validation import DROP_IN_OPTIONS, check_betas, check_int, check_lr, check_nonneg
-from .functional import adam_step_size
+from .functional import adam_step_size, closure_loss
 # The layer side, re-exported: this module is where users meet spectral SST.
 from .spectral_layers import (  # noqa: F401
     SpectralLinear,
@@ -169,10 +169,7 @@ class SpectralSSTAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             if group.get("spectral"):
                 for layer in self._layers:

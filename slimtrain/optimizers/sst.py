@@ -10,7 +10,8 @@ from torch import Tensor
 
 from .._seeds import generator, sst_draw_seed
 from ._validation import check_int, check_unit_interval
-from .base import EightBitStates, LowRankAdamW
+from .base import LowRankAdamW
+from .eight_bit import EightBitStates
 from .functional import adam_step_size, sst_factor_grads
 from .layout import WholeMoments
 from .projectors import Projector
@@ -272,7 +273,8 @@ class SSTAdamW(LowRankAdamW):
 
 
 class SSTAdamW8bit(EightBitStates, SSTAdamW):
-    """:class:`SSTAdamW` with 8-bit Adam moments (``state_bits=8``); see :class:`~slimtrain.optimizers.base.EightBitStates`."""
+    """:class:`SSTAdamW` with 8-bit Adam moments (``state_bits=8``);
+    see :class:`~slimtrain.optimizers.eight_bit.EightBitStates`."""
 
 
 # SSTAdamW's own lr and the paper's T3 = 200 steps between resamples (scale does not apply).

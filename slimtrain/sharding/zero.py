@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optimizers.base import LowRankAdamW
+from ..optimizers.functional import closure_loss
 from . import _deepspeed
 
 FORMAT = "slimtrain-zero-v1"
@@ -165,10 +166,7 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 "ZeroLowRankOptimizer is not attached to a DeepSpeed engine: build it with slimtrain.sharding.initialize"
             )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for flat in group["params"]:
                 self._step_flat(flat, group)

@@ -15,7 +15,7 @@ from slimtrain.memory import estimate_memory
 from slimtrain.memory import main as memory_main
 from slimtrain.optimizers import OPTIMIZERS, GaLoreAdamW, LowRankAdamW, low_rank_param_groups
 from slimtrain.optimizers._validation import check_nonneg
-from slimtrain.optimizers.base import EightBitStates
+from slimtrain.optimizers.eight_bit import EightBitStates
 from slimtrain.optimizers.lowrank import LowRankRule
 from slimtrain.optimizers.registry import get_method, method_of, methods, register_method, unregister_method
 from slimtrain.recipes import optim, pretrain

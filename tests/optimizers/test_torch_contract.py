@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from slimtrain.optimizers import OPTIMIZERS
-from slimtrain.optimizers.base import EightBitStates
+from slimtrain.optimizers.eight_bit import EightBitStates
 
 from .._device import DEVICE
 
