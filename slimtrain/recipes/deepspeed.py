@@ -60,9 +60,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import warnings
 
@@ -217,24 +215,16 @@ def run_cli(args: argparse.Namespace) -> None:
     launcher command, run it."""
     argv = recipe_argv(args)
     ranks, port, dry_run = args.ranks, args.master_port, args.dry_run
-    try:
+
+    def checks() -> None:
         if ranks < 1:
             raise ValueError(f"Invalid --ranks: {ranks} (expected an integer >= 1)")
         validate(args, ranks)
-        if not dry_run:
-            if importlib.util.find_spec("deepspeed") is None:
-                raise ImportError(f"the deepspeed recipe needs DeepSpeed in this Python ({sys.executable}): "
-                                  "pip install 'slimtrain[deepspeed]'")
-            with outputs.own(args.out):  # refused now if another run holds it; rank 0 takes it for the run
-                pass
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    command = launch_command(argv, ranks, port)
-    print(shlex.join(command), flush=True)
-    if dry_run:
-        return
-    raise SystemExit(subprocess.call(command))
+        if not dry_run and importlib.util.find_spec("deepspeed") is None:
+            raise ImportError(f"the deepspeed recipe needs DeepSpeed in this Python ({sys.executable}): "
+                              "pip install 'slimtrain[deepspeed]'")
+
+    runtime.check_and_launch(checks, args.out, dry_run, launch_command(argv, ranks, port))
 
 
 if __name__ == "__main__":

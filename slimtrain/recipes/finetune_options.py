@@ -59,15 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
     add("--overwrite", action="store_true",
         help="replace the outputs of an earlier slimtrain run in OUT (only the files its marker names)")
-    add("--threads", type=int, default=1,
-        help="CPU threads (default: 1; more threads than free cores slow a run down)")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    runtime.add_process_options(add)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m slimtrain.recipes.finetune", description=DESCRIPTION)
-    return add_arguments(parser).parse_args(argv)
+    return add_arguments(argparse.ArgumentParser(prog="python -m slimtrain.recipes.finetune", description=DESCRIPTION)).parse_args(argv)
 
 
 def validate(cfg: argparse.Namespace, allowed_adapters: tuple[str, ...] = COMMAND_LINE) -> argparse.Namespace:

@@ -37,9 +37,7 @@ import argparse
 import contextlib
 import datetime
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 
 import torch
@@ -223,21 +221,13 @@ def run_cli(args: argparse.Namespace) -> None:
     ranks, dry_run = args.ranks, args.dry_run
     # What each rank will parse: the launcher's own options are not the run's (a --resume compares the rest).
     cfg = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "dry_run")})
-    try:
+
+    def checks() -> None:
         if ranks < 1:
             raise ValueError(f"Invalid --ranks: {ranks} (expected an integer >= 1)")
         validate(cfg, ranks)
-        if not dry_run:
-            with outputs.own(cfg.out):  # refused now if another run holds it; rank 0 takes it for the run
-                pass
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    command = launch_command(argv, ranks)
-    print(shlex.join(command), flush=True)
-    if dry_run:
-        return
-    raise SystemExit(subprocess.call(command))
+
+    runtime.check_and_launch(checks, cfg.out, dry_run, launch_command(argv, ranks))
 
 
 if __name__ == "__main__":

@@ -63,15 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="replace the outputs of an earlier slimtrain run in OUT (only the files its marker names)")
     add("--stop-at", type=int, default=None, metavar="STEP",
         help="stop after STEP steps (checkpointing there) without changing the schedule; continue with --resume")
-    add("--threads", type=int, default=1,
-        help="CPU threads (default: 1; more threads than free cores slow a run down)")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    runtime.add_process_options(add)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m slimtrain.recipes.pretrain", description=DESCRIPTION)
-    return add_arguments(parser).parse_args(argv)
+    return add_arguments(argparse.ArgumentParser(prog="python -m slimtrain.recipes.pretrain", description=DESCRIPTION)).parse_args(argv)
 
 
 def validate(

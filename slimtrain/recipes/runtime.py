@@ -26,7 +26,10 @@ import argparse
 import contextlib
 import importlib.metadata
 import resource
+import shlex
+import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -143,3 +146,33 @@ def changed_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         else:
             argv += [flag, *map(str, value if isinstance(value, list) else [value])]
     return argv
+
+
+def add_process_options(add: Callable) -> None:
+    """``--threads`` and ``--no-progress`` (``add`` is a parser's ``add_argument``): how a recipe's process runs,
+    the same in every recipe."""
+    add("--threads", type=int, default=1,
+        help="CPU threads (default: 1; more threads than free cores slow a run down)")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def check_and_launch(checks: Callable[[], None], out: str, dry_run: bool, command: list[str]) -> None:
+    """What a launcher subcommand (``slimtrain deepspeed``, ``slimtrain fsdp``) does with parsed arguments: run
+    ``checks`` and, unless ``dry_run``, make sure no other run holds ``out`` (rank 0 takes it for the run), each
+    refusal one line and exit status 2; then print ``command`` and, unless ``dry_run``, run it and exit with its
+    status."""
+    from . import outputs
+
+    try:
+        checks()
+        if not dry_run:
+            with outputs.own(out):
+                pass
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(shlex.join(command), flush=True)
+    if dry_run:
+        return
+    raise SystemExit(subprocess.call(command))
+
