@@ -170,16 +170,10 @@ class DeltaLayer(peft_api.BaseTunerLayer):
         return restored
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        adapter_names = peft_api.check_adapters_to_merge(self, adapter_names)
-        for adapter in adapter_names:
-            if adapter not in self.scaling:
-                continue
-            w = self.dense_base_weight()
-            merged = self._merged_weight(adapter, w)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            self._write_base_weight(merged.to(w.dtype))
-            self.merged_adapters.append(adapter)
+        for adapter in peft_api.check_adapters_to_merge(self, adapter_names):
+            if adapter in self.scaling:
+                self._merge_one(adapter, safe_merge)
+                self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -187,14 +181,25 @@ class DeltaLayer(peft_api.BaseTunerLayer):
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter not in self.scaling:
-                continue
-            w = self.dense_base_weight()
-            restored = w.float()
-            if self.use_dora.get(adapter, False):
-                restored = restored / self._dora_merge_scale.pop(adapter)[:, None]
-            restored = restored - self.delta_weight(adapter).to(w.device)
-            self._write_base_weight(restored.to(w.dtype))
+            if adapter in self.scaling:
+                self._unmerge_one(adapter)
+
+    def _merge_one(self, adapter: str, safe_merge: bool) -> None:
+        """Add ``adapter``'s update to the base weight (refusing a non-finite result with ``safe_merge``)."""
+        w = self.dense_base_weight()
+        merged = self._merged_weight(adapter, w)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+        self._write_base_weight(merged.to(w.dtype))
+
+    def _unmerge_one(self, adapter: str) -> None:
+        """Take ``adapter``'s update (the last merged) out of the base weight."""
+        w = self.dense_base_weight()
+        restored = w.float()
+        if self.use_dora.get(adapter, False):
+            restored = restored / self._dora_merge_scale.pop(adapter)[:, None]
+        restored = restored - self.delta_weight(adapter).to(w.device)
+        self._write_base_weight(restored.to(w.dtype))
 
     def _base_without_bias(self, result: torch.Tensor) -> torch.Tensor:
         bias = getattr(self.get_base_layer(), "bias", None)
@@ -243,3 +248,25 @@ class DeltaLayer(peft_api.BaseTunerLayer):
 
     def __repr__(self) -> str:
         return f"{self.method_name}." + nn.Module.__repr__(self)
+
+
+class DeltaModule(nn.Module):
+    """The module PEFT puts in a targeted layer's place, in PEFT's order: ``nn.Module`` first, then the method's
+    :class:`DeltaLayer` subclass as the second base (``class Linear(DeltaModule, NolaLayer)``), so the layer's
+    forward and repr are named here. Built as PEFT builds one: around ``base_layer`` (``kwargs`` go to the layer
+    class), with the adapter ``adapter_name`` of ``config``; a method whose ``update_layer`` takes more overrides
+    ``__init__``."""
+
+    forward = DeltaLayer.forward
+    __repr__ = DeltaLayer.__repr__
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str, **kwargs) -> None:
+        super().__init__()
+        self.init_layer(base_layer, adapter_name, **kwargs)
+        self.update_layer(adapter_name, config, key)
+
+    def init_layer(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        """The method's layer around ``base_layer``, ``adapter_name`` active (before ``update_layer`` adds it)."""
+        type(self).__bases__[1].__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+

@@ -21,20 +21,17 @@ from types import SimpleNamespace
 import peft
 from packaging.version import Version
 
+from .._versions import check_version, version_spec
+
 SUPPORTED_PEFT = (Version("0.18"), Version("0.22"))  # [lower, upper)
-SUPPORTED_PEFT_SPEC = f"peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]}"
+SUPPORTED_PEFT_SPEC = version_spec("peft", SUPPORTED_PEFT)
 
 
 def check_peft_version(version: str | None = None) -> None:
     """Raise ``ImportError`` unless ``version`` (default: the installed PEFT) is in :data:`SUPPORTED_PEFT`."""
-    version = peft.__version__ if version is None else version
-    v = Version(version)
-    if not (SUPPORTED_PEFT[0] <= Version(v.base_version) < SUPPORTED_PEFT[1]):
-        raise ImportError(
-            f"slimtrain.adapters supports {SUPPORTED_PEFT_SPEC}, found peft=={version}. Registration of our "
-            f"methods relies on PEFT internals (PeftType enum, register_peft_method, BaseTuner hooks); "
-            f"install a supported version: pip install '{SUPPORTED_PEFT_SPEC}'."
-        )
+    check_version("peft", peft.__version__ if version is None else version, SUPPORTED_PEFT, "slimtrain.adapters",
+                  "Registration of our methods relies on PEFT internals (PeftType enum, register_peft_method, "
+                  "BaseTuner hooks)")
 
 
 check_peft_version()

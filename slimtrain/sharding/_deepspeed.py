@@ -23,8 +23,10 @@ from collections.abc import Iterator
 from packaging.version import Version
 from torch import Tensor
 
+from .._versions import check_version, version_spec
+
 SUPPORTED_DEEPSPEED = (Version("0.19"), Version("0.20"))  # [lower, upper)
-SUPPORTED_DEEPSPEED_SPEC = f"deepspeed>={SUPPORTED_DEEPSPEED[0]},<{SUPPORTED_DEEPSPEED[1]}"
+SUPPORTED_DEEPSPEED_SPEC = version_spec("deepspeed", SUPPORTED_DEEPSPEED)
 
 
 def check_deepspeed_version(version: str | None = None) -> None:
@@ -35,13 +37,9 @@ def check_deepspeed_version(version: str | None = None) -> None:
         except ImportError as e:  # pragma: no cover - exercised only without the extra
             raise ImportError("slimtrain.sharding needs DeepSpeed: pip install 'slimtrain[deepspeed]'") from e
         version = deepspeed.__version__
-    v = Version(version)
-    if not (SUPPORTED_DEEPSPEED[0] <= Version(v.base_version) < SUPPORTED_DEEPSPEED[1]):
-        raise ImportError(
-            f"slimtrain.sharding supports {SUPPORTED_DEEPSPEED_SPEC}, found deepspeed=={version}. The sharded step "
-            f"reads DeepSpeed internals (_hp_mapping, fp16_groups, ds_tensor.ds_numel) to find each parameter's "
-            f"piece of the flat partitions; install a supported version: pip install '{SUPPORTED_DEEPSPEED_SPEC}'."
-        )
+    check_version("deepspeed", version, SUPPORTED_DEEPSPEED, "slimtrain.sharding",
+                  "The sharded step reads DeepSpeed internals (_hp_mapping, fp16_groups, ds_tensor.ds_numel) to find "
+                  "each parameter's piece of the flat partitions")
 
 
 def _read(obj, *path: str):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..delta_layer import DeltaLayer
+from ..delta_layer import DeltaLayer, DeltaModule
 from .config import DoraConfig
 
 
@@ -68,14 +68,5 @@ def check_rank(r: int, in_features: int, out_features: int, key: str) -> int:
     return r
 
 
-class Linear(nn.Module, DoraLayer):
+class Linear(DeltaModule, DoraLayer):
     """DoRA around an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes ``Linear8bitLt``."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DoraConfig, key: str, **kwargs):
-        super().__init__()
-        DoraLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, key)
-
-    forward = DoraLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly
-    __repr__ = DoraLayer.__repr__

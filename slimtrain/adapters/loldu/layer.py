@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._seeds import generator, stable_seed
-from ..delta_layer import DeltaLayer
+from ..delta_layer import DeltaLayer, DeltaModule
 from ..registry import peft_api
 
 BufferDict = peft_api.BufferDict
@@ -235,13 +235,10 @@ class LoLDULayer(DeltaLayer):
         return False
 
 
-class Linear(nn.Module, LoLDULayer):
+class Linear(DeltaModule, LoLDULayer):
     """LoLDU around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, key: str = "", **kwargs) -> None:
-        super().__init__()
-        LoLDULayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
+        nn.Module.__init__(self)
+        self.init_layer(base_layer, adapter_name, **kwargs)
         self.update_layer(adapter_name, config, key, inference_mode=config.inference_mode)
-
-    forward = DeltaLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly

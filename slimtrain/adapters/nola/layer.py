@@ -14,7 +14,7 @@ from torch import nn
 from ...kernels.philox import philox_combine, philox_project, philox_uniform
 from ..._seeds import stable_seed
 from ..bases import seeded_uniform, uniform_on_cpu
-from ..delta_layer import DeltaLayer
+from ..delta_layer import DeltaLayer, DeltaModule
 from ..registry import peft_api
 from .config import NolaConfig
 
@@ -200,14 +200,5 @@ class NolaLayer(DeltaLayer):
             return (B.float() @ A.float()) * self.scaling[adapter]
 
 
-class Linear(nn.Module, NolaLayer):
+class Linear(DeltaModule, NolaLayer):
     """NOLA around an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes ``Linear8bitLt``."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: NolaConfig, key: str, **kwargs):
-        super().__init__()
-        NolaLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, key)
-
-    forward = DeltaLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly
-    __repr__ = DeltaLayer.__repr__

@@ -14,7 +14,7 @@ from ...kernels.basis_matmul import philox_linear, philox_matmul
 from ...kernels.philox import philox_uniform
 from ..._seeds import generator, randlora_init_seed, stable_seed
 from ..bases import GENERATOR_VERSION, uniform_on_cpu
-from ..delta_layer import DeltaLayer
+from ..delta_layer import DeltaLayer, DeltaModule
 from .config import RandLoraConfig
 
 
@@ -313,15 +313,11 @@ class RandLoraLayer(DeltaLayer):
         return super()._forward_active(x, *args, **kwargs)
 
 
-class Linear(nn.Module, RandLoraLayer):
+class Linear(DeltaModule, RandLoraLayer):
     """RandLoRA around an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes ``Linear8bitLt``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: RandLoraConfig, key: str, basis_A=None,
                  basis_B=None, generated=None, **kwargs):
-        super().__init__()
-        RandLoraLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
+        nn.Module.__init__(self)
+        self.init_layer(base_layer, adapter_name, **kwargs)
         self.update_layer(adapter_name, config, key, basis_A=basis_A, basis_B=basis_B, generated=generated)
-
-    forward = RandLoraLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly
-    __repr__ = RandLoraLayer.__repr__

@@ -9,15 +9,13 @@ Indices are in the original weight layout, so ``ΔW`` exports and merges onto th
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..._seeds import generator, stable_seed
-from ..delta_layer import DeltaLayer
+from ..delta_layer import DeltaLayer, DeltaModule
 from ..registry import peft_api
 
 BufferDict = peft_api.BufferDict
@@ -149,20 +147,11 @@ class S2FTLayer(DeltaLayer):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         weight.index_copy_(dim, index, new_slice)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for adapter in peft_api.check_adapters_to_merge(self, adapter_names):
-            if adapter in self.s2ft_delta:
-                self._add_to_base(adapter, 1.0, safe_merge)
-                self.merged_adapters.append(adapter)
+    def _merge_one(self, adapter: str, safe_merge: bool) -> None:
+        self._add_to_base(adapter, 1.0, safe_merge)
 
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.s2ft_delta:
-                self._add_to_base(adapter, -1.0)
+    def _unmerge_one(self, adapter: str) -> None:
+        self._add_to_base(adapter, -1.0)
 
     def add_weighted(self, target: str, adapters: list[str], weights: list[float], key: str) -> None:
         """Make ``target``'s update ``sum_k weights[k] * ΔW[adapters[k]]``: over the same rows (or columns) the
@@ -184,15 +173,12 @@ class S2FTLayer(DeltaLayer):
         return False
 
 
-class Linear(nn.Module, S2FTLayer):
+class Linear(DeltaModule, S2FTLayer):
     """S²FT around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config, key: str, axis: int, index: torch.Tensor, **kwargs
     ) -> None:
-        super().__init__()
-        S2FTLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
+        nn.Module.__init__(self)
+        self.init_layer(base_layer, adapter_name, **kwargs)
         self.update_layer(adapter_name, config, key, axis, index, inference_mode=config.inference_mode)
-
-    forward = DeltaLayer.forward  # nn.Module comes first in the MRO; take the adapter forward explicitly

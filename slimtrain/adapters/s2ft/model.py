@@ -66,6 +66,12 @@ def select_units(
     return torch.randperm(num_units, generator=g)[:k].sort().values
 
 
+def _check_count(option: str, k: int, num_units: int, bound: str) -> None:
+    """Refuse selecting ``k`` units out of ``num_units`` (``bound`` says what ``num_units`` is)."""
+    if k > num_units:
+        raise ValueError(f"Invalid {option}: {k} (expected 0 <= value <= {bound})")
+
+
 def _oriented_weight(module: nn.Module) -> torch.Tensor:
     """The module's (base) weight as ``out x in`` (Conv1D stores ``in x out``)."""
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -166,11 +172,7 @@ class S2FTModel(SlimTuner):
                         )
                     if by_norm:  # KV group k owns columns k·n_rep·hd .. (k+1)·n_rep·hd - 1
                         scores += _squared_norms(w, 0).reshape(n_kv, n_rep * head_dim).sum(1)
-            if config.num_heads_per_block > n_kv:
-                raise ValueError(
-                    f"Invalid num_heads_per_block: {config.num_heads_per_block} (expected 0 <= value <= "
-                    f"num_key_value_heads = {n_kv})"
-                )
+            _check_count("num_heads_per_block", config.num_heads_per_block, n_kv, f"num_key_value_heads = {n_kv}")
             heads = select_units(
                 n_kv, config.num_heads_per_block, config.selection, config.seed, f"{block}/attn", scores
             )
@@ -189,11 +191,8 @@ class S2FTModel(SlimTuner):
                 if config.selection == "weight_norm":
                     scores = scores + _squared_norms(w, 1 if role == "ffn_rows" else 0)
             n_channels = next(iter(sizes.values()))
-            if config.num_channels_per_block > n_channels:
-                raise ValueError(
-                    f"Invalid num_channels_per_block: {config.num_channels_per_block} (expected 0 <= value <= "
-                    f"{n_channels}, the FFN width)"
-                )
+            _check_count("num_channels_per_block", config.num_channels_per_block, n_channels,
+                         f"{n_channels}, the FFN width")
             channels = select_units(
                 n_channels, config.num_channels_per_block, config.selection, config.seed, f"{block}/ffn", scores
             )
