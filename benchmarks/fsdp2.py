@@ -149,6 +149,8 @@ def worker(args) -> None:
     if rank == 0:
         with open(args.json, "w") as f:
             json.dump(everyone, f)
+    # Leave the group together: a gloo group still alive at exit can abort its process from a destructor.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -551,6 +551,8 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(traceback.format_exc())
             os._exit(1)
         torch.save(result, os.path.join(args.out, f"{name}.rank{rank}.pt"))
+    # Leave the group together: a gloo group still alive at exit can abort its process from a destructor.
+    dist.barrier()
     dist.destroy_process_group()
 
 
