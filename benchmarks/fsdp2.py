@@ -100,16 +100,30 @@ def grad_bytes(net) -> int:
 
 
 def worker(args) -> None:
-    """One rank: every configuration, its bytes per step by origin, its state on this rank, its time per step; then
-    the peak gradient bytes of GaLore stepped with ``optimizer.step()`` and layer-wise."""
+    """One rank: :func:`measure`, gathered to rank 0, which writes them to ``args.json``."""
+    import torch.distributed as dist
+
+    from slimtrain.sharding import leave_process_group
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, measure(args))
+    if dist.get_rank() == 0:
+        with open(args.json, "w") as f:
+            json.dump(everyone, f)
+    leave_process_group()
+
+
+def measure(args) -> tuple[list, dict]:
+    """Every configuration, its bytes per step by origin, its state on this rank, its time per step; then the peak
+    gradient bytes of GaLore stepped with ``optimizer.step()`` and layer-wise."""
     import torch.distributed as dist
 
     from slimtrain.optimizers import LayerwiseStepper
     from slimtrain.recipes.optim import optimizer_state_bytes
     from slimtrain.sharding import CollectiveCounter
 
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     results, memory = [], {}
     for label in args.optimizers:
@@ -144,14 +158,7 @@ def worker(args) -> None:
                     opt.step()
                     opt.zero_grad()
             memory[mode] = peak[0]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, (results, memory))
-    if rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(everyone, f)
-    # Leave the group together: a gloo group still alive at exit can abort its process from a destructor.
-    dist.barrier()
-    dist.destroy_process_group()
+    return results, memory
 
 
 def launch(world: int, args) -> list:

@@ -66,6 +66,7 @@ import warnings
 
 import torch
 
+from ..sharding.process_group import leave_process_group
 from . import metrics, outputs, pretrain, runtime
 # The recipe's options and checks; `slimtrain deepspeed` finds add_arguments and run_cli here.
 from .deepspeed_options import (  # noqa: F401
@@ -190,10 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         except outputs.WriteError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
-        # Leave the group together before the interpreter exits: a gloo group still alive at exit can abort its
-        # process from a destructor ("terminate called without an active exception") after a finished run.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        leave_process_group()  # the engine is unreferenced by now: freed with its pending collectives
     if is_main:
         metrics.print_summary(cfg, summary)
     return summary

@@ -42,6 +42,7 @@ import sys
 
 import torch
 
+from ..sharding.process_group import leave_process_group
 from . import metrics, outputs, pretrain, runtime
 from .data import VOCAB_SIZE
 # The recipe's options and checks; `slimtrain fsdp` finds add_arguments and run_cli here.
@@ -194,10 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         except outputs.WriteError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
-        # Leave the group together before the interpreter exits: a gloo group still alive at exit can abort its
-        # process from a destructor after a finished run.
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()  # the sharded model is unreferenced by now: freed with its pending collectives
     if is_main:
         metrics.print_summary(cfg, summary)
     return summary

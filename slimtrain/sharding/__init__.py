@@ -23,7 +23,8 @@ See :mod:`slimtrain.sharding.zero` for how the low-rank step is split across ran
 
 from .api import initialize
 from .fsdp import low_rank_placement
+from .process_group import leave_process_group
 from .traffic import CollectiveCounter
 from .zero import ZeroLowRankOptimizer
 
-__all__ = ["CollectiveCounter", "ZeroLowRankOptimizer", "initialize", "low_rank_placement"]
+__all__ = ["CollectiveCounter", "ZeroLowRankOptimizer", "initialize", "leave_process_group", "low_rank_placement"]

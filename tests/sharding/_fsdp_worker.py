@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slimtrain.optimizers.shards import MatrixShard, broadcast_tensors
+from slimtrain.sharding import leave_process_group
 
 CASES = {}
 
@@ -551,9 +552,7 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(traceback.format_exc())
             os._exit(1)
         torch.save(result, os.path.join(args.out, f"{name}.rank{rank}.pt"))
-    # Leave the group together: a gloo group still alive at exit can abort its process from a destructor.
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
