@@ -252,10 +252,9 @@ class DeltaLayer(peft_api.BaseTunerLayer):
 
 class DeltaModule(nn.Module):
     """The module PEFT puts in a targeted layer's place, in PEFT's order: ``nn.Module`` first, then the method's
-    :class:`DeltaLayer` subclass as the second base (``class Linear(DeltaModule, NolaLayer)``), so the layer's
-    forward and repr are named here. Built as PEFT builds one: around ``base_layer`` (``kwargs`` go to the layer
-    class), with the adapter ``adapter_name`` of ``config``; a method whose ``update_layer`` takes more overrides
-    ``__init__``."""
+    :class:`DeltaLayer` subclass (``class Linear(DeltaModule, NolaLayer)``), so the layer's forward and repr are
+    named here. Built as PEFT builds one: around ``base_layer`` (``kwargs`` go to the layer class), with the adapter
+    ``adapter_name`` of ``config``; a method whose ``update_layer`` takes more overrides ``__init__``."""
 
     forward = DeltaLayer.forward
     __repr__ = DeltaLayer.__repr__
@@ -267,6 +266,7 @@ class DeltaModule(nn.Module):
 
     def init_layer(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
         """The method's layer around ``base_layer``, ``adapter_name`` active (before ``update_layer`` adds it)."""
-        type(self).__bases__[1].__init__(self, base_layer, **kwargs)
+        layer_type = next(c for c in type(self).__mro__ if issubclass(c, DeltaLayer) and not issubclass(c, DeltaModule))
+        layer_type.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
 
