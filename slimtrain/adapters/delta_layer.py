@@ -269,4 +269,3 @@ class DeltaModule(nn.Module):
         layer_type = next(c for c in type(self).__mro__ if issubclass(c, DeltaLayer) and not issubclass(c, DeltaModule))
         layer_type.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-

@@ -225,4 +225,3 @@ def _foreign_writer(groups: list[dict]) -> str:
     if "amsgrad" in keys:
         return "torch.optim.Adam or AdamW"
     return "another optimizer"
-

@@ -131,4 +131,3 @@ def data_files(cfg: argparse.Namespace) -> list[str]:
         return [os.path.abspath(cfg.data)]
     paths = play_files(cfg.data_dir)
     return [paths[p] for p in sorted(cfg.train_plays + cfg.test_plays)]
-

@@ -1,6 +1,7 @@
-"""Where and in what precision a recipe runs: ``--device``, ``--dtype``, peak memory.
+"""Where and in what precision a recipe runs: ``--device``, ``--dtype``, peak memory, the process options, and how
+the launcher subcommands (``slimtrain deepspeed``, ``slimtrain fsdp``) check and start their ranks.
 
-Shared by ``pretrain``, ``deepspeed`` and ``finetune`` so the options mean the same everywhere.
+Shared by every recipe so the options mean the same everywhere.
 
 ``--dtype`` (:data:`DTYPES`):
 
@@ -175,4 +176,3 @@ def check_and_launch(checks: Callable[[], None], out: str, dry_run: bool, comman
     if dry_run:
         return
     raise SystemExit(subprocess.call(command))
-

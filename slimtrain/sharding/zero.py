@@ -310,4 +310,3 @@ class ZeroLowRankOptimizer(torch.optim.Optimizer):
 
         walk(dict(self.state))
         return total
-
