@@ -203,26 +203,22 @@ def launch_command(recipe_argv: list[str], ranks: int, master_port: int) -> list
             "--module", MODULE, *recipe_argv]
 
 
-def recipe_argv(args: argparse.Namespace) -> list[str]:
-    """The recipe options in ``args`` that differ from their defaults, as a command line."""
-    return runtime.changed_options(add_recipe_arguments(argparse.ArgumentParser()), args)
-
-
 def run_cli(args: argparse.Namespace) -> None:
     """``slimtrain deepspeed``: check the arguments here (``--out`` not in use included), print the
     launcher command, run it."""
-    argv = recipe_argv(args)
+    parser = add_recipe_arguments(argparse.ArgumentParser())
+    cfg, argv = runtime.recipe_args(parser, args), runtime.changed_options(parser, args)
     ranks, port, dry_run = args.ranks, args.master_port, args.dry_run
 
     def checks() -> None:
         if ranks < 1:
             raise ValueError(f"Invalid --ranks: {ranks} (expected an integer >= 1)")
-        validate(args, ranks)
+        validate(cfg, ranks)
         if not dry_run and importlib.util.find_spec("deepspeed") is None:
             raise ImportError(f"the deepspeed recipe needs DeepSpeed in this Python ({sys.executable}): "
                               "pip install 'slimtrain[deepspeed]'")
 
-    runtime.check_and_launch(checks, args.out, dry_run, launch_command(argv, ranks, port))
+    runtime.check_and_launch(checks, cfg.out, dry_run, launch_command(argv, ranks, port))
 
 
 if __name__ == "__main__":

@@ -207,18 +207,12 @@ def launch_command(recipe_argv: list[str], ranks: int) -> list[str]:
             "-m", MODULE, *recipe_argv]
 
 
-def recipe_argv(args: argparse.Namespace) -> list[str]:
-    """The recipe options in ``args`` that differ from their defaults, as a command line."""
-    return runtime.changed_options(add_recipe_arguments(argparse.ArgumentParser()), args)
-
-
 def run_cli(args: argparse.Namespace) -> None:
     """``slimtrain fsdp``: check the arguments here (``--out`` not in use included), print the torchrun command,
     run it."""
-    argv = recipe_argv(args)
+    parser = add_recipe_arguments(argparse.ArgumentParser())
+    cfg, argv = runtime.recipe_args(parser, args), runtime.changed_options(parser, args)
     ranks, dry_run = args.ranks, args.dry_run
-    # What each rank will parse: the launcher's own options are not the run's (a --resume compares the rest).
-    cfg = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("ranks", "dry_run")})
 
     def checks() -> None:
         if ranks < 1:

@@ -149,6 +149,14 @@ def changed_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return argv
 
 
+def recipe_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` as each rank of a launcher subcommand will parse them: only the recipe ``parser``'s options, without
+    the launcher's own (``--ranks``, ``--dry-run``, ...), which are not the run's and which ``--resume`` must not
+    compare with the saved run's."""
+    return argparse.Namespace(**{a.dest: getattr(args, a.dest) for a in parser._actions
+                                 if a.dest != "help" and hasattr(args, a.dest)})
+
+
 def add_process_options(add: Callable) -> None:
     """``--threads`` and ``--no-progress`` (``add`` is a parser's ``add_argument``): how a recipe's process runs,
     the same in every recipe."""

@@ -221,7 +221,7 @@ def _rows(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_two_ranks_match_one_process_across_a_resume(tmp_path, corpus):
+def test_two_ranks_match_one_process_across_a_resume(tmp_path, corpus, capsys):
     """GaLore at ZeRO-2 on 2 CPU ranks, stopped after 2 of 4 steps and resumed, against the pretrain
     recipe in one process with the same arguments.
 
@@ -241,6 +241,10 @@ def test_two_ranks_match_one_process_across_a_resume(tmp_path, corpus):
     out = tmp_path / "zero2"
     first = _launch(*args, "--zero", "2", "--out", str(out), "--stop-at", "2")
     assert first.stdout.count("stopped after 2 steps; continue with --resume") == 1  # rank 0 alone prints
+    # `slimtrain deepspeed --resume` compares the run's arguments with the saved ones, not its own launcher options.
+    capsys.readouterr()
+    cli_main(["deepspeed", "--ranks", "2", *args, "--zero", "2", "--out", str(out), "--resume", "--dry-run"])
+    assert "--resume" in shlex.split(capsys.readouterr().out)
     second = _launch(*args, "--zero", "2", "--out", str(out), "--resume")
     assert second.stdout.count("final val loss") == 1
 
