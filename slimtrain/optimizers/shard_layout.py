@@ -48,9 +48,15 @@ class PieceMoments:
         self.whole_shape = self.shape if whole_shape is None else tuple(whole_shape)
         self.dim = dim
         self.local_shape = (rows[1] - rows[0], cols[1] - cols[0]) if local_shape is None else tuple(local_shape)
+        self._pieces: dict[int, BlockPiece] = {}
 
     def _piece(self, group: dict) -> BlockPiece:
-        return BlockPiece(self.shape, self.rows, self.cols, group["block_size"])
+        """The piece among the 8-bit blocks, one for every moment this step loads and stores (its layout is built
+        once)."""
+        size = group["block_size"]
+        if size not in self._pieces:
+            self._pieces[size] = BlockPiece(self.shape, self.rows, self.cols, size)
+        return self._pieces[size]
 
     def init(self, state: dict, group: dict, moments, device: torch.device) -> None:
         """Zero ``moments``, declared as one process declares them for the whole tensor: this rank's piece of each,

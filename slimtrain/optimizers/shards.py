@@ -29,13 +29,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
 
 
 def chunk_bounds(size: int, world: int) -> tuple[tuple[int, int], ...]:
@@ -128,10 +126,6 @@ class OrientedShard:
     def orient(self, piece: Tensor) -> Tensor:
         """The rank's piece of the user's matrix as its piece of ``G'`` (a view)."""
         return piece.T if self.transposed else piece
-
-    def moment_shape(self, r: int) -> tuple[int, int]:
-        start, stop = self.rows
-        return (stop - start, r)
 
     # ------------------------------------------------------------------------------------------
     # Projection
@@ -256,7 +250,7 @@ class BlockPiece:
 
     One process quantizes a tensor (viewed as ``rows x cols``, a vector as ``n x 1``) in blocks of
     ``block_size`` consecutive elements of its row-major flattening, with one absmax each
-    (:mod:`slimtrain.optimizers.quantized`). The piece ``rows[0]:rows[1], cols[0]:cols[1]`` touches some of
+    (:mod:`slimtrain.optimizers.moments`). The piece ``rows[0]:rows[1], cols[0]:cols[1]`` touches some of
     those blocks, partly or wholly. Given each block's absmax over the whole tensor (the ``MAX`` all-reduce of
     :meth:`partial_absmax`), :meth:`quantize` gives the piece's elements the codes one process gives them:
     each touched block is laid out in a ``block_size`` buffer with the piece's elements at their offsets and,
@@ -277,13 +271,19 @@ class BlockPiece:
     def local_shape(self) -> tuple[int, int]:
         return (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
 
-    @cached_property
-    def _layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _layout(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(block of each element, its slot in the buffer, touched blocks, blocks needing their absmax
-        injected, the slot it goes to)``, all int64 on the CPU."""
+        injected, the slot it goes to)``, int64 on ``device``: built there once per piece and device, then shared
+        by every quantization of the piece (the pieces' owner keeps one ``BlockPiece`` for a step's moments)."""
+        layouts = self.__dict__.setdefault("_layouts", {})  # a cache beside the frozen fields
+        if device not in layouts:
+            layouts[device] = self._build_layout(device)
+        return layouts[device]
+
+    def _build_layout(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         rows, cols = self.shape
-        r = torch.arange(self.rows[0], self.rows[1]).view(-1, 1)
-        c = torch.arange(self.cols[0], self.cols[1]).view(1, -1)
+        r = torch.arange(self.rows[0], self.rows[1], device=device).view(-1, 1)
+        c = torch.arange(self.cols[0], self.cols[1], device=device).view(1, -1)
         flat = (r * cols + c).reshape(-1)
         bs = self.block_size
         block = flat // bs
@@ -293,7 +293,7 @@ class BlockPiece:
         valid = torch.clamp(total - touched * bs, max=bs)  # elements each touched block has in the whole tensor
         mine = torch.bincount(position, minlength=touched.numel())
         partial = (mine < valid).nonzero().reshape(-1)
-        taken = torch.zeros(touched.numel() * bs, dtype=torch.bool)
+        taken = torch.zeros(touched.numel() * bs, dtype=torch.bool, device=device)
         taken[slot] = True
         free = (~taken.view(-1, bs)).int().argmax(dim=1)  # the first slot of each block the piece leaves free
         return block, slot, touched, touched[partial], partial * bs + free[partial]
@@ -301,7 +301,7 @@ class BlockPiece:
     def partial_absmax(self, x: Tensor) -> Tensor:
         """``max |x|`` of the piece's elements in each of the tensor's blocks (0 for blocks it does not touch;
         a NaN or inf element gives inf), fp32, to be all-reduced with ``MAX``."""
-        block = self._layout[0].to(x.device)
+        block = self._layout(x.device)[0]
         a = x.detach().reshape(-1).float().abs().nan_to_num(nan=math.inf)
         out = torch.zeros(self.num_blocks, device=x.device)
         return out.scatter_reduce_(0, block, a, "amax")
@@ -310,7 +310,7 @@ class BlockPiece:
         """uint8 codes of the piece ``x`` (fp32, the piece's shape) against the whole tensor's block
         ``absmax``; ``quantize_blockwise(buffer) -> (codes, absmax)`` is one process's quantizer for this
         moment (its map and block size)."""
-        _, slot, touched, inject, inject_slot = (t.to(x.device) for t in self._layout)
+        _, slot, touched, inject, inject_slot = self._layout(x.device)
         buf = torch.zeros(touched.numel() * self.block_size, device=x.device)
         buf[slot] = x.reshape(-1).float()
         buf[inject_slot] = absmax[inject]
@@ -319,7 +319,7 @@ class BlockPiece:
 
     def dequantize(self, codes: Tensor, absmax: Tensor, dequantize_blockwise: Callable) -> Tensor:
         """The fp32 values of the piece's ``codes`` against the whole tensor's block ``absmax``."""
-        _, slot, touched, _, _ = (t.to(codes.device) for t in self._layout)
+        _, slot, touched, _, _ = self._layout(codes.device)
         buf = torch.zeros(touched.numel() * self.block_size, dtype=torch.uint8, device=codes.device)
         buf[slot] = codes.reshape(-1)
         values = dequantize_blockwise(buf, absmax[touched])
