@@ -212,13 +212,13 @@ class DeltaLayer(peft_api.BaseTunerLayer):
         out, delta = self.adapter_output(adapter, xd, want_delta=use_dora)
         if not use_dora:
             return result + out.to(result.dtype)
-        w = self.dense_base_weight()
+        w = self.oriented_base_weight()  # once: for bnb 8-bit each call dequantizes the weight
         g = dora_scale(getattr(self, self.magnitude_name)[adapter], dora_row_norm(w, delta), self.dora_eps[adapter])
         if isinstance(dropout, nn.Identity) or not self.training:
             # dropout is a no-op: W x is already inside `result`, reuse it (saves one full matmul)
             base = self._base_without_bias(result).float()
         else:
-            base = F.linear(xd, self.oriented_base_weight().to(xd.dtype)).float()
+            base = F.linear(xd, w.to(xd.dtype)).float()
         return (result.float() + (g - 1) * base + g * out.float()).to(result.dtype)
 
     def _forward_active(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
