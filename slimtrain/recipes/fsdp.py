@@ -188,8 +188,6 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(2) from None
         torch.set_num_threads(cfg.threads)
         init_distributed(cfg.device)
-        import torch.distributed as dist
-
         try:
             summary = pretrain.train(cfg, splits, batches, FSDPSteps(cfg))
         except outputs.WriteError as e:

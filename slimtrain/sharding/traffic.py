@@ -84,12 +84,13 @@ def received_bytes(name: str, args: dict) -> int:
 
 
 def _origin() -> str:
+    """Who called the counted collective: FSDP2, slimtrain or other code (from the caller of the wrapper out)."""
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename
         if _FSDP_DIR in path:
             return "fsdp2"
-        if path.startswith(_SLIMTRAIN_DIR) and not path.endswith("traffic.py"):
+        if path.startswith(_SLIMTRAIN_DIR):
             return "slimtrain"
         frame = frame.f_back
     return "other"
