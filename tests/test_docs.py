@@ -686,10 +686,13 @@ def test_the_memory_figures_of_low_bit_md_are_the_calculators():
         return estimate_memory(size, optimizer, **options).as_dict()["components"]["total"]
 
     for optimizer, options in [("adamw", {"state_bits": 8}), ("galore8bit", {}), ("galore8bit", {"basis_dtype": "bf16"}),
-                               ("dct8bit", {})]:
+                               ("dct8bit", {}), ("apollo8bit", {"rank": 256}), ("apollo-mini", {}),
+                               ("apollo-mini8bit", {}), ("sgd", {}), ("sgd", {"momentum": 0.9})]:
         t = total("7B", optimizer, layerwise=True, **options)
-        row = " | ".join(f"{t[k] / 1e9:.2f} GB" for k in ("weights", "grads", "state", "total"))
+        row = " | ".join(f"{t[k] / 1e9:.2f} GB" if t[k] else "0" for k in ("weights", "grads", "state", "total"))
         assert row in text, f"docs/low_bit.md: no table row {row} for 7B --layerwise --optimizer {optimizer} {options}"
+    for optimizer in ("apollo-mini", "adamw"):  # without layer-wise updates
+        assert f"--optimizer {optimizer}`: {total('7B', optimizer)['total'] / 1e9:.2f} GB" in text, optimizer
     state = {dtype: total("7B", "galore8bit", basis_dtype=dtype)["state"] / 1e9 for dtype in ("bf16", "fp32")}
     assert f"state {state['bf16']:.3f} GB (fp32 basis: {state['fp32']:.3f} GB)" in text
     # The paper's bf16 convention: bf16 weights and moments (ours are fp32, so halved), optimizer state.
